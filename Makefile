@@ -1,0 +1,39 @@
+# Quick start: `make demo` (offline, CPU, synthetic images) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# pip's configuration here may prefer a local CPU-only torch wheel that PyPI's torchvision cannot load
+# ("operator torchvision::nms does not exist"): install the pair in isolated mode, then pin it.
+PIP_CERT := $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global.cert='\(.*\)'/\1/p" | head -n1)
+TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup dev demo test clean
+
+$(VENV)/.torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --isolated install $(if $(PIP_CERT),--cert $(PIP_CERT)) $(TORCH_PAIR)
+	$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml constraints.txt
+	$(PIP) install -c constraints.txt -e ".[notebooks]"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+demo: setup
+	$(PY) -m vaehelpers demo --out $(DEMO_DIR)
+
+test: dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,213 @@
+"""The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+# flag -> dotted TrainConfig key; a flag left unset keeps the recipe's value
+TRAIN_FLAGS = {
+    "preset": "preset", "recipe": "recipe", "image_size": "data.image_size", "epochs": "epochs",
+    "max_steps": "max_steps", "max_minutes": "max_minutes", "batch_size": "batch_size", "lr": "lr",
+    "perceptual_weight": "loss.perceptual_weight", "kl_weight": "loss.kl_weight", "seed": "seed",
+    "device": "device", "precision": "precision", "ema_decay": "ema_decay", "num_workers": "data.num_workers",
+    "checkpoint_every": "checkpoint_every", "reconstruction": "loss.reconstruction",
+}
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """--set key=value pairs; values are JSON (numbers, true/false, lists) or plain strings."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set loss.disc_weight=0.5")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
+    """Preset, then recipe, then the flags the user gave, then --set: later wins."""
+    from vaehelpers.config import build_config
+
+    overrides = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()
+                 if getattr(args, flag) is not None and flag not in ("preset", "recipe")}
+    overrides.update({"data.data_dir": str(args.data), "run_dir": str(args.run)})
+    overrides.update(_parse_set(args.set))
+    return build_config(args.preset or "tiny", args.recipe or "default", **overrides)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from vaehelpers import data
+
+    if args.source == "synthetic":
+        paths = data.make_synthetic(args.dest, count=args.count, size=args.size, seed=args.seed)
+        print(f"wrote {len(paths)} synthetic images to {args.dest}")
+    else:
+        folder = data.get_flickr8k(args.dest)
+        print(f"flickr8k images: {folder}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vaehelpers.config import model_config
+    from vaehelpers.model import describe
+
+    print(describe(model_config(args.preset), args.image_size))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vaehelpers.train import train
+
+    cfg = train_config_from_args(args)
+    train(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _load_model(run: Path, device: str) -> tuple[Any, Any]:
+    from vaehelpers.model import AutoencoderKL
+    from vaehelpers.runtime import resolve_device
+
+    torch_device = resolve_device(device)
+    return AutoencoderKL.load(run).to(torch_device).eval(), torch_device
+
+
+def _run_image_size(run: Path, given: int | None) -> int:
+    """--image-size, else the run's training size, else 128."""
+    if given:
+        return given
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    return int(config.get("data", {}).get("image_size", 128))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vaehelpers import metrics
+    from vaehelpers.data import ImageFolderDataset
+
+    model, device = _load_model(args.run, args.device)
+    dataset = ImageFolderDataset(args.data, split=args.split, image_size=_run_image_size(args.run, args.image_size),
+                                 resize="crop", augment=False)
+    summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    print(metrics.format_table(summary))
+    if args.json:
+        metrics.write_json(summary, args.json)
+        print(f"wrote {args.json}")
+    if args.csv:
+        metrics.write_per_image_csv(summary, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from vaehelpers.reconstruct import format_rows, reconstruct_files
+
+    model, device = _load_model(args.run, args.device)
+    rows = reconstruct_files(model, args.images, args.out, mode=args.mode, image_size=args.image_size, device=device)
+    print(format_rows(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vaehelpers.demo import run_demo
+
+    run_demo(args.out, minutes=args.minutes)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaehelpers", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="make or download image folders")
+    data_sources = data.add_subparsers(dest="source", required=True)
+    synthetic = data_sources.add_parser("synthetic", help="procedural PNG images: the embedded default (no download)")
+    synthetic.add_argument("dest", type=Path)
+    synthetic.add_argument("--count", type=int, default=256)
+    synthetic.add_argument("--size", type=int, default=128)
+    synthetic.add_argument("--seed", type=int, default=0)
+    flickr = data_sources.add_parser("flickr8k", help="flickr8k: the attached Kaggle input, else the kaggle API")
+    flickr.add_argument("dest", type=Path)
+    data.set_defaults(func=cmd_data)
+
+    info = verbs.add_parser("info", help="parameters per part and tensor shapes of a preset")
+    info.add_argument("--preset", default="sd")
+    info.add_argument("--image-size", type=int, default=128)
+    info.set_defaults(func=cmd_info)
+
+    train = verbs.add_parser("train", help="train an autoencoder into a run directory")
+    train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
+    train.add_argument("--run", type=Path, required=True, help="run directory")
+    train.add_argument("--preset", choices=["tiny", "small", "sd"])
+    train.add_argument("--recipe", choices=["default", "seed"])
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--max-minutes", type=float)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--perceptual-weight", type=float)
+    train.add_argument("--kl-weight", type=float)
+    train.add_argument("--reconstruction", choices=["l1", "l2", "bce", "l1+l2"])
+    train.add_argument("--ema-decay", type=float)
+    train.add_argument("--num-workers", type=int)
+    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="metrics on held-out images (pixel range [0,1])")
+    evaluate.add_argument("--run", type=Path, required=True)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--split", choices=["test", "all", "train"], default="test")
+    evaluate.add_argument("--image-size", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--json", type=Path)
+    evaluate.add_argument("--csv", type=Path, help="per-image rows")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    reconstruct = verbs.add_parser("reconstruct", help="reconstruct any images; figures and per-image errors")
+    reconstruct.add_argument("--run", type=Path, required=True)
+    reconstruct.add_argument("images", nargs="+", type=Path)
+    reconstruct.add_argument("--out", type=Path, required=True)
+    reconstruct.add_argument("--mode", choices=["pad", "resize"], default="pad",
+                             help="pad to a multiple of 8 (default) or resize to --image-size")
+    reconstruct.add_argument("--image-size", type=int)
+    reconstruct.add_argument("--device", default="auto")
+    reconstruct.set_defaults(func=cmd_reconstruct)
+
+    demo = verbs.add_parser("demo", help="the offline quick start: synthetic data, short training, evaluation")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        # expected failures (bad input, missing weights, ...) get one clear line; VAEHELPERS_DEBUG=1 shows the traceback
+        if os.environ.get("VAEHELPERS_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"vaehelpers {args.verb}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Settings as dataclasses: model, data, loss and training, plus named presets and recipes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the KL autoencoder; defaults are Stable Diffusion's KL-f8 (diffusers AutoencoderKL)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128  # width of the first level; SD: 128
+    channel_multipliers: tuple[int, ...] = (1, 2, 4, 4)  # one per level; len-1 downsamples (f = 2**(len-1))
+    layers_per_block: int = 2  # ResNet blocks per encoder level (decoder has one more, as in SD)
+    latent_channels: int = 4
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every width
+    norm_eps: float = 1e-6  # SD/diffusers value
+    mid_attention: bool = True  # self-attention in the mid block
+    scaling_factor: float = 0.18215  # SD's latent scale (LDM paper, sec. 4.3.2 / scale_by_std); replaced by a measured one
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # a few hundred thousand parameters: tests and the demo
+    "tiny": ModelConfig(base_channels=16, channel_multipliers=(1, 2, 2, 4), layers_per_block=1, norm_num_groups=8),
+    # base width 32: about 5.2 M parameters, the CPU-scale model
+    "small": ModelConfig(base_channels=32),
+    # the Stable Diffusion KL-f8 autoencoder, 83,653,863 parameters
+    "sd": ModelConfig(),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are prepared."""
+
+    data_dir: str = ""
+    image_size: int = 128  # square side S in pixels (multiple of 8)
+    resize: Literal["crop", "squash"] = "crop"  # crop: shorter side to S then crop; squash: straight to SxS (seed)
+    test_fraction: float = 0.1  # share of files the path hash puts in `test`
+    cache: bool = True  # keep a uint8 cache of decoded images under data_dir/.vaehelpers_cache (or cache_dir)
+    cache_dir: str = ""  # empty: beside the data
+    num_workers: int = 0  # DataLoader workers; 0 on small CPUs
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms; see losses.py."""
+
+    reconstruction: Literal["l1", "l2", "bce", "l1+l2"] = "l1"
+    reconstruction_weight: float = 1.0
+    perceptual: Literal["lpips", "vgg"] = "lpips"  # lpips: VGG + published linear weights; vgg: seed's relu3_3 MSE
+    perceptual_weight: float = 0.0  # 0 turns the term off (no backbone is loaded)
+    kl_weight: float = 1e-6  # LDM kl-f8 used 1e-6
+    kl_reduction: Literal["sum", "seed"] = "sum"  # sum: per-sample sum, batch mean; seed: channel sum, mean over rest
+    kl_warmup_epochs: float = 0.0  # linear ramp of the KL weight from 0 over this many epochs (seed: 20)
+    batch_scaled_reconstruction: bool = False  # seed: divide the (mean) BCE by the batch size
+    seed_scale: float = 1.0  # seed: 500 times (reconstruction + perceptual)
+    disc_weight: float = 0.0  # PatchGAN weight; 0 turns it off
+    disc_start: int = 50001  # optimiser step at which the GAN term starts (LDM)
+    disc_lr: float = 0.0  # 0: same as the autoencoder
+
+
+@dataclass
+class TrainConfig:
+    """One training run; everything here is saved with every checkpoint."""
+
+    run_dir: str = "runs/default"
+    preset: str = "tiny"
+    recipe: Literal["default", "seed"] = "default"
+    epochs: int = 600  # the reference recipe's length
+    max_steps: int = 0  # 0: no step limit
+    max_minutes: float = 0.0  # 0: no time limit; else checkpoint and stop before it runs out
+    batch_size: int = 16
+    lr: float = 1e-4
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0  # max grad norm; 0 off
+    ema_decay: float = 0.0  # 0 off; e.g. 0.999
+    checkpoint_every: int = 500  # optimiser steps between checkpoints
+    log_every: int = 1  # steps between log.csv rows
+    image_every: int = 0  # steps between TensorBoard image grids; 0: at checkpoints only
+    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """Overrides that a named recipe applies to TrainConfig (nested keys as "loss.kl_weight")."""
+    if name == "seed":
+        # The original project's loss and optimiser (DESIGN.md): 500*(BCE/B + 0.1*VGG relu3_3 MSE)
+        # + min(1, epoch/20) * KL (channel sum, mean over the rest), Adam lr 1e-3, batch 16, squash resize.
+        return {
+            "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "grad_clip": 0.0, "ema_decay": 0.0,
+            "warmup_steps": 0, "schedule": "constant", "data.resize": "squash",
+            "loss.reconstruction": "bce", "loss.batch_scaled_reconstruction": True, "loss.seed_scale": 500.0,
+            "loss.perceptual": "vgg", "loss.perceptual_weight": 0.1, "loss.kl_weight": 1.0,
+            "loss.kl_reduction": "seed", "loss.kl_warmup_epochs": 20.0, "loss.disc_weight": 0.0,
+        }
+    if name == "default":
+        return {}
+    raise ValueError(f"unknown recipe {name!r}: choose default or seed")
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, like: Any, name: str) -> Any:
+    """Check value against the type of the default `like` (ints widen to floats); raise naming the key."""
+    if isinstance(like, tuple) and isinstance(value, (list, tuple)):
+        return tuple(_coerce(v, like[0], name) for v in value) if like else tuple(value)
+    if isinstance(like, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is type(like):
+        return value
+    raise TypeError(f"setting {name!r}: expected {type(like).__name__}, got {value!r}")
+
+
+def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
+    """Return a copy of a config dataclass with dotted-key overrides applied; unknown keys raise."""
+    cfg = dataclasses.replace(cfg)
+    for key, value in overrides.items():
+        target, *rest = key.split(".", 1)
+        names = {f.name for f in fields(cfg)}
+        if target not in names:
+            raise KeyError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
+        current = getattr(cfg, target)
+        if rest:
+            setattr(cfg, target, apply_overrides(current, {rest[0]: value}))
+        elif dataclasses.is_dataclass(current):
+            setattr(cfg, target, from_dict(type(current), value))
+        else:
+            setattr(cfg, target, _coerce(value, current, key))
+    return cfg
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build a config dataclass from a (possibly nested) dict, type-checked; unknown keys raise."""
+    return apply_overrides(cls(), values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def model_config(preset: str) -> ModelConfig:
+    """A copy of a named model preset."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {sorted(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[preset])
+
+
+def build_config(preset: str = "tiny", recipe: str = "default", **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a model preset, then a recipe, then explicit overrides (dotted keys allowed)."""
+    cfg = TrainConfig(preset=preset, recipe=recipe, model=model_config(preset))
+    cfg = apply_overrides(cfg, recipe_settings(recipe))
+    return apply_overrides(cfg, overrides)

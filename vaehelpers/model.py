@@ -1,0 +1,586 @@
+"""The KL autoencoder (Stable Diffusion's KL-f8 shape): encoder, decoder, posterior, save and load."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vaehelpers.config import MODEL_PRESETS, ModelConfig, apply_overrides, from_dict, model_config, to_dict
+
+# Module and parameter names follow diffusers' AutoencoderKL exactly, so that its state dicts load
+# here with strict=True and ours load there. The code is our own; diffusers is only the test oracle.
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# The posterior's log-variance is clamped to this range, as in LDM's DiagonalGaussianDistribution
+# (CompVis/latent-diffusion, ldm/modules/distributions/distributions.py) and diffusers: exp(20)
+# is about 5e8 and exp(-30) about 1e-13, which keeps exp() and the KL finite early in training.
+LOGVAR_MIN = -30.0
+LOGVAR_MAX = 20.0
+
+
+class DiagonalGaussian:
+    """The posterior q(z | x): a Gaussian with a diagonal covariance at every latent position.
+
+    Built from the encoder's moments (B, 2L, h, w): the first L channels are the mean, the last L
+    the log-variance (clamped to [-30, 20], see LOGVAR_MIN). All attributes have shape (B, L, h, w).
+    """
+
+    def __init__(self, moments: torch.Tensor) -> None:
+        if moments.ndim != 4 or moments.shape[1] % 2:
+            raise ValueError(f"moments must be (B, 2L, h, w) with an even channel count, got {tuple(moments.shape)}")
+        self.moments = moments
+        self.mean, logvar = moments.chunk(2, dim=1)  # (B, 2L, h, w) -> 2 x (B, L, h, w)
+        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of one latent sample, (B, L, h, w)."""
+        return self.mean.shape
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw latents mean + std * noise, (B, L, h, w); the noise comes from `generator` (None: global RNG).
+
+        The noise is drawn on the generator's device and moved to the mean's device and dtype, so a
+        CPU generator gives the same latents on CPU and CUDA (as diffusers' randn_tensor does).
+        """
+        noise_device = generator.device if generator is not None else self.mean.device
+        noise = torch.randn(self.mean.shape, generator=generator, device=noise_device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        """The most likely latents: the mean, (B, L, h, w)."""
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, (B,): 0.5 * sum over C, H, W of mean^2 + var - 1 - logvar.
+
+        Summed, not averaged, over the latent positions (as LDM); the batch reduction is losses.py's job.
+        """
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
+
+    def __repr__(self) -> str:
+        return f"DiagonalGaussian(shape={tuple(self.mean.shape)}, dtype={self.mean.dtype})"
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice plus a skip (1x1 conv when the width changes): (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # SD's dropout is 0 for the autoencoder: left out
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the h*w positions, with a residual: (B, C, h, w) -> (B, C, h, w).
+
+    Matches diffusers' Attention with its default processor (one head of width C, residual added,
+    output rescale 1): GroupNorm, then to_q/to_k/to_v/to_out.0 as Linear layers on (B, h*w, C).
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        # a ModuleList so that the key is "to_out.0", as in diffusers (whose to_out.1 is a Dropout, no weights)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        q = self.to_q(tokens).unsqueeze(1)  # (B, h*w, C) -> (B, 1, h*w, C): one head
+        k = self.to_k(tokens).unsqueeze(1)
+        v = self.to_v(tokens).unsqueeze(1)
+        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, 1, h*w, C) -> (B, h*w, C)
+        attended = self.to_out[0](attended)
+        return x + attended.transpose(1, 2).reshape(b, c, h, w)  # (B, h*w, C) -> (B, C, h, w)
+
+
+class Downsample2D(nn.Module):
+    """Halve H and W as SD does: pad right and bottom by one, then a stride-2 3x3 conv with no padding."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # asymmetric (0, 1, 0, 1) padding: LDM's choice, kept for weight compatibility
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class Upsample2D(nn.Module):
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, H, W) -> (B, C, 2H, 2W)
+
+
+class DownEncoderBlock2D(nn.Module):
+    """One encoder level: `layers` ResNet blocks, then an optional downsampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, downsample: bool, groups: int, eps: float) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, eps) for i in range(layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """One decoder level: `layers` ResNet blocks, then an optional upsampler."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, upsample: bool, groups: int, eps: float) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, eps) for i in range(layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class MidBlock2D(nn.Module):
+    """ResNet - attention - ResNet at the lowest resolution; without attention, two ResNets and no
+    `attentions` entry at all (diffusers' `mid_block_add_attention=False` has the same keys)."""
+
+    def __init__(self, channels: int, attention: bool, groups: int, eps: float) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([Attention(channels, groups, eps)]) if attention else None
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, groups, eps) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+def _run(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """Run a block, recomputing its activations in the backward pass when gradient checkpointing is on."""
+    if use_checkpoint and torch.is_grad_enabled() and x.requires_grad:
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+class Encoder(nn.Module):
+    """images (B, C_in, H, W) -> moments (B, 2L, H/f, W/f), before quant_conv (f = config.downsample_factor)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_multipliers]
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock2D(
+                widths[max(i - 1, 0)], width, config.layers_per_block, i < len(widths) - 1, groups, eps
+            )
+            for i, width in enumerate(widths)
+        )
+        self.mid_block = MidBlock2D(widths[-1], config.mid_attention, groups, eps)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
+        self.gradient_checkpointing = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(images)
+        for block in self.down_blocks:
+            x = _run(block, x, self.gradient_checkpointing)
+        x = _run(self.mid_block, x, self.gradient_checkpointing)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """latents (B, L, h, w), after post_quant_conv -> images (B, C_out, h*f, w*f)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        widths = [config.base_channels * m for m in reversed(config.channel_multipliers)]
+        groups, eps = config.norm_num_groups, config.norm_eps
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock2D(widths[0], config.mid_attention, groups, eps)
+        # one more ResNet per level than the encoder, as in SD
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock2D(
+                widths[max(i - 1, 0)], width, config.layers_per_block + 1, i < len(widths) - 1, groups, eps
+            )
+            for i, width in enumerate(widths)
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(latents)
+        x = _run(self.mid_block, x, self.gradient_checkpointing)
+        for block in self.up_blocks:
+            x = _run(block, x, self.gradient_checkpointing)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# ---------------------------------------------------------------------------- the autoencoder
+
+
+def _check_config(config: ModelConfig) -> None:
+    """Raise a ValueError naming the field when a ModelConfig cannot build a model."""
+    if not config.channel_multipliers:
+        raise ValueError("channel_multipliers must have at least one level")
+    widths = [config.base_channels * m for m in config.channel_multipliers]
+    if min(widths) <= 0 or config.layers_per_block < 1 or config.latent_channels < 1:
+        raise ValueError(f"widths, layers_per_block and latent_channels must be positive: {config}")
+    bad = [w for w in widths if w % config.norm_num_groups]
+    if bad:
+        raise ValueError(f"norm_num_groups={config.norm_num_groups} must divide every width {widths} (not {bad})")
+
+
+class AutoencoderKL(nn.Module):
+    """The KL autoencoder: images (B, 3, H, W) in [-1, 1] -> posterior over latents (B, L, H/f, W/f) -> images.
+
+    With the `sd` preset this is Stable Diffusion's KL-f8 autoencoder (f = 8, L = 4, 83,653,863
+    parameters); state-dict keys are those of diffusers' AutoencoderKL. Latents are unscaled: multiply
+    by `config.scaling_factor` before handing them to a diffusion model, as diffusers does.
+    """
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        config = ModelConfig() if config is None else dataclasses.replace(config)
+        _check_config(config)
+        self.config = config
+        latent = config.latent_channels
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> AutoencoderKL:
+        """A freshly initialised model of a named preset (tiny, small, sd), with ModelConfig fields overridden."""
+        return cls(apply_overrides(model_config(name), overrides))
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's final conv weight (C_out, C, 3, 3): the layer LDM's adaptive GAN weight differentiates."""
+        return self.decoder.conv_out.weight
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute block activations in the backward pass: less memory, about a third more compute. Off by default."""
+        self.encoder.gradient_checkpointing = enabled
+        self.decoder.gradient_checkpointing = enabled
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.enable_gradient_checkpointing(False)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images (B, C_in, H, W) in [-1, 1], H and W multiples of f -> posterior over (B, L, H/f, W/f)."""
+        f, c = self.config.downsample_factor, self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != c:
+            raise ValueError(f"encode expects images of shape (B, {c}, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if height % f or width % f:
+            raise ValueError(
+                f"encode expects H and W to be multiples of the downsample factor {f}, got {height}x{width}; "
+                f"resize or crop to e.g. {height // f * f or f}x{width // f * f or f}"
+            )
+        moments = self.quant_conv(self.encoder(images))  # (B, 2L, H/f, W/f)
+        return DiagonalGaussian(moments)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, L, h, w), unscaled -> reconstructions (B, C_out, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+        latent = self.config.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != latent:
+            raise ValueError(f"decode expects latents of shape (B, {latent}, h, w), got {tuple(latents.shape)}")
+        return self.decoder(self.post_quant_conv(latents))
+
+    def forward(
+        self, images: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """images (B, C_in, H, W) in [-1, 1] -> (reconstructions (B, C_out, H, W), posterior).
+
+        Decodes the posterior's mean, or a sample drawn with `generator` when `sample_posterior` (training).
+        """
+        posterior = self.encode(images)
+        latents = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(latents), posterior
+
+    # ------------------------------------------------------------------------ save and load
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write run_dir/model.safetensors and, if missing, run_dir/config.json as {"model": ModelConfig}.
+
+        An existing config.json with a "model" key (a training run's config) is left as it is; its
+        model settings must equal this model's, else a ValueError is raised before anything is written
+        (a later `load` would otherwise build the wrong model). An existing bare ModelConfig dict is
+        rewritten in the {"model": ...} form. Returns the weights' path.
+        """
+        run_dir = Path(run_dir)
+        config_path = run_dir / CONFIG_NAME
+        write_config = True
+        if config_path.exists():
+            existing = json.loads(config_path.read_text())
+            if isinstance(existing, dict) and "model" in existing:
+                saved = from_dict(ModelConfig, existing["model"])
+                if saved != self.config:
+                    raise ValueError(
+                        f"{config_path} holds different model settings ({_config_diff(saved, self.config)}); "
+                        "update its 'model' entry before saving"
+                    )
+                write_config = False
+            else:
+                from_dict(ModelConfig, existing)  # raises unless it is a bare model config
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        weights_path = run_dir / WEIGHTS_NAME
+        tensors = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
+        save_file(tensors, str(weights_path), metadata={"format": "pt"})
+        if write_config:
+            config_path.write_text(json.dumps({"model": to_dict(self.config)}, indent=2) + "\n")
+        return weights_path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, config: ModelConfig | None = None, map_location: str | torch.device = "cpu"
+    ) -> AutoencoderKL:
+        """Load a run directory (config.json + model.safetensors) or a .safetensors file.
+
+        config.json is either a bare ModelConfig dict or a dict with a "model" key (a run config).
+        For a .safetensors file the config is `config`, else the config.json beside it. Keys and
+        shapes are checked strictly; a mismatch raises a ValueError listing them and the config
+        fields that likely differ.
+        """
+        path = Path(path)
+        if path.is_dir():
+            weights_path = path / WEIGHTS_NAME
+        elif path.suffix == ".safetensors":
+            weights_path = path
+        else:
+            raise ValueError(f"{path}: expected a run directory or a .safetensors file")
+        if not weights_path.exists():
+            raise FileNotFoundError(f"no weights at {weights_path}")
+        if config is None:
+            config = read_model_config(weights_path.parent / CONFIG_NAME)
+        from safetensors.torch import load_file
+
+        state_dict = load_file(str(weights_path), device=str(map_location))
+        model = cls(config)
+        model.load_weights(state_dict)
+        return model.to(map_location)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """load_state_dict(strict=True), raising a ValueError that explains any key or shape mismatch."""
+        problems = state_dict_mismatch(self.state_dict(), state_dict)
+        if problems:
+            raise ValueError(problems)
+        self.load_state_dict(state_dict, strict=True)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """A ModelConfig from a config.json holding either a bare ModelConfig dict or a run config with "model"."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}: pass config=ModelConfig(...) or model_config(preset)")
+    values = json.loads(path.read_text())
+    if isinstance(values, dict) and "model" in values:
+        values = values["model"]
+    return from_dict(ModelConfig, values)
+
+
+def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
+    """'field: a vs b' for each differing field."""
+    diffs = [
+        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
+    return ", ".join(diffs) or "none"
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], like: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig whose shapes a diffusers-named state dict has; fields the weights cannot show
+    (norm_num_groups, norm_eps, scaling_factor) are taken from `like` (default: ModelConfig())."""
+    like = ModelConfig() if like is None else like
+    conv_in = state_dict["encoder.conv_in.weight"]  # (base, C_in, 3, 3)
+    base = conv_in.shape[0]
+    levels = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down_blocks."))
+    multipliers = tuple(
+        state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // base for i in range(levels)
+    )
+    layers = 1 + max(
+        int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets.")
+    )
+    return dataclasses.replace(
+        like,
+        in_channels=conv_in.shape[1],
+        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+        base_channels=base,
+        channel_multipliers=multipliers,
+        layers_per_block=layers,
+        latent_channels=state_dict["post_quant_conv.weight"].shape[0],
+        mid_attention=any(".mid_block.attentions." in key for key in state_dict),
+    )
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """'' when `found` has exactly the keys and shapes of `expected`, else a readable report."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(
+        f"{key}: model {tuple(expected[key].shape)}, weights {tuple(found[key].shape)}"
+        for key in set(expected) & set(found)
+        if expected[key].shape != found[key].shape
+    )
+    if not (missing or unexpected or shapes):
+        return ""
+
+    def listing(title: str, items: list[str], limit: int = 12) -> str:
+        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+        return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more if items else ""
+
+    report = "weights do not match the model" + listing("missing keys", missing)
+    report += listing("unexpected keys", unexpected) + listing("shape mismatches", shapes)
+    try:
+        model_cfg, weights_cfg = infer_config(expected), infer_config(found)
+        report += f"\n  config fields that likely differ (model vs weights): {_config_diff(model_cfg, weights_cfg)}"
+    except (KeyError, ValueError, IndexError):
+        report += "\n  the weights do not look like a diffusers-named AutoencoderKL (convert.py converts LDM/SD names)"
+    return report
+
+
+# ---------------------------------------------------------------------------- inspection
+
+
+def parameter_table(model: AutoencoderKL) -> list[tuple[str, int]]:
+    """Parameter counts per part, in data-flow order, ending with ("total", n)."""
+
+    def count(*modules: nn.Module) -> int:
+        return sum(p.numel() for module in modules for p in module.parameters())
+
+    encoder, decoder = model.encoder, model.decoder
+    rows = [
+        ("encoder.conv_in", count(encoder.conv_in)),
+        ("encoder.down_blocks", count(encoder.down_blocks)),
+        ("encoder.mid_block", count(encoder.mid_block)),
+        ("encoder.out (conv_norm_out + conv_out)", count(encoder.conv_norm_out, encoder.conv_out)),
+        ("quant_conv", count(model.quant_conv)),
+        ("post_quant_conv", count(model.post_quant_conv)),
+        ("decoder.conv_in", count(decoder.conv_in)),
+        ("decoder.mid_block", count(decoder.mid_block)),
+        ("decoder.up_blocks", count(decoder.up_blocks)),
+        ("decoder.out (conv_norm_out + conv_out)", count(decoder.conv_norm_out, decoder.conv_out)),
+    ]
+    return rows + [("total", count(model))]
+
+
+def preset_name(config: ModelConfig) -> str | None:
+    """The name of the preset equal to `config`, or None."""
+    return next((name for name, preset in MODEL_PRESETS.items() if preset == config), None)
+
+
+def trace_shapes(model: AutoencoderKL, images: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(part, output shape) after each encoder and decoder level for one forward of `images`, by hooks."""
+    shapes: list[tuple[str, tuple[int, ...]]] = [("input", tuple(images.shape))]
+    parts = [("encoder.conv_in", model.encoder.conv_in)]
+    parts += [(f"encoder.down_blocks.{i}", block) for i, block in enumerate(model.encoder.down_blocks)]
+    parts += [("encoder.mid_block", model.encoder.mid_block), ("moments (quant_conv)", model.quant_conv)]
+    parts += [("decoder.conv_in", model.decoder.conv_in), ("decoder.mid_block", model.decoder.mid_block)]
+    parts += [(f"decoder.up_blocks.{i}", block) for i, block in enumerate(model.decoder.up_blocks)]
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, output, name=name: shapes.append((name, tuple(output.shape))))
+        for name, module in parts
+    ]
+    try:
+        with torch.no_grad():
+            reconstructions, posterior = model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    position = next(i for i, (name, _) in enumerate(shapes) if name.startswith("moments")) + 1
+    shapes.insert(position, ("latents", tuple(posterior.shape)))
+    shapes.append(("output", tuple(reconstructions.shape)))
+    return shapes
+
+
+def describe(config: ModelConfig, image_size: int | tuple[int, int] = 128) -> str:
+    """What `vaehelpers info` prints: preset, parameters per part, and shapes from input to output.
+
+    image_size is S (square) or (H, W), multiples of the downsample factor. The model is built on the
+    meta device, so this allocates no weights and takes well under a second even for `sd`.
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    f = config.downsample_factor
+    if height % f or width % f:
+        raise ValueError(f"image size {height}x{width} must be a multiple of the downsample factor {f}")
+    with torch.device("meta"):
+        model = AutoencoderKL(config)
+        shapes = trace_shapes(model, torch.zeros(1, config.in_channels, height, width))
+    name = preset_name(config)
+    widths = [config.base_channels * m for m in config.channel_multipliers]
+    lines = [
+        f"AutoencoderKL, preset {name}" if name else "AutoencoderKL (custom config)",
+        f"  widths {widths}, {config.layers_per_block} ResNet blocks per encoder level "
+        f"({config.layers_per_block + 1} per decoder level), mid attention {'on' if config.mid_attention else 'off'}",
+        f"  downsample factor {f}, {config.latent_channels} latent channels, "
+        f"scaling factor {config.scaling_factor}",
+        "",
+        "Parameters",
+    ]
+    lines += [f"  {part:<40}{n:>14,}" for part, n in parameter_table(model)]
+    lines += ["", f"Shapes for one {height}x{width} image"]
+    lines += [f"  {part:<40}{str(shape):>24}" for part, shape in shapes]
+    latent_shape = next(shape for part, shape in shapes if part == "latents")
+    latent_values = math.prod(latent_shape[1:])
+    pixel_values = config.in_channels * height * width
+    lines += [
+        "",
+        f"latent {latent_shape}: {latent_values:,} values per image, "
+        f"{pixel_values / latent_values:.0f}x fewer than the {pixel_values:,} pixel values",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Reconstruct image files of any size: pad or resize, encode, decode, measure, save figures."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from vaehelpers.data import BadImageError, load_image
+from vaehelpers.metrics import per_image_metrics
+
+
+def pil_to_tensor(image: Image.Image) -> Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    return TF.to_tensor(image) * 2 - 1
+
+
+def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) on the bottom and right up to multiples of `multiple`; returns it and the original (H, W).
+
+    Reflection padding keeps the border statistics natural (zeros would add a dark frame the model must
+    reproduce); an image smaller than the pad cannot be reflected and is edge-replicated instead.
+    """
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        images = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)  # (left, right, top, bottom)
+    return images, (height, width)
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bicubic, antialiased), then the centre size x size crop: the eval preprocessing."""
+    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+@torch.no_grad()
+def reconstruct_image(
+    model: nn.Module, image: Tensor, *, mode: Literal["pad", "resize"] = "pad"
+) -> tuple[Tensor, Tensor]:
+    """One image (3, H, W) in [-1, 1] -> (reconstruction (3, H, W), latents (L, h, w)), posterior mode.
+
+    mode="pad" pads H and W up to multiples of the model's downsample factor and crops the reconstruction
+    back to H x W; mode="resize" expects H and W to be multiples already (see resize_center_crop).
+    """
+    device = next(model.parameters()).device
+    images = image[None].to(device)  # (1, 3, H, W)
+    factor = model.config.downsample_factor
+    if mode == "pad":
+        images, (height, width) = pad_to_multiple(images, factor)
+    else:
+        height, width = images.shape[-2:]
+    latents = model.encode(images).mode()  # (1, L, H'/f, W'/f)
+    reconstructions = model.decode(latents)[..., :height, :width]  # crop the padding away
+    return reconstructions[0].float().cpu(), latents[0].float().cpu()
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    """The file's stem, made safe for a file name and unique among the outputs of one call."""
+    stem = re.sub(r"[^\w.-]+", "_", path.stem) or "image"
+    candidate, n = stem, 1
+    while candidate in used:
+        candidate, n = f"{stem}_{n}", n + 1
+    used.add(candidate)
+    return candidate
+
+
+def reconstruct_files(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    mode: Literal["pad", "resize"] = "pad",
+    image_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Any]]:
+    """Reconstruct each image file and save `<stem>_reconstruction.png` and `<stem>_latents.png` in out_dir.
+
+    paths: image files of any size. mode="pad": keep the image as it is (reflect-padded to a multiple of the
+    downsample factor for the model, the reconstruction cropped back); mode="resize": shorter side to
+    image_size (default 128), centre crop. device: where to run (default: where the model is; the model is
+    moved when given).
+    Returns one row per path: path, width, height (of the file), mode, mae, mse, psnr (on [0, 1]),
+    reconstruction_png, latents_png, error (None, or why the file was skipped: the metrics are then None).
+    """
+    from vaehelpers import viz
+
+    if mode not in ("pad", "resize"):
+        raise ValueError(f"mode must be 'pad' or 'resize', got {mode!r}")
+    if device is not None:
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, used_stems = [], set()
+    try:
+        for path in map(Path, paths):
+            row: dict[str, Any] = {"path": str(path), "width": None, "height": None, "mode": mode, "mae": None,
+                                   "mse": None, "psnr": None, "reconstruction_png": None, "latents_png": None,
+                                   "error": None}
+            rows.append(row)
+            try:
+                picture = load_image(path)
+            except BadImageError as error:  # unreadable, truncated, not an image: report and go on
+                row["error"] = str(error)
+                continue
+            row["width"], row["height"] = picture.size
+            if mode == "resize":
+                picture = resize_center_crop(picture, image_size or 128)
+            image = pil_to_tensor(picture)  # (3, H, W) in [-1, 1]
+            reconstruction, latents = reconstruct_image(model, image, mode=mode)
+            metrics = per_image_metrics(image[None], reconstruction[None])
+            row.update({name: float(metrics[name][0]) for name in ("mae", "mse", "psnr")})
+            stem = _unique_stem(path, used_stems)
+            figure = viz.reconstruction_figure(image[None], reconstruction[None], titles=[path.name])
+            row["reconstruction_png"] = str(viz.save_figure(figure, out_dir / f"{stem}_reconstruction.png"))
+            figure = viz.latent_channels_figure(latents, titles=[path.name])
+            row["latents_png"] = str(viz.save_figure(figure, out_dir / f"{stem}_latents.png"))
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def format_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of reconstruct_files as a text table, skipped files listed with their reason."""
+    done = [row for row in rows if row.get("error") is None]
+    skipped = [row for row in rows if row.get("error") is not None]
+    name_width = max([len(Path(row["path"]).name) for row in done] + [4])
+    lines = [f"{'file':<{name_width}}  {'size':>11}  {'MAE[0,1]':>8}  {'MSE[0,1]':>9}  {'PSNR dB':>7}"]
+    for row in done:
+        size = f"{row['width']}x{row['height']}"
+        lines.append(f"{Path(row['path']).name:<{name_width}}  {size:>11}  {row['mae']:8.4f}  {row['mse']:9.6f}  "
+                     f"{row['psnr']:7.2f}")
+    lines.append(f"{len(done)} reconstructed, {len(skipped)} skipped")
+    lines += [f"skipped {row['path']}: {row['error']}" for row in skipped]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Where code runs: device and precision choice, the CUDA build check, distributed setup, seeding."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class UnsupportedGPUError(RuntimeError):
+    """The GPU's compute capability has no kernels in this PyTorch build (e.g. a P100 with a cu128 build)."""
+
+
+def check_cuda_arch(device_index: int = 0) -> None:
+    """Stop early when this torch build carries no kernels for the GPU.
+
+    Kaggle's default PyTorch (cu128) lacks sm_60, so on a P100 `torch.cuda.is_available()` is True and the
+    first real op fails with "no kernel image is available". Checking here means no work is lost.
+    """
+    major, minor = torch.cuda.get_device_capability(device_index)
+    arch_list = torch.cuda.get_arch_list()
+    supported = {int(a.split("_")[1]) for a in arch_list if a.startswith("sm_")}
+    capability = major * 10 + minor
+    # A build runs on its own archs and on newer minors of the same major (binary compatible SASS).
+    if capability in supported or any(s // 10 == major and s <= capability for s in supported):
+        return
+    name = torch.cuda.get_device_name(device_index)
+    raise UnsupportedGPUError(
+        f"GPU {name} (compute capability sm_{capability}) is not supported by this PyTorch build "
+        f"{torch.__version__} (kernels for: {', '.join(arch_list) or 'none'}). "
+        "On Kaggle choose a T4 or L4 accelerator (Settings > Accelerator), or, with internet on, install a "
+        "PyTorch build that still ships sm_60 (e.g. pip install torch==2.5.1 torchvision==0.20.1 --index-url "
+        "https://download.pytorch.org/whl/cu121), or run with --device cpu."
+    )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present (after the build check), else CPU; `cuda` without one is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name} was asked for but CUDA is not available; use --device cpu or auto")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        check_cuda_arch(index)
+        device = torch.device("cuda", index)
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that support it, fp16 (with a GradScaler) on others (T4, P100), fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}: choose auto, fp32, bf16 or fp16")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """One mixed-precision context for the forward pass (a no-op in fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python and torch once; the training code itself passes explicit generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str = "auto", timeout_minutes: float = 10.0) -> Distributed:
+    """Join the process group when torchrun set RANK/WORLD_SIZE (NCCL on GPUs, gloo on CPU)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    info = Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    return info

@@ -1,0 +1,240 @@
+"""Figures: image grids, reconstructions with error maps, latent channels, loss curves (widgets come later).
+
+Every function returns a matplotlib Figure built without pyplot (no global figure registry, works on the
+Agg backend, shows once in Jupyter when it is a cell's value). Save one with `save_figure(fig, path)`.
+Images are tensors (3, H, W) or (B, 3, H, W) in [-1, 1], as the model takes and returns them.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from torch import Tensor
+
+PANEL_INCHES = 2.2  # size of one image panel
+ERROR_CMAP = "magma"  # sequential: 0 error is black
+LATENT_CMAP = "RdBu_r"  # diverging, centred on 0: latents are signed
+
+
+# --------------------------------------------------------------------------- conversions
+
+def to_numpy_image(image: Tensor, *, as_uint8: bool = False) -> np.ndarray:
+    """(3, H, W) (or (1, 3, H, W)) in [-1, 1] -> (H, W, 3) float32 in [0, 1], or uint8 with as_uint8."""
+    image = image.detach().float().cpu()
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3:
+        raise ValueError(f"expected one image (3, H, W), got shape {tuple(image.shape)}")
+    if image.shape[0] == 1:  # grey: show as RGB
+        image = image.expand(3, -1, -1)
+    array = ((image + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
+    if as_uint8:
+        return (array * 255).round().astype(np.uint8)
+    return array
+
+
+def _as_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """A (B, 3, H, W) tensor, one (3, H, W) tensor, or a list of (3, H, W) tensors -> a list of (3, H, W)."""
+    if isinstance(images, Tensor):
+        return [images] if images.dim() == 3 else list(images)
+    return list(images)
+
+
+def _psnr(image: Tensor, reconstruction: Tensor) -> float:
+    """PSNR in dB on [0, 1] of one image pair given in [-1, 1] (inf for an exact copy)."""
+    mse = float((((reconstruction.float() + 1) / 2).clamp(0, 1) - ((image.float() + 1) / 2).clamp(0, 1)).square().mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def _hide_axes(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --------------------------------------------------------------------------- static figures
+
+def image_grid(
+    images: Tensor | Sequence[Tensor],
+    nrow: int = 8,
+    *,
+    titles: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Images in a grid of `nrow` images per row (torchvision's make_grid convention).
+
+    images: (B, 3, H, W) in [-1, 1] or a list of (3, H, W) (sizes may differ); titles: one per image.
+    """
+    images = _as_list(images)
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    ncol = max(1, min(nrow, len(images)))
+    nrows = math.ceil(len(images) / ncol)
+    fig = Figure(figsize=(PANEL_INCHES * ncol, PANEL_INCHES * nrows + (0.4 if title else 0)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncol, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        _hide_axes(ax)
+        if i >= len(images):
+            ax.set_axis_off()
+            continue
+        ax.imshow(to_numpy_image(images[i]))
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def reconstruction_figure(
+    images: Tensor | Sequence[Tensor],
+    reconstructions: Tensor | Sequence[Tensor],
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """One row per image: original | reconstruction (PSNR on [0, 1] in its title) | absolute-error heatmap.
+
+    images, reconstructions: (B, 3, H, W) in [-1, 1] (or lists of (3, H, W)); titles: one label per row.
+    The heatmap is the mean over channels of |reconstruction - original| on [0, 1], with a colorbar.
+    """
+    images, reconstructions = _as_list(images), _as_list(reconstructions)
+    if len(images) != len(reconstructions):
+        raise ValueError(f"{len(images)} images but {len(reconstructions)} reconstructions")
+    fig = Figure(figsize=(PANEL_INCHES * 3 + 0.6, PANEL_INCHES * len(images)), layout="constrained")
+    axes = fig.subplots(len(images), 3, squeeze=False)
+    for row, (image, reconstruction) in enumerate(zip(images, reconstructions)):
+        original_ax, reconstruction_ax, error_ax = axes[row]
+        original, reconstructed = to_numpy_image(image), to_numpy_image(reconstruction)
+        error = np.abs(reconstructed - original).mean(axis=2)  # (H, W) in [0, 1]
+        original_ax.imshow(original)
+        reconstruction_ax.imshow(reconstructed)
+        heatmap = error_ax.imshow(error, cmap=ERROR_CMAP, vmin=0)
+        fig.colorbar(heatmap, ax=error_ax, fraction=0.046, pad=0.04)
+        label = f"{titles[row]}\n" if titles is not None else ""
+        original_ax.set_title(f"{label}original", fontsize=9)
+        reconstruction_ax.set_title(f"reconstruction\nPSNR {_psnr(image, reconstruction):.2f} dB", fontsize=9)
+        error_ax.set_title(f"|error| on [0,1]\nmean {error.mean():.4f}", fontsize=9)
+        for ax in (original_ax, reconstruction_ax, error_ax):
+            _hide_axes(ax)
+    return fig
+
+
+def latent_channels_figure(latents: Tensor, titles: Sequence[str] | None = None) -> Figure:
+    """Each latent channel as an image on a diverging colormap centred on 0, with a colorbar.
+
+    latents: (C, h, w) or (B, C, h, w), e.g. posterior.mode(); one row per image, one column per channel.
+    """
+    latents = latents.detach().float().cpu()
+    if latents.dim() == 3:
+        latents = latents[None]  # (1, C, h, w)
+    if latents.dim() != 4:
+        raise ValueError(f"expected latents (B, C, h, w) or (C, h, w), got shape {tuple(latents.shape)}")
+    batch, channels = latents.shape[:2]
+    fig = Figure(figsize=(PANEL_INCHES * 1.2 * channels, PANEL_INCHES * batch), layout="constrained")
+    axes = fig.subplots(batch, channels, squeeze=False)
+    for b in range(batch):
+        for c in range(channels):
+            ax, channel = axes[b][c], latents[b, c].numpy()
+            limit = float(np.abs(channel).max()) or 1.0  # symmetric range so that 0 is the neutral colour
+            im = ax.imshow(channel, cmap=LATENT_CMAP, vmin=-limit, vmax=limit)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            label = f"{titles[b]}\n" if titles is not None and c == 0 else ""
+            ax.set_title(f"{label}channel {c}  (std {channel.std():.2f})", fontsize=9)
+            _hide_axes(ax)
+    return fig
+
+
+def read_log_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a training log.csv as dicts of strings (header names as keys)."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean over the last `window` finite values (NaNs, e.g. rows without a validation value, are skipped)."""
+    finite = np.isfinite(values)
+    sums = np.convolve(np.where(finite, values, 0.0), np.ones(window), mode="full")[: len(values)]
+    counts = np.convolve(finite.astype(float), np.ones(window), mode="full")[: len(values)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite, sums / counts, np.nan)
+
+
+def loss_curve_figure(
+    log: str | Path | Iterable[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    smooth: int = 0,
+) -> Figure:
+    """Loss terms against the optimiser step, from a log.csv path or its rows (dicts).
+
+    columns: which to plot; default every column with "loss" in its name that has a number (train/total_loss,
+    train/rec_loss, train/kl_loss, val/..., as present). Columns whose values are all positive go on a
+    log-scale panel; any with zeros or negatives (e.g. a GAN term) on a second, linear panel.
+    smooth: window of a trailing moving average drawn over the faint raw curve (0: raw only).
+    """
+    rows = read_log_csv(log) if isinstance(log, (str, Path)) else list(log)
+    if not rows:
+        raise ValueError("the log has no rows to plot")
+    header = list(rows[0].keys())
+    x_name = "step" if "step" in header else header[0]
+    x = np.array([_float_or_nan(row.get(x_name)) for row in rows])
+    if columns is None:
+        columns = [name for name in header if "loss" in name]
+    series = {}
+    for name in columns:
+        values = np.array([_float_or_nan(row.get(name)) for row in rows])
+        if np.isfinite(values).any():
+            series[name] = values
+    if not series:
+        raise ValueError(f"no numeric loss columns to plot; columns are {header}")
+    positive = {name: v for name, v in series.items() if (v[np.isfinite(v)] > 0).all()}
+    signed = {name: v for name, v in series.items() if name not in positive}
+    panels = [(group, scale) for group, scale in ((positive, "log"), (signed, "linear")) if group]
+    fig = Figure(figsize=(7, 3.2 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (group, scale) in zip(axes, panels):
+        for name, values in group.items():
+            keep = np.isfinite(values) & np.isfinite(x)
+            if smooth > 1:
+                (line,) = ax.plot(x[keep], values[keep], alpha=0.3, linewidth=0.8)
+                ax.plot(x[keep], _moving_average(values[keep], smooth), color=line.get_color(), label=name)
+            else:
+                ax.plot(x[keep], values[keep], label=name, marker="." if keep.sum() < 30 else None)
+        ax.set_yscale(scale)
+        ax.set_xlabel(x_name)
+        ax.set_ylabel("loss" + (" (log scale)" if scale == "log" else ""))
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def interpolation_figure(images_row: Tensor | Sequence[Tensor], titles: Sequence[str] | None = None) -> Figure:
+    """Decoded images along a latent interpolation, in one row; titles default to t = 0 ... 1."""
+    images = _as_list(images_row)
+    if titles is None:
+        steps = max(1, len(images) - 1)
+        titles = [f"t = {i / steps:.2f}" for i in range(len(images))]
+    return image_grid(images, nrow=len(images), titles=titles)
+
+
+def prior_samples_figure(images: Tensor | Sequence[Tensor], nrow: int = 8) -> Figure:
+    """Images decoded from latents drawn from the N(0, I) prior."""
+    return image_grid(images, nrow=nrow, title="decoded samples from the prior N(0, I)")
+
+
+# --------------------------------------------------------------------------- saving
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
+    """Write a figure (PNG, PDF, SVG by the suffix), creating the folder; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
