@@ -15,6 +15,7 @@ TRAIN_FLAGS = {
     "perceptual_weight": "loss.perceptual_weight", "kl_weight": "loss.kl_weight", "seed": "seed",
     "device": "device", "precision": "precision", "ema_decay": "ema_decay", "num_workers": "data.num_workers",
     "checkpoint_every": "checkpoint_every", "reconstruction": "loss.reconstruction",
+    "init": "init_from", "freeze_encoder": "freeze_encoder",
 }
 
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema-decay", type=float)
     train.add_argument("--num-workers", type=int)
     train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--init", help="fine-tune from weights: a run dir, diffusers folder, LDM/SD file or Hub id")
+    train.add_argument("--freeze-encoder", action="store_true", default=None, help="train only the decoder")
     train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")

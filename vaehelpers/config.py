@@ -30,7 +30,7 @@ class ModelConfig:
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # a few hundred thousand parameters: tests and the demo
-    "tiny": ModelConfig(base_channels=16, channel_multipliers=(1, 2, 2, 4), layers_per_block=1, norm_num_groups=8),
+    "tiny": ModelConfig(base_channels=16, channel_multipliers=(1, 2, 2, 2), layers_per_block=1, norm_num_groups=8),
     # base width 32: about 5.2 M parameters, the CPU-scale model
     "small": ModelConfig(base_channels=32),
     # the Stable Diffusion KL-f8 autoencoder, 83,653,863 parameters
@@ -93,6 +93,8 @@ class TrainConfig:
     image_every: int = 0  # steps between TensorBoard image grids; 0: at checkpoints only
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     seed: int = 0
+    init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see convert.py
+    freeze_encoder: bool = False  # train only the decoder (as SD's ft-MSE VAE did)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)

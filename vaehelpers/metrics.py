@@ -300,8 +300,7 @@ def evaluate(
     fid: False, True (rFID of reconstructions against originals; InceptionV3 via torch-fidelity, None with a
         warning when unavailable) or an nn.Module feature extractor ((B,3,H,W) in [0, 1] -> (B, F)).
     precision: "fp32" (default; the VAE is sensitive to fp16), "bf16", "fp16" or "auto" (runtime.resolve_precision):
-        autocast for the model only;
-        metrics are always computed in float32.
+        autocast for the model only; metrics are always computed in float32.
 
     Returns a dict: n_images, image_size, pixel_range "[0,1]", mae, mse, psnr (mean over images, each capped
     at psnr_cap_db), psnr_from_mean_mse, psnr_cap_db, ssim, lpips, lpips_net, rfid, pm1_range "[-1,1]",
@@ -311,7 +310,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     if device is None:
-        device = next(model.parameters()).device
+        device = next(model.parameters(), torch.empty(0)).device
     else:
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         model.to(device)
@@ -334,7 +333,7 @@ def evaluate(
                     images.append(_item_image(dataset[index]))
                     paths.append(_item_path(dataset, index))
                 except BadImageError as error:  # a file that broke after indexing: skip it, say so
-                    evaluator.skip(_item_path(dataset, index), str(error))
+                    evaluator.skip(_item_path(dataset, index), error.reason)
             if not images:
                 continue
             images = torch.stack(images).to(device)  # (B, 3, S, S) in [-1, 1]
@@ -354,11 +353,11 @@ def evaluate(
 
 # --------------------------------------------------------------------------- printing and files
 
-def _format_value(value: Any, digits: int = 4) -> str:
+def _format_value(value: Any, spec: str = ".5g") -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+        return format(value, spec) if math.isfinite(value) else str(value)
     return str(value)
 
 
@@ -371,8 +370,8 @@ def format_table(summary: dict[str, Any]) -> str:
         ("image size", summary.get("image_size")),
         (f"MAE  on {pixel}", summary.get("mae")),
         (f"MSE  on {pixel}", summary.get("mse")),
-        (f"PSNR on {pixel} (dB, mean over images)", _format_value(summary.get("psnr"), 2)),
-        (f"PSNR on {pixel} (dB, of the mean MSE)", _format_value(summary.get("psnr_from_mean_mse"), 2)),
+        (f"PSNR on {pixel} (dB, mean over images)", _format_value(summary.get("psnr"), ".2f")),
+        (f"PSNR on {pixel} (dB, of the mean MSE)", _format_value(summary.get("psnr_from_mean_mse"), ".2f")),
         (f"SSIM on {pixel}", summary.get("ssim")),
         (f"LPIPS ({summary.get('lpips_net', 'vgg')})",
          lpips if lpips is not None else "n/a (weights unavailable or turned off)"),

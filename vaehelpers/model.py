@@ -147,7 +147,9 @@ class Upsample2D(nn.Module):
 class DownEncoderBlock2D(nn.Module):
     """One encoder level: `layers` ResNet blocks, then an optional downsampler."""
 
-    def __init__(self, in_channels: int, out_channels: int, layers: int, downsample: bool, groups: int, eps: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, layers: int, downsample: bool, groups: int, eps: float
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, eps) for i in range(layers)
@@ -165,7 +167,9 @@ class DownEncoderBlock2D(nn.Module):
 class UpDecoderBlock2D(nn.Module):
     """One decoder level: `layers` ResNet blocks, then an optional upsampler."""
 
-    def __init__(self, in_channels: int, out_channels: int, layers: int, upsample: bool, groups: int, eps: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, layers: int, upsample: bool, groups: int, eps: float
+    ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, eps) for i in range(layers)

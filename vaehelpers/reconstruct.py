@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from vaehelpers.data import BadImageError, load_image
+from vaehelpers.data import BadImageError, load_image, preprocess
 from vaehelpers.metrics import per_image_metrics
 
 
@@ -35,12 +34,6 @@ def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, i
     return images, (height, width)
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size` (bicubic, antialiased), then the centre size x size crop: the eval preprocessing."""
-    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(image, [size, size])
-
-
 @torch.no_grad()
 def reconstruct_image(
     model: nn.Module, image: Tensor, *, mode: Literal["pad", "resize"] = "pad"
@@ -48,9 +41,9 @@ def reconstruct_image(
     """One image (3, H, W) in [-1, 1] -> (reconstruction (3, H, W), latents (L, h, w)), posterior mode.
 
     mode="pad" pads H and W up to multiples of the model's downsample factor and crops the reconstruction
-    back to H x W; mode="resize" expects H and W to be multiples already (see resize_center_crop).
+    back to H x W; mode="resize" expects H and W to be multiples already (see data.preprocess).
     """
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device
     images = image[None].to(device)  # (1, 3, H, W)
     factor = model.config.downsample_factor
     if mode == "pad":
@@ -110,12 +103,13 @@ def reconstruct_files(
             try:
                 picture = load_image(path)
             except BadImageError as error:  # unreadable, truncated, not an image: report and go on
-                row["error"] = str(error)
+                row["error"] = error.reason
                 continue
             row["width"], row["height"] = picture.size
-            if mode == "resize":
-                picture = resize_center_crop(picture, image_size or 128)
-            image = pil_to_tensor(picture)  # (3, H, W) in [-1, 1]
+            if mode == "resize":  # the evaluation preprocessing: shorter side to S, centre crop
+                image = preprocess(picture, image_size or 128)  # (3, S, S) in [-1, 1]
+            else:
+                image = pil_to_tensor(picture)  # (3, H, W) in [-1, 1]
             reconstruction, latents = reconstruct_image(model, image, mode=mode)
             metrics = per_image_metrics(image[None], reconstruction[None])
             row.update({name: float(metrics[name][0]) for name in ("mae", "mse", "psnr")})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import signal
@@ -198,7 +199,7 @@ def _norm(value: Any) -> Any:
 def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device: torch.device, precision: str,
              step: int, epoch: float) -> dict[str, float]:
     """Held-out loss and PSNR (posterior mode, pixels in [0,1]) over the test split."""
-    from vaehelpers.metrics import per_image_metrics
+    from vaehelpers.metrics import PSNR_CAP_DB, per_image_metrics
 
     model.eval()
     totals: dict[str, float] = {}
@@ -218,7 +219,7 @@ def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device:
     if not batches:
         return {}
     results = {key: value / batches for key, value in totals.items()}
-    results["val/psnr"] = float(torch.cat(psnrs).clamp(max=100).mean())
+    results["val/psnr"] = float(torch.cat(psnrs).clamp(max=PSNR_CAP_DB).mean())
     return results
 
 
@@ -253,6 +254,11 @@ def train(
     on_batch: test hook, (step, images) -> images, e.g. to inject a non-finite batch.
     """
     # ---- setup
+    if cfg.init_from:
+        from vaehelpers.convert import load_weights_from
+
+        init_weights, init_model = load_weights_from(cfg.init_from)
+        cfg = dataclasses.replace(cfg, model=init_model)  # the weights decide the architecture
     ddp = init_distributed(cfg.device)
     device = resolve_device(f"cuda:{ddp.local_rank}" if ddp.enabled and cfg.device != "cpu" and torch.cuda.is_available() else cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -274,11 +280,17 @@ def train(
     val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if len(test_set) else None
 
     # ---- model, loss, optimisers
-    model = AutoencoderKL(cfg.model).to(device)
+    model = AutoencoderKL(cfg.model)
+    if cfg.init_from:
+        model.load_weights(init_weights)
+    if cfg.freeze_encoder:
+        for module in (model.encoder, model.quant_conv):
+            module.requires_grad_(False)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone).to(device)
-    optimizer = make_optimizer(cfg, model.parameters(), cfg.lr, device)
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device)
     disc_optimizer = None
     if loss_fn.discriminator is not None:
         disc_optimizer = make_optimizer(cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device)
@@ -396,12 +408,12 @@ def train(
                     if ema is not None:
                         ema.update(model)
                 if disc_optimizer is not None and loss_fn.uses_discriminator(step):
+                    disc_optimizer.zero_grad(set_to_none=True)  # drop the grads the generator term left on D
                     with autocast(device, precision):
                         disc_loss, disc_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), step=step)
                     disc_scaler.scale(disc_loss).backward()
                     disc_scaler.step(disc_optimizer)
                     disc_scaler.update()
-                    disc_optimizer.zero_grad(set_to_none=True)
                     logs.update(disc_logs)
 
                 step += 1
@@ -410,7 +422,7 @@ def train(
                 slowest_step = max(slowest_step, step_seconds)
                 images_per_s = cfg.batch_size / max(step_seconds, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
                 if ddp.is_main and (step % cfg.log_every == 0 or skipped):
                     row = {"step": step, "epoch": round(epoch_float, 4), "lr": lr, "images_per_s": round(images_per_s, 2),
                            "skipped": int(skipped), "bad_steps": bad_total,
@@ -433,7 +445,8 @@ def train(
                     stopped = "until_step"
                 elif time.monotonic() + 2 * slowest_step + 2 * checkpoint_seconds + 5 > deadline:
                     stopped = "time_limit"
-                if stopped != "finished" or step % cfg.checkpoint_every == 0:
+                # during a run of non-finite steps only a stop saves: the last scheduled checkpoint stays the last good step
+                if stopped != "finished" or (step % cfg.checkpoint_every == 0 and not consecutive_bad):
                     saved_at = time.monotonic()
                     checkpoint()
                     checkpoint_seconds = time.monotonic() - saved_at

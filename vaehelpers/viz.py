@@ -50,6 +50,20 @@ def _psnr(image: Tensor, reconstruction: Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def _message_figure(message: str) -> Figure:
+    """A small figure that only says `message` (for an empty input, where raising would stop a caller's run)."""
+    fig = Figure(figsize=(6, 1.5))
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    return fig
+
+
+def _aspect(image: Tensor) -> float:
+    """Height / width of a (..., H, W) tensor, bounded so that extreme panoramas still get a usable panel."""
+    return min(3.0, max(1 / 3, image.shape[-2] / image.shape[-1]))
+
+
 def _hide_axes(ax: Any) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -101,7 +115,8 @@ def reconstruction_figure(
     images, reconstructions = _as_list(images), _as_list(reconstructions)
     if len(images) != len(reconstructions):
         raise ValueError(f"{len(images)} images but {len(reconstructions)} reconstructions")
-    fig = Figure(figsize=(PANEL_INCHES * 3 + 0.6, PANEL_INCHES * len(images)), layout="constrained")
+    row_inches = PANEL_INCHES * _aspect(images[0]) + 0.5  # + room for two lines of titles
+    fig = Figure(figsize=(PANEL_INCHES * 3 + 0.6, row_inches * len(images)), layout="constrained")
     axes = fig.subplots(len(images), 3, squeeze=False)
     for row, (image, reconstruction) in enumerate(zip(images, reconstructions)):
         original_ax, reconstruction_ax, error_ax = axes[row]
@@ -131,7 +146,8 @@ def latent_channels_figure(latents: Tensor, titles: Sequence[str] | None = None)
     if latents.dim() != 4:
         raise ValueError(f"expected latents (B, C, h, w) or (C, h, w), got shape {tuple(latents.shape)}")
     batch, channels = latents.shape[:2]
-    fig = Figure(figsize=(PANEL_INCHES * 1.2 * channels, PANEL_INCHES * batch), layout="constrained")
+    row_inches = PANEL_INCHES * _aspect(latents) + 0.5
+    fig = Figure(figsize=(PANEL_INCHES * 1.2 * channels, row_inches * batch), layout="constrained")
     axes = fig.subplots(batch, channels, squeeze=False)
     for b in range(batch):
         for c in range(channels):
@@ -179,10 +195,11 @@ def loss_curve_figure(
     train/rec_loss, train/kl_loss, val/..., as present). Columns whose values are all positive go on a
     log-scale panel; any with zeros or negatives (e.g. a GAN term) on a second, linear panel.
     smooth: window of a trailing moving average drawn over the faint raw curve (0: raw only).
+    A log without rows or numbers gives a figure that says so instead of raising.
     """
     rows = read_log_csv(log) if isinstance(log, (str, Path)) else list(log)
-    if not rows:
-        raise ValueError("the log has no rows to plot")
+    if not rows:  # a run that has not logged yet: a placeholder, not an error (train.py saves this mid-run)
+        return _message_figure("no rows in the log yet")
     header = list(rows[0].keys())
     x_name = "step" if "step" in header else header[0]
     x = np.array([_float_or_nan(row.get(x_name)) for row in rows])
@@ -194,7 +211,7 @@ def loss_curve_figure(
         if np.isfinite(values).any():
             series[name] = values
     if not series:
-        raise ValueError(f"no numeric loss columns to plot; columns are {header}")
+        return _message_figure(f"no numeric loss values to plot; columns are {', '.join(header)}")
     positive = {name: v for name, v in series.items() if (v[np.isfinite(v)] > 0).all()}
     signed = {name: v for name, v in series.items() if name not in positive}
     panels = [(group, scale) for group, scale in ((positive, "log"), (signed, "linear")) if group]
