@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -419,28 +418,27 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
 def _load_file(path: Path, like: ModelConfig | None) -> LoadedWeights:
     values, metadata = _read_tensors(path)
     config: ModelConfig | None = None
-    kind = None
-    sample_size = None
+    kind, config_from, sample_size = None, "", None
     if isinstance(values.get("state_dict"), dict):  # Lightning/LDM .ckpt: {"state_dict": ..., "global_step": ...}
-        values = {**values["state_dict"], **_tensors_only({k: v for k, v in values.items() if k == "scale_factor"})}
+        values = values["state_dict"]
     elif isinstance(values.get("model"), dict):  # our training checkpoint (checkpoints/last.pt)
         run_config = values.get("config")
         if isinstance(run_config, dict) and isinstance(run_config.get("model"), dict):
-            config, kind = from_dict(ModelConfig, run_config["model"]), "vaehelpers"
+            config, kind, config_from = from_dict(ModelConfig, run_config["model"]), "vaehelpers", "the checkpoint"
             sample_size = run_config.get("data", {}).get("image_size")
         values = values["model"]
     beside = path.parent / CONFIG_NAME
     if config is None and beside.exists() and detect_naming(values) == "diffusers":
         settings = json.loads(beside.read_text())
         if _is_our_config(settings):
-            config, kind = from_dict(ModelConfig, settings.get("model", settings)), "vaehelpers"
+            config, kind, config_from = from_dict(ModelConfig, settings.get("model", settings)), "vaehelpers", str(beside)
         elif _is_diffusers_config(settings):
-            config, kind = model_config_from_diffusers(settings), "diffusers"
+            config, kind, config_from = model_config_from_diffusers(settings), "diffusers", str(beside)
             sample_size = settings.get("sample_size")
     loaded = _from_tensors(values, metadata, str(path), like, config)
     if kind is not None:
         loaded.kind = kind
-        loaded.notes.append(f"model settings from {beside if kind == 'diffusers' or beside.exists() else path}")
+        loaded.notes.append(f"model settings from {config_from}")
     loaded.sample_size = sample_size
     return loaded
 
@@ -651,6 +649,4 @@ def convert(src: str | Path, dest: str | Path, to: Target, *, like: ModelConfig 
     sample_size (diffusers only) defaults to the source's (its sample_size, or a run's image size).
     """
     loaded = load_source(src, like)
-    if loaded.notes:
-        warnings.warn(f"{loaded.source}: " + "; ".join(loaded.notes), stacklevel=2) if False else None
     return export(model_from(loaded), dest, to, sample_size=sample_size or loaded.sample_size)

@@ -246,12 +246,14 @@ def train(
     progress: bool = True,
     perceptual_backbone: nn.Module | None = None,
     on_batch: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train an autoencoder as `cfg` says, writing everything into cfg.run_dir.
 
     resume: continue from checkpoints/last.pt when it exists (exactly: same weights as an unbroken run).
     until_step: checkpoint and return after this optimiser step (for chunked runs and tests).
     on_batch: test hook, (step, images) -> images, e.g. to inject a non-finite batch.
+    on_log: called on the main process with each log.csv row (e.g. a notebook's live loss plot).
     """
     # ---- setup
     if cfg.init_from:
@@ -428,6 +430,8 @@ def train(
                            "skipped": int(skipped), "bad_steps": bad_total,
                            **{k: float(v) for k, v in logs.items()}}
                     log.append(row)
+                    if on_log is not None:
+                        on_log(row)
                     for key, value in row.items():
                         if "/" in key:
                             writer.add_scalar(key, value, step)
