@@ -44,6 +44,14 @@ def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
     return build_config(args.preset or "tiny", args.recipe or "default", **overrides)
 
 
+# Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
+EXIT_SKIPPED_FILES = 3
+
+
+def _exit_status(skipped_files: int) -> int:
+    return EXIT_SKIPPED_FILES if skipped_files else 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from vaehelpers import data
 
@@ -68,8 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vaehelpers.train import train
 
     cfg = train_config_from_args(args)
-    train(cfg, resume=args.resume, progress=not args.no_progress)
-    return 0
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    return _exit_status(result.skipped_files)
 
 
 def _load_model(run: Path, device: str) -> tuple[Any, Any]:
@@ -103,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.csv:
         metrics.write_per_image_csv(summary, args.csv)
         print(f"wrote {args.csv}")
-    return 0
+    return _exit_status(summary["n_skipped"])
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -112,6 +120,41 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     model, device = _load_model(args.run, args.device)
     rows = reconstruct_files(model, args.images, args.out, mode=args.mode, image_size=args.image_size, device=device)
     print(format_rows(rows))
+    return _exit_status(sum(1 for row in rows if row["error"]))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vaehelpers.convert import export, load_source, model_from
+
+    loaded = load_source(args.src)
+    for note in loaded.notes:
+        print(f"note: {note}")
+    dest = export(model_from(loaded), args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
+    config = loaded.config
+    widths = [config.base_channels * m for m in config.channel_multipliers]
+    print(f"read {loaded.source} ({loaded.kind}, {len(loaded.state_dict)} tensors, widths {widths}, "
+          f"{config.latent_channels} latent channels, scaling_factor {config.scaling_factor})")
+    print(f"wrote {dest} ({args.to})")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vaehelpers.data import ImageFolderDataset
+    from vaehelpers.scale import latent_statistics, store_scale
+
+    model, device = _load_model(args.run, args.device)
+    image_size = _run_image_size(args.run, args.image_size)
+    dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
+    stats = latent_statistics(model, dataset, max_images=args.max_images or None, batch_size=args.batch_size,
+                              device=device, sample_posterior=args.latents == "sample", seed=args.seed)
+    details = {**dataclasses.asdict(stats), "data": str(args.data), "split": args.split, "image_size": image_size,
+               "seed": args.seed, "previous_scaling_factor": model.config.scaling_factor}
+    config_path = store_scale(args.run, stats.scaling_factor, details)
+    print(f"latent std {stats.std:.6g} (mean {stats.mean:.4g}) over {stats.n_values:,} values of {stats.latents} "
+          f"from {stats.n_images} images")
+    print(f"scaling_factor {stats.scaling_factor:.6g} stored in {config_path} (was {model.config.scaling_factor})")
     return 0
 
 
@@ -191,6 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--image-size", type=int)
     reconstruct.add_argument("--device", default="auto")
     reconstruct.set_defaults(func=cmd_reconstruct)
+
+    convert = verbs.add_parser("convert", help="convert weights between vaehelpers, diffusers and LDM/SD layouts")
+    convert.add_argument("src", help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (owner/name)")
+    convert.add_argument("dest", type=Path, help="a folder (diffusers, vaehelpers) or a .safetensors file (ldm)")
+    convert.add_argument("--to", choices=["diffusers", "ldm", "vaehelpers"], required=True)
+    convert.add_argument("--sample-size", type=int, help="diffusers sample_size (default: the source's, else 128)")
+    convert.set_defaults(func=cmd_convert)
+
+    scale = verbs.add_parser("scale", help="measure 1/std of the latents and store it as the run's scaling_factor")
+    scale.add_argument("--run", type=Path, required=True)
+    scale.add_argument("--data", type=Path, required=True)
+    scale.add_argument("--split", choices=["train", "test", "all"], default="train")
+    scale.add_argument("--max-images", type=int, default=1000, help="images to measure on (0: all)")
+    scale.add_argument("--latents", choices=["sample", "mode"], default="sample",
+                       help="posterior samples (LDM's scale_by_std, default) or posterior means")
+    scale.add_argument("--image-size", type=int, help="default: the run's training size, else 128")
+    scale.add_argument("--batch-size", type=int, default=16)
+    scale.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
+    scale.add_argument("--device", default="auto")
+    scale.set_defaults(func=cmd_scale)
 
     demo = verbs.add_parser("demo", help="the offline quick start: synthetic data, short training, evaluation")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -74,7 +74,8 @@ class LoadedWeights:
 #   decoder.up.{n-1-i}.block.{j}                      decoder.up_blocks.{i}.resnets.{j}
 #   decoder.up.{n-1-i}.upsample.conv                  decoder.up_blocks.{i}.upsamplers.0.conv
 #   {enc,dec}.mid.block_{k}                           {enc,dec}.mid_block.resnets.{k-1}
-#   {enc,dec}.mid.attn_1.{norm,q,k,v,proj_out}        {enc,dec}.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
+#   {enc,dec}.mid.attn_1.{norm,q,k,v,proj_out}        {enc,dec}.mid_block.attentions.0.
+#                                                       {group_norm,to_q,to_k,to_v,to_out.0}
 # LDM numbers the decoder's levels from the lowest resolution up (it builds them reversed), diffusers in
 # the order they run; LDM's attention projections are (C, C, 1, 1) convs, diffusers' (C, C) linears.
 
@@ -200,15 +201,14 @@ def detect_naming(keys: Any) -> Literal["diffusers", "ldm"] | None:
 def diffusers_config(model_config: ModelConfig, sample_size: int = 128) -> dict[str, Any]:
     """The config.json of diffusers' AutoencoderKL for a ModelConfig (sample_size: the training image size)."""
     if model_config.norm_eps != EXPORT_NORM_EPS:
-        raise ValueError(
-            f"norm_eps={model_config.norm_eps} cannot be exported: diffusers and LDM fix GroupNorm eps at {EXPORT_NORM_EPS}"
-        )
+        raise ValueError(f"norm_eps={model_config.norm_eps} cannot be exported: diffusers and LDM fix "
+                         f"GroupNorm eps at {EXPORT_NORM_EPS}")
+    from importlib.metadata import PackageNotFoundError, version
+
     levels = len(model_config.channel_multipliers)
     try:
-        from importlib.metadata import version
-
         diffusers_version = version("diffusers")
-    except Exception:  # not installed: any recent version string will do, it is informational only
+    except PackageNotFoundError:  # not installed here: any recent version will do, diffusers only reports it
         diffusers_version = "0.30.0"
     return {
         "_class_name": "AutoencoderKL",
@@ -331,13 +331,6 @@ def _fill_identity_convs(state_dict: StateDict, values: dict[str, Any], notes: l
     return state_dict
 
 
-def _missing_in_ldm_names(state_dict: StateDict, config: ModelConfig) -> list[str]:
-    with torch.device("meta"):
-        expected = AutoencoderKL(config).state_dict()
-    levels = len(config.channel_multipliers)
-    return [f"{key} (LDM: {diffusers_key_to_ldm(key, levels)})" for key in sorted(set(expected) - set(state_dict))]
-
-
 def check_weights(state_dict: StateDict, config: ModelConfig, source: str = "weights", ldm: bool = False) -> None:
     """Raise a ValueError naming every missing, unexpected or mis-shaped key unless `state_dict` fits `config` exactly.
 
@@ -353,9 +346,12 @@ def check_weights(state_dict: StateDict, config: ModelConfig, source: str = "wei
             "weights: pass like=ModelConfig(norm_num_groups=...)"
         ) from error
     problems = state_dict_mismatch(expected, state_dict)
+    missing = sorted(set(expected) - set(state_dict))
+    if problems and ldm and missing:
+        levels = len(config.channel_multipliers)
+        problems += "\n  missing keys with their LDM names:\n    " + "\n    ".join(
+            f"{key} (LDM: {diffusers_key_to_ldm(key, levels)})" for key in missing[:12])
     if problems:
-        if ldm and set(expected) - set(state_dict):
-            problems += "\n  missing keys with their LDM names:\n    " + "\n    ".join(_missing_in_ldm_names(state_dict, config)[:12])
         raise ValueError(f"{source}: {problems}")
 
 
@@ -380,15 +376,12 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
     prefix = next((p for p in LDM_PREFIXES if any(k.startswith(p) for k in tensors)), "")
     if prefix and any(key.startswith(VAE_ROOTS) for key in tensors) and prefix != "first_stage_model.":
         prefix = ""  # a bare autoencoder with an unrelated "vae." entry: the bare keys win
-    if prefix:
-        taken = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-    else:
-        taken = {key: value for key, value in tensors.items() if key.startswith(VAE_ROOTS)}
-    ignored = len(tensors) - len(taken)
-    if ignored:
+    wanted = (prefix,) if prefix else VAE_ROOTS
+    taken = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(wanted)}
+    skipped = sorted(key for key in tensors if not key.startswith(wanted))
+    if skipped:
         where = f"outside {prefix!r}" if prefix else "outside encoder./decoder./quant_conv./post_quant_conv."
-        examples = ", ".join(sorted(k for k in tensors if not (k.startswith(prefix) if prefix else k.startswith(VAE_ROOTS)))[:3])
-        notes.append(f"ignored {ignored} tensors {where} (e.g. {examples}): not part of the autoencoder")
+        notes.append(f"ignored {len(skipped)} tensors {where} (e.g. {', '.join(skipped[:3])}): not the autoencoder's")
     naming = detect_naming(taken)
     if naming is None:
         examples = ", ".join(sorted(tensors)[:5]) or "none"
@@ -410,7 +403,7 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
         if scale is not None:
             config = dataclasses.replace(config, scaling_factor=scale)
         notes.append(f"model shape inferred from the tensors; norm_num_groups={config.norm_num_groups} and "
-                     f"scaling_factor={config.scaling_factor} {'from the checkpoint' if scale else 'assumed'}")
+                     f"scaling_factor={config.scaling_factor} {'from the checkpoint' if scale is not None else 'assumed'}")
     check_weights(taken, config, source, ldm=naming == "ldm")
     return LoadedWeights(taken, config, kind, source, notes=notes)
 
@@ -432,6 +425,7 @@ def _load_file(path: Path, like: ModelConfig | None) -> LoadedWeights:
         settings = json.loads(beside.read_text())
         if _is_our_config(settings):
             config, kind, config_from = from_dict(ModelConfig, settings.get("model", settings)), "vaehelpers", str(beside)
+            sample_size = settings.get("data", {}).get("image_size") if "model" in settings else None
         elif _is_diffusers_config(settings):
             config, kind, config_from = model_config_from_diffusers(settings), "diffusers", str(beside)
             sample_size = settings.get("sample_size")
@@ -455,6 +449,7 @@ def _load_dir(path: Path, like: ModelConfig | None) -> LoadedWeights:
             f"AutoencoderKL folder (config.json + {DIFFUSERS_WEIGHTS_NAME}) or a pipeline folder with vae/"
         )
     settings = json.loads(config_path.read_text())
+    notes: list[str] = []
     if _is_our_config(settings):
         config = from_dict(ModelConfig, settings.get("model", settings))
         image_size = settings.get("data", {}).get("image_size") if "model" in settings else None
@@ -463,12 +458,12 @@ def _load_dir(path: Path, like: ModelConfig | None) -> LoadedWeights:
             from safetensors.torch import load_file
 
             state_dict = load_file(str(weights))
-            notes = []
         elif (path / "checkpoints" / "last.pt").exists():  # a run still training: its latest raw weights
             state_dict = _read_pickle(path / "checkpoints" / "last.pt")["model"]
-            notes = [f"no {WEIGHTS_NAME} yet: used checkpoints/last.pt (the raw weights, not the EMA)"]
+            notes.append(f"no {WEIGHTS_NAME} yet: used checkpoints/last.pt (the raw weights, not the EMA)")
         else:
-            raise FileNotFoundError(f"{path}: a vaehelpers run without weights (no {WEIGHTS_NAME}, no checkpoints/last.pt)")
+            raise FileNotFoundError(f"{path}: a vaehelpers run without weights "
+                                    f"(no {WEIGHTS_NAME}, no checkpoints/last.pt)")
         check_weights(state_dict, config, str(path))
         return LoadedWeights(state_dict, config, "vaehelpers", str(path), sample_size=image_size, notes=notes)
     if not _is_diffusers_config(settings):
@@ -476,9 +471,9 @@ def _load_dir(path: Path, like: ModelConfig | None) -> LoadedWeights:
     config = model_config_from_diffusers(settings)
     weights = next((path / name for name in DIFFUSERS_WEIGHTS if (path / name).exists()), None)
     if weights is None:
-        raise FileNotFoundError(f"{path}: a diffusers config.json but no weights (looked for {', '.join(DIFFUSERS_WEIGHTS)})")
+        raise FileNotFoundError(f"{path}: a diffusers config.json but no weights "
+                                f"(looked for {', '.join(DIFFUSERS_WEIGHTS)})")
     values, _ = _read_tensors(weights)
-    notes: list[str] = []
     state_dict, legacy = _rename_legacy_attention(_tensors_only(values))
     if legacy:
         notes.append(f"{legacy} attention tensors renamed from diffusers' old names (query/key/value/proj_attn)")
@@ -520,8 +515,9 @@ def download_from_hub(repo_id: str) -> Path:
             if any((folder / sub / name).exists() for sub in ("", "vae") for name in DIFFUSERS_WEIGHTS):
                 return folder
     except Exception as error:  # offline, unknown or gated repo, ...: whatever huggingface_hub raises, say what to do
+        reason = (str(error).strip().splitlines() or [""])[0]
         raise HubDownloadError(f"could not download {repo_id!r} from the Hugging Face Hub "
-                               f"({type(error).__name__}: {error}). {advice}") from error
+                               f"({type(error).__name__}: {reason}). {advice}") from error
     raise HubDownloadError(f"{repo_id!r} on the Hub has no diffusers AutoencoderKL weights (config.json + "
                            f"{DIFFUSERS_WEIGHTS_NAME}, at the top or in vae/)")
 
@@ -551,7 +547,10 @@ def load_source(src: str | Path, like: ModelConfig | None = None) -> LoadedWeigh
     if path.is_file():
         return _load_file(path, like)
     if is_hub_id(str(src)):
-        folder = download_from_hub(str(src))
+        try:
+            folder = download_from_hub(str(src))
+        except HubDownloadError as error:  # it may have been meant as a local path: say that none exists
+            raise HubDownloadError(f"{src}: no such local file or folder; as a Hub id: {error}") from error
         loaded = _load_dir(folder, like)
         loaded.source = f"hub:{src} ({folder})"
         return loaded
@@ -610,7 +609,8 @@ def to_ldm(model: AutoencoderKL, dest: str | Path, *, prefix: str = "") -> Path:
     if dest.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{dest}: give a file name ending in .safetensors (or .ckpt)")
     if model.config.norm_eps != EXPORT_NORM_EPS:
-        raise ValueError(f"norm_eps={model.config.norm_eps} cannot be exported: LDM fixes GroupNorm eps at {EXPORT_NORM_EPS}")
+        raise ValueError(f"norm_eps={model.config.norm_eps} cannot be exported: LDM fixes GroupNorm eps "
+                         f"at {EXPORT_NORM_EPS}")
     tensors = {prefix + key: value for key, value in diffusers_to_ldm_keys(_cpu_tensors(model.state_dict())).items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.suffix == ".safetensors":

@@ -46,6 +46,7 @@ class TrainResult:
     stopped: str  # finished | max_steps | time_limit | signal | until_step
     bad_steps: int
     images_per_s: float
+    skipped_files: int = 0  # bad images left out of the train and test splits
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -172,6 +173,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume {run_dir}: settings differ from its config.json ({detail})")
     if is_main:
+        for stale in run_dir.glob("checkpoints/.*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "figures").mkdir(exist_ok=True)
@@ -273,7 +276,7 @@ def train(
     if cfg.batch_size % ddp.world_size:
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
     train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
-    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed)
+    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
     batches_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 0))
     total_steps = cfg.max_steps or cfg.epochs * batches_per_epoch
     pin = device.type == "cuda"
@@ -488,10 +491,11 @@ def train(
         }
         held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
         say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {run_dir / 'model.safetensors'}"
-            f"{held_out}; skipped steps: {bad_total}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
+            f"{held_out}; skipped steps: {bad_total}; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
     if ddp.enabled:
         dist.barrier()
-    return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s)
+    return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s,
+                       len(train_set.bad_files) + len(test_set.bad_files))
 
 
 @torch.no_grad()

@@ -1,0 +1,140 @@
+"""The latent scale: 1 / std of an autoencoder's latents over a dataset, stored as the run's model.scaling_factor.
+
+A diffusion model trained on latents wants them at about unit variance. The LDM paper (sec. 4.3.2,
+"scale_by_std") sets the scale to 1 / std of the *sampled* latents of the first training batch; SD's
+0.18215 was measured that way. Here the std is taken over every latent value (all channels and positions)
+of up to `max_images` images, by default also of posterior samples (drawn with a seeded generator, so the
+result is reproducible); sample_posterior=False measures the posterior means (mode) instead. When no scale
+is measured, ModelConfig's default 0.18215 stays.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaehelpers.config import ModelConfig, from_dict
+from vaehelpers.model import CONFIG_NAME
+
+SCALE_NAME = "scale.json"  # beside config.json: how the stored scaling_factor was measured
+
+
+@dataclass
+class LatentStats:
+    """Statistics of latent values over a dataset; scaling_factor = 1 / std."""
+
+    std: float  # unbiased std over every latent value (as torch.std in LDM's scale_by_std)
+    mean: float
+    n_images: int
+    n_values: int  # latent values counted: n_images * L * h * w
+    latents: str  # "posterior samples" or "posterior mode"
+
+    @property
+    def scaling_factor(self) -> float:
+        return 1.0 / self.std
+
+
+def _images(item: Any) -> torch.Tensor:
+    """A dataset item's image (3, S, S): the item itself or the first entry of a tuple."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+@torch.no_grad()
+def latent_statistics(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    max_images: int | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    sample_posterior: bool = True,
+    seed: int = 0,
+) -> LatentStats:
+    """Mean and std of all latents of the first `max_images` images of `dataset` (None: all of them).
+
+    model: an AutoencoderKL (encode(images) -> posterior). dataset: items (3, S, S) in [-1, 1], or tuples
+    starting with one (e.g. ImageFolderDataset). sample_posterior: latents are posterior samples drawn with a
+    CPU generator seeded by `seed` (LDM's definition, the default), else the posterior means. The model runs
+    in float32 and eval mode (its training mode is restored); the statistics accumulate in float64.
+    """
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    if count < 1:
+        raise ValueError("no images to measure the latent scale on")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    generator = torch.Generator("cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    n_values, mean, m2 = 0, 0.0, 0.0  # running count, mean and sum of squared deviations (Chan et al.)
+    try:
+        for start in range(0, count, batch_size):
+            images = torch.stack([_images(dataset[i]) for i in range(start, min(start + batch_size, count))])
+            posterior = model.encode(images.to(device, torch.float32))
+            latents = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, L, h, w)
+            values = latents.double().flatten()
+            batch_n, batch_mean = values.numel(), values.mean().item()
+            batch_m2 = (values - batch_mean).pow(2).sum().item()
+            total = n_values + batch_n
+            delta = batch_mean - mean
+            mean += delta * batch_n / total
+            m2 += batch_m2 + delta * delta * n_values * batch_n / total
+            n_values = total
+    finally:
+        model.train(was_training)
+    std = math.sqrt(m2 / max(n_values - 1, 1))
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError(f"latent std is {std}: cannot set a scale (are the weights trained and finite?)")
+    return LatentStats(std=std, mean=mean, n_images=count, n_values=n_values,
+                       latents="posterior samples" if sample_posterior else "posterior mode")
+
+
+def measure_scale(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    max_images: int | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    sample_posterior: bool = True,
+    seed: int = 0,
+) -> float:
+    """1 / std of the latents of up to `max_images` images of `dataset`: the scaling_factor for this model.
+
+    See latent_statistics for the arguments; latents are posterior samples unless sample_posterior=False.
+    """
+    return latent_statistics(model, dataset, max_images=max_images, batch_size=batch_size, device=device,
+                             sample_posterior=sample_posterior, seed=seed).scaling_factor
+
+
+def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | None = None) -> Path:
+    """Set model.scaling_factor in run_dir/config.json to `value` (AutoencoderKL.load then has it).
+
+    config.json may be a run config ({"model": {...}, ...}) or a bare ModelConfig; nothing else in it
+    changes. details (e.g. dataclasses.asdict(LatentStats) and the data used) go to run_dir/scale.json.
+    Returns config.json's path.
+    """
+    from vaehelpers.checkpoint import atomic_write
+
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scaling_factor must be a positive finite number, got {value}")
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_NAME
+    if not config_path.exists():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {run_dir}: not a run directory")
+    settings = json.loads(config_path.read_text())
+    model_settings = settings["model"] if isinstance(settings, dict) and "model" in settings else settings
+    from_dict(ModelConfig, model_settings)  # raises unless it is a ModelConfig
+    model_settings["scaling_factor"] = value
+    atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    if details is not None:
+        record = {"scaling_factor": value, **details}
+        atomic_write(run_dir / SCALE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return config_path
+
