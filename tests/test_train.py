@@ -88,6 +88,15 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_existing(images, 
         train(tiny(images, tmp_path / "run", max_steps=2, lr=1e-2), resume=True, progress=False)
 
 
+def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
+    from vaehelpers.scale import store_scale
+
+    train(tiny(images, tmp_path / "run", max_steps=1), progress=False)
+    store_scale(tmp_path / "run", 0.5)
+    train(tiny(images, tmp_path / "run", max_steps=2), resume=True, progress=False)
+    assert AutoencoderKL.load(tmp_path / "run").config.scaling_factor == 0.5
+
+
 def test_non_finite_step_is_skipped_counted_and_weights_stay_finite(images, tmp_path):
     poison = lambda step, batch: batch * float("nan") if step == 2 else batch
     result = train(tiny(images, tmp_path / "run", max_steps=5), on_batch=poison, progress=False)

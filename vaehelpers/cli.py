@@ -1,4 +1,4 @@
-"""The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, demo."""
+"""The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, convert, scale, ..."""
 from __future__ import annotations
 
 import argparse

@@ -95,6 +95,9 @@ class TrainConfig:
     seed: int = 0
     init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see convert.py
     freeze_encoder: bool = False  # train only the decoder (as SD's ft-MSE VAE did)
+    # decode a posterior sample, as LDM/SD trained; False: the posterior mean (deterministic: e.g. to check that
+    # N processes train exactly like one, since each rank draws its own sampling noise)
+    sample_posterior: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)

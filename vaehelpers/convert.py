@@ -402,8 +402,9 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
         scale = _scalar(values.get("scale_factor"))  # LDM's LatentDiffusion stores it when scale_by_std was on
         if scale is not None:
             config = dataclasses.replace(config, scaling_factor=scale)
+        origin = "from the checkpoint" if scale is not None else "assumed"
         notes.append(f"model shape inferred from the tensors; norm_num_groups={config.norm_num_groups} and "
-                     f"scaling_factor={config.scaling_factor} {'from the checkpoint' if scale is not None else 'assumed'}")
+                     f"scaling_factor={config.scaling_factor} {origin}")
     check_weights(taken, config, source, ldm=naming == "ldm")
     return LoadedWeights(taken, config, kind, source, notes=notes)
 

@@ -326,6 +326,7 @@ class VAELoss(nn.Module):
         epoch: float,
         last_layer: Tensor | None = None,
         split: str = "train",
+        batch_size_for_scaling: int | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The autoencoder's (generator's) loss and its logs.
 
@@ -333,11 +334,13 @@ class VAELoss(nn.Module):
         .kl(); step is the optimiser step (GAN start), epoch the fractional epoch (KL warm-up);
         last_layer the decoder's last weight, needed once the GAN term is on. Returns (total, logs)
         with float logs under f"{split}/...". Without gradients (validation) the GAN weight is 0, as in LDM.
+        batch_size_for_scaling: the B of the seed's "BCE / B" (default images.shape[0]); with several processes
+        pass the GLOBAL batch size, so that N ranks with B/N images each train as one process with B.
         """
         cfg = self.cfg
         rec_loss = reconstruction_loss(images, reconstructions, cfg.reconstruction)
         if cfg.batch_scaled_reconstruction:
-            rec_loss = rec_loss / images.shape[0]  # seed: mean BCE / batch size
+            rec_loss = rec_loss / (batch_size_for_scaling or images.shape[0])  # seed: mean BCE / batch size
         perceptual_loss = (
             self.perceptual(images, reconstructions).float() if self.perceptual is not None else rec_loss.new_zeros(())
         )

@@ -1,13 +1,10 @@
-"""Where code runs: device and precision choice, the CUDA build check, distributed setup, seeding."""
+"""Where code runs: device and precision choice, the CUDA build check, seeding (several processes: distributed.py)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 
 class UnsupportedGPUError(RuntimeError):
@@ -74,35 +71,3 @@ def seed_everything(seed: int) -> None:
     """Seed python and torch once; the training code itself passes explicit generators."""
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str = "auto", timeout_minutes: float = 10.0) -> Distributed:
-    """Join the process group when torchrun set RANK/WORLD_SIZE (NCCL on GPUs, gloo on CPU)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Distributed()
-    info = Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
-    if not dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(info.local_rank)
-        from datetime import timedelta
-
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
-    return info

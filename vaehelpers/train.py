@@ -13,23 +13,26 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vaehelpers.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from vaehelpers.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.data import ImageFolderDataset
+from vaehelpers.distributed import init_distributed
 from vaehelpers.losses import VAELoss
-from vaehelpers.model import AutoencoderKL
-from vaehelpers.runtime import Distributed, autocast, init_distributed, resolve_device, resolve_precision, seed_everything
+from vaehelpers.model import AutoencoderKL, preset_name
+from vaehelpers.runtime import autocast, resolve_precision, seed_everything
 
 # Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
 RESUMABLE_CHANGES = {
     "epochs", "max_steps", "max_minutes", "device", "precision", "checkpoint_every", "log_every", "image_every",
     "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
+    "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
 }
 CHECKPOINT_NAME = "checkpoints/last.pt"
+# Why a run stops, least to most urgent: with several processes every rank takes the most urgent one any rank saw.
+STOP_REASONS = ("finished", "time_limit", "until_step", "max_steps", "signal")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -157,8 +160,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
-    """Create the run directory, check it is writable, and check a resumed run's settings match."""
+def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
+    """Create the run directory, check it is writable, and check a resumed run's settings match.
+
+    Returns the config to train with: on resume, a latent scale measured into config.json is kept.
+    """
     run_dir = Path(cfg.run_dir)
     checkpoint = run_dir / CHECKPOINT_NAME
     config_path = run_dir / "config.json"
@@ -172,6 +178,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
         if differing:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume {run_dir}: settings differ from its config.json ({detail})")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scaling_factor=saved["model.scaling_factor"]))
     if is_main:
         for stale in run_dir.glob("checkpoints/.*.tmp"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)
@@ -179,9 +186,9 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> Path:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (run_dir / "figures").mkdir(exist_ok=True)
             atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n"))
-        except OSError as error:
+        except (OSError, CheckpointError) as error:
             raise PermissionError(f"run directory {run_dir} is not writable: {error}") from error
-    return run_dir
+    return cfg
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -263,11 +270,13 @@ def train(
         from vaehelpers.convert import load_weights_from
 
         init_weights, init_model = load_weights_from(cfg.init_from)
-        cfg = dataclasses.replace(cfg, model=init_model)  # the weights decide the architecture
-    ddp = init_distributed(cfg.device)
-    device = resolve_device(f"cuda:{ddp.local_rank}" if ddp.enabled and cfg.device != "cpu" and torch.cuda.is_available() else cfg.device)
+        # the weights decide the architecture
+        cfg = dataclasses.replace(cfg, model=init_model, preset=preset_name(init_model) or "custom")
+    ddp = init_distributed(cfg.device)  # one process, or one rank of a torchrun / launch() job (distributed.py)
+    device = ddp.device
     precision = resolve_precision(cfg.precision, device)
-    run_dir = prepare_run_dir(cfg, resume, ddp.is_main)
+    cfg = prepare_run_dir(cfg, resume, ddp.is_main)
+    run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     seed_everything(cfg.seed)
     say = print if ddp.is_main else (lambda *a, **k: None)
@@ -277,6 +286,10 @@ def train(
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
     train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
     test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
+    global_batch = min(cfg.batch_size, len(train_set))  # images per optimiser step, over all ranks
+    if ddp.enabled and global_batch < cfg.batch_size:
+        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
+                         "too few to share between processes")
     batches_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 0))
     total_steps = cfg.max_steps or cfg.epochs * batches_per_epoch
     pin = device.type == "cuda"
@@ -319,24 +332,20 @@ def train(
         if disc_optimizer is not None and state.get("disc_scaler") is not None:
             disc_scaler.load_state_dict(state["disc_scaler"])
         generator_states = state["sample_generator"]  # one per rank of the run that saved it
-        sample_generator.set_state(generator_states[ddp.rank % len(generator_states)].cpu())
+        sample_generator.set_state(generator_states[ddp.rank % len(generator_states)].cpu())  # %: resumed on more ranks
         torch.set_rng_state(state["cpu_rng"].cpu())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         bad_total, elapsed_before = state["bad_steps"], state["elapsed_s"]
         say(f"resumed {run_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     elif resume:
         say(f"no checkpoint in {run_dir}: starting a new run")
-    train_model: nn.Module = model
-    if ddp.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = ddp.wrap(model)  # DDP after loading: it starts by copying rank 0's weights to every rank
 
     def checkpoint() -> None:
         """Gather every piece of state (all ranks' sampling generators) and write it from rank 0."""
-        states = [sample_generator.get_state()]
-        if ddp.enabled:  # NCCL gathers CUDA tensors only
-            mine = states[0].to(device)
-            states = [torch.empty_like(mine) for _ in range(ddp.world_size)]
-            dist.all_gather(states, mine)
+        states = ddp.gather(sample_generator.get_state())
+        ddp.check_in_sync(model=model.state_dict(), ema=ema.shadow if ema else None,
+                          discriminator=loss_fn.discriminator.state_dict() if loss_fn.discriminator else None)
         if not ddp.is_main:
             return
         save_checkpoint({
@@ -344,7 +353,7 @@ def train(
             "discriminator": loss_fn.discriminator.state_dict() if loss_fn.discriminator is not None else None,
             "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer is not None else None,
             "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "sample_generator": [s.cpu() for s in states], "cpu_rng": torch.get_rng_state(),
+            "sample_generator": states, "cpu_rng": torch.get_rng_state(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "bad_steps": bad_total,
             "elapsed_s": elapsed_before + time.monotonic() - start, "config": to_dict(cfg),
         }, checkpoint_path)
@@ -369,6 +378,7 @@ def train(
     with StopRequest() as stop_request:
         while epoch < cfg.epochs and stopped == "finished":
             train_set.set_epoch(epoch)
+            # a distributed sampler: every rank draws the same seeded order of global batches and takes its share
             batches = [b[ddp.rank::ddp.world_size] for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch)]
             loader = DataLoader(train_set, batch_sampler=batches[batch_in_epoch:], num_workers=cfg.data.num_workers, pin_memory=pin)
             for images in loader:
@@ -384,12 +394,11 @@ def train(
                 epoch_float = epoch + batch_in_epoch / batches_per_epoch
 
                 with autocast(device, precision):
-                    reconstructions, posterior = train_model(images, sample_posterior=True, generator=sample_generator)
-                    loss, logs = loss_fn(images, reconstructions, posterior, step=step, epoch=epoch_float, last_layer=model.last_layer)
-                finite = torch.isfinite(loss.detach()).float()
-                if ddp.enabled:  # every rank must skip together, or DDP's all-reduce would hang
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                skipped = not bool(finite)
+                    reconstructions, posterior = train_model(images, sample_posterior=cfg.sample_posterior, generator=sample_generator)
+                    loss, logs = loss_fn(images, reconstructions, posterior, step=step, epoch=epoch_float,
+                                         last_layer=model.last_layer, batch_size_for_scaling=global_batch)
+                # every rank must skip together, or DDP's all-reduce in backward would wait for the others forever
+                skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
                 if not skipped:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
@@ -417,17 +426,19 @@ def train(
                     with autocast(device, precision):
                         disc_loss, disc_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), step=step)
                     disc_scaler.scale(disc_loss).backward()
+                    ddp.average_gradients(loss_fn.discriminator)  # not DDP-wrapped: see distributed.py
                     disc_scaler.step(disc_optimizer)
                     disc_scaler.update()
                     logs.update(disc_logs)
 
+                logs = ddp.mean(logs)  # the global batch's values
                 step += 1
                 batch_in_epoch += 1
                 step_seconds = time.monotonic() - step_start
                 slowest_step = max(slowest_step, step_seconds)
-                images_per_s = cfg.batch_size / max(step_seconds, 1e-9)
+                images_per_s = global_batch / max(step_seconds, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
+                bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
                 if ddp.is_main and (step % cfg.log_every == 0 or skipped):
                     row = {"step": step, "epoch": round(epoch_float, 4), "lr": lr, "images_per_s": round(images_per_s, 2),
                            "skipped": int(skipped), "bad_steps": bad_total,
@@ -452,6 +463,7 @@ def train(
                     stopped = "until_step"
                 elif time.monotonic() + 2 * slowest_step + 2 * checkpoint_seconds + 5 > deadline:
                     stopped = "time_limit"
+                stopped = STOP_REASONS[int(ddp.agree(STOP_REASONS.index(stopped), "max"))]  # clocks and signals differ per rank
                 # during a run of non-finite steps only a stop saves: the last scheduled checkpoint stays the last good step
                 if stopped != "finished" or (step % cfg.checkpoint_every == 0 and not consecutive_bad):
                     saved_at = time.monotonic()
@@ -470,7 +482,7 @@ def train(
 
     # ---- final weights, figures
     elapsed = time.monotonic() - start
-    images_per_s = (step * cfg.batch_size) / max(elapsed + elapsed_before, 1e-9) if step else 0.0
+    images_per_s = (step * global_batch) / max(elapsed + elapsed_before, 1e-9) if step else 0.0
     if ddp.is_main:
         final = AutoencoderKL(cfg.model)
         final.load_state_dict(model.state_dict())
@@ -487,13 +499,12 @@ def train(
             "max_steps": f"reached --max-steps {cfg.max_steps}",
             "until_step": f"paused at step {step}",
             "time_limit": f"stopped before the {cfg.max_minutes:g}-minute limit",
-            "signal": f"stopped by {stop_request.signal_name}",
+            "signal": f"stopped by {stop_request.signal_name or 'a signal to another process'}",
         }
         held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
         say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {run_dir / 'model.safetensors'}"
             f"{held_out}; skipped steps: {bad_total}; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
-    if ddp.enabled:
-        dist.barrier()
+    ddp.close()
     return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s,
                        len(train_set.bad_files) + len(test_set.bad_files))
 
