@@ -88,6 +88,14 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_existing(images, 
         train(tiny(images, tmp_path / "run", max_steps=2, lr=1e-2), resume=True, progress=False)
 
 
+def test_time_limit_checkpoints_before_it_runs_out(images, tmp_path):
+    started = time.monotonic()
+    result = train(tiny(images, tmp_path / "run", max_minutes=0.15), progress=False)  # 9 s, 5 s kept in reserve
+    assert result.stopped == "time_limit" and 0 < result.step
+    assert time.monotonic() - started < 9 + 30  # stopped in time (plus setup and the final figures)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == result.step
+
+
 def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
     from vaehelpers.scale import store_scale
 
