@@ -5,6 +5,7 @@ cell of every notebook runs it when vaehelpers is not importable. A constraints 
 to the versions already installed, so pip installs only what is missing and never replaces Kaggle's CUDA build.
 """
 import glob
+import importlib
 import importlib.metadata
 import os
 import subprocess
@@ -35,6 +36,7 @@ def main(folder=None, run=subprocess.run):
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
         handle.write("\n".join(installed_pins()) + "\n")
     run(install_command(wheels[-1], handle.name), check=True)
+    importlib.invalidate_caches()  # this kernel imports the new package without a restart
     print(f"installed {os.path.basename(wheels[-1])}; kept {', '.join(installed_pins()) or 'no torch'}")
 
 

@@ -187,7 +187,7 @@ def run_demo(out: str | Path, minutes: float = 2.0, *, image_size: int = 64, syn
     parameters = {
         "smoke": True, "interactive": False, "data_dir": str(out / "data"), "run_dir": str(out / "run"),
         "figures_dir": str(out / "figures"), "image_size": image_size, "synthetic_count": synthetic_count,
-        "max_minutes": float(minutes), "max_steps": int(max_steps),
+        "max_minutes": float(minutes), "max_steps": int(max_steps), "plot_every": 25,
     }
     kernel = notebook_kernel()
     executed, seconds = [], {}

@@ -26,6 +26,7 @@ KAGGLE_WORKING = Path("/kaggle/working")
 USER_PLACEHOLDER = "KAGGLE_USERNAME"  # in kaggle/*/kernel-metadata.json; `kaggle push` puts the user's name there
 SOURCE_DATASET = "vaehelpers-src"  # the dataset that carries the package's wheel
 INSTALLER_NAME = "vaehelpers_install.py"  # kaggle/install.py as it is uploaded (the notebooks glob for this name)
+STAGE_DIR = Path("build") / "kaggle"  # where `kaggle push` assembles the uploads, under the repository
 
 # The last PyPI-index PyTorch pair whose CUDA build still ships sm_60 kernels (P100): the cu121 wheels of 2.5.1.
 LEGACY_TORCH = ("torch==2.5.1", "torchvision==0.20.1")
@@ -162,6 +163,9 @@ def stage(root: str | Path, user: str, dest: str | Path, *,
     """Fill build folders for upload: dest/vaehelpers-src (dataset metadata, the wheel, the installer) and one
     folder per kernel (its metadata with the user filled in, and the notebook). Returns (dataset, kernels)."""
     root, dest = Path(root), Path(dest)
+    if not (root / "kaggle" / "dataset-metadata.json").is_file():
+        raise FileNotFoundError(f"{root} holds no kaggle/dataset-metadata.json: push from a checkout of the "
+                                "vaehelpers repository, or pass --root REPOSITORY")
     if dest.exists():
         shutil.rmtree(dest)
     dataset = dest / SOURCE_DATASET
@@ -204,15 +208,16 @@ def _check(response: Any, what: str) -> str:
 
 def push(root: str | Path, user: str | None = None, *, client: Any = None, only: Sequence[str] = (),
          dataset: bool = True, dest: str | Path | None = None,
-         wheel_builder: Callable[[Path, Path], Path] = build_wheel, say: Callable[[str], Any] = print) -> list[str]:
+         wheel_builder: Callable[[Path, Path], Path] | None = None, say: Callable[[str], Any] = print) -> list[str]:
     """Upload the package dataset, then push each kernel (all, or those whose folder name starts with one of
-    `only`, e.g. "04"); returns the URLs. client: the kaggle API object (default: the real, authenticated one)."""
+    `only`, e.g. "04"); returns the URLs. client: the kaggle API object (default: the real, authenticated one);
+    dest: the staging folder (default root/build/kaggle); wheel_builder: default build_wheel."""
     root = Path(root)
     client = kaggle_client() if client is None else client
     user = user or os.environ.get("KAGGLE_USERNAME") or client.get_config_value("username")
     if not user:
         raise RuntimeError("cannot tell your Kaggle user name: pass --user NAME")
-    dataset_dir, kernels = stage(root, user, dest or root / "build" / "kaggle", wheel_builder=wheel_builder)
+    dataset_dir, kernels = stage(root, user, dest or root / STAGE_DIR, wheel_builder=wheel_builder or build_wheel)
     urls = []
     if dataset:
         ref = f"{user}/{SOURCE_DATASET}"

@@ -1,4 +1,4 @@
-"""Figures: image grids, reconstructions with error maps, latent channels, loss curves (widgets come later).
+"""Figures and widgets: image grids, reconstructions with error maps, latent channels, loss curves, latent sliders.
 
 Every function returns a matplotlib Figure built without pyplot (no global figure registry, works on the
 Agg backend, shows once in Jupyter when it is a cell's value). Save one with `save_figure(fig, path)`.
@@ -322,7 +322,7 @@ def loss_weights_figure(loss_configs: dict[str, Any], epochs: float) -> Figure:
         kl = [kl_weight_at(epoch, cfg.kl_weight, cfg.kl_warmup_epochs) for epoch in epoch_axis]
         ax.plot(epoch_axis, kl, label=f"KL ({cfg.kl_reduction})")
         ax.plot(epoch_axis, np.full_like(epoch_axis, cfg.seed_scale * cfg.reconstruction_weight),
-                label=f"reconstruction ({cfg.reconstruction})")
+                label=f"reconstruction ({cfg.reconstruction}{' / batch size' if cfg.batch_scaled_reconstruction else ''})")
         if cfg.perceptual_weight > 0:
             ax.plot(epoch_axis, np.full_like(epoch_axis, cfg.seed_scale * cfg.perceptual_weight),
                     label=f"perceptual ({cfg.perceptual})")
@@ -403,9 +403,9 @@ class LiveLossPlot:
         else:
             self._handle.update(figure)
 
-    def figure(self) -> Figure:
-        """The loss curve of the rows seen so far."""
-        return loss_curve_figure(self.rows, smooth=self.smooth)
+    def figure(self, max_points: int = 2000) -> Figure:
+        """The loss curve of the rows seen so far, thinned to about max_points (redraws stay cheap in long runs)."""
+        return loss_curve_figure(self.rows[:: max(1, len(self.rows) // max_points)], smooth=self.smooth)
 
 
 # --------------------------------------------------------------------------- widgets

@@ -1,0 +1,154 @@
+"""The notebook helpers and widgets at the end of viz.py: sliders moved programmatically change the decoded image,
+and moving them back restores it exactly."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+matplotlib.use("Agg")
+
+from vaehelpers import losses, viz  # noqa: E402
+from vaehelpers.config import build_config  # noqa: E402
+from vaehelpers.model import AutoencoderKL  # noqa: E402
+
+pytest.importorskip("ipywidgets")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return AutoencoderKL.from_preset("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def png_array(data: bytes) -> np.ndarray:
+    assert data[:8] == PNG_SIGNATURE
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_latent_explorer_sliders_change_the_decoded_image_and_back(model, images):
+    explorer = viz.LatentExplorer(model, images, height=64)
+    assert len(explorer.offsets) == len(explorer.scales) == model.config.latent_channels
+    start_png, start_image = explorer.image.value, explorer.decoded()
+    assert png_array(start_png).shape == (64, 64 * 2 + 4, 3)  # original | decoded, 4 px apart
+    assert torch.allclose(start_image, viz.decode(model, viz.encode(model, images[:1]))[0], atol=1e-4)  # at rest (batching moves the last bits)
+
+    explorer.offsets[0].value = 2.0
+    moved = explorer.decoded()
+    assert explorer.image.value != start_png and not torch.allclose(moved, start_image)
+    expected = explorer.latents[:1].clone()  # encoded once, as a batch
+    expected[:, 0] += 2.0 * explorer.channel_std[0]
+    assert torch.allclose(explorer.edited_latents(), expected)
+    explorer.offsets[0].value = 0.0
+    assert explorer.image.value == start_png
+
+    explorer.scales[2].value = 0.0
+    assert explorer.image.value != start_png
+    explorer.scales[2].value = 1.0
+    assert explorer.image.value == start_png
+
+    explorer.picker.value = 2
+    assert explorer.image.value != start_png and explorer.caption.value.startswith("image 2")
+    explorer.picker.value = 0
+    assert explorer.image.value == start_png
+
+
+def test_latent_explorer_reset_and_static_figure(model, images):
+    explorer = viz.LatentExplorer(model, images, height=32)
+    start_png = explorer.image.value
+    explorer.offsets[1].value, explorer.scales[3].value = -1.5, 2.5
+    assert explorer.image.value != start_png
+    explorer.reset_button.click()
+    assert [s.value for s in explorer.offsets] == [0.0] * 4 and [s.value for s in explorer.scales] == [1.0] * 4
+    assert explorer.image.value == start_png
+    figure = explorer.channel_figure()
+    assert len([ax for ax in figure.axes if ax.images]) == 3 * model.config.latent_channels
+    assert "application/vnd.jupyter.widget-view+json" in explorer._repr_mimebundle_()
+
+
+def test_interpolation_explorer(model, images):
+    walk = viz.InterpolationExplorer(model, images[0], images[1], height=32)
+    middle_png = walk.image.value
+    walk.slider.value = 0.0
+    assert walk.image.value != middle_png
+    assert torch.allclose(walk.decoded(), viz.decode(model, viz.encode(model, images[:1]))[0], atol=1e-4)
+    walk.slider.value = 1.0
+    assert torch.allclose(walk.decoded(), viz.decode(model, viz.encode(model, images[1:2]))[0], atol=1e-4)
+    walk.slider.value = 0.5
+    assert walk.image.value == middle_png
+    assert len([ax for ax in walk.figure(steps=5).axes if ax.images]) == 5
+
+
+def test_interpolate_and_prior_samples(model, images):
+    path = viz.interpolate(model, images[0], images[1], steps=4)
+    assert path.shape == (4, 3, 32, 32)
+    ends = viz.decode(model, viz.encode(model, images[:2]))
+    assert torch.allclose(path[0], ends[0], atol=1e-4) and torch.allclose(path[-1], ends[1], atol=1e-6)
+    samples = viz.prior_samples(model, 3, 32, generator=torch.Generator().manual_seed(0))
+    again = viz.prior_samples(model, 3, 32, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 3, 32, 32) and torch.equal(samples, again)
+
+
+def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
+    rows = [{"step": i, "epoch": round(0.1 * i, 4), "train/total_loss": 1.0 / i, "train/rec_loss": 0.5 / i} for i in range(1, 7)]
+    printer = viz.LiveLossPlot(every=3, interactive=False)
+    for row in rows:
+        printer(row)
+    assert capsys.readouterr().out.splitlines() == ["step 3  epoch 0.3  total_loss 0.3333  rec_loss 0.1667",
+                                                    "step 6  epoch 0.6  total_loss 0.1667  rec_loss 0.08333"]
+
+    shown = []
+
+    class Handle:
+        def update(self, figure):
+            shown.append(("update", figure))
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda figure, display_id: shown.append(("display", figure)) or Handle())
+    plot = viz.LiveLossPlot(every=2, interactive=True)
+    for row in rows:
+        plot(row)
+    assert [kind for kind, _ in shown] == ["display", "update", "update"]  # one output, redrawn in place
+    assert len(plot.rows) == 6 and plot.figure().axes
+
+
+def test_loss_weights_figure():
+    recipes = {"default": build_config("tiny").loss, "seed": build_config("tiny", "seed").loss}
+    figure = viz.loss_weights_figure(recipes, epochs=40)
+    default_ax, seed_ax = figure.axes
+    assert len(default_ax.lines) == 2 and len(seed_ax.lines) == 3  # the seed recipe adds the perceptual term
+    kl = seed_ax.lines[0].get_ydata()
+    assert kl[0] == 0 and kl[-1] == 1.0  # the seed's KL warm-up
+
+
+def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    figure = viz.perceptual_figure(images, images.flip(-1), backbone=vgg16(weights=None).features)  # stand-in weights
+    assert len(figure.axes) == 7
+    assert [ax.get_title().split("\n")[0] for ax in figure.axes[2:]] == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]
+
+    def offline():
+        raise RuntimeError("could not load the pretrained VGG16 weights vgg16-397923af.pth")
+
+    monkeypatch.setattr(losses, "load_vgg16_features", offline)
+    figure = viz.perceptual_figure(images, images)
+    assert "could not load the pretrained VGG16 weights" in figure.axes[0].texts[0].get_text()
+
+
+def test_png_bytes_scales_each_panel(images):
+    array = png_array(viz.png_bytes([images[0], images[1][:, :, :16]], height=48))
+    assert array.shape == (48, 48 + 4 + 24, 3)
