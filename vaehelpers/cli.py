@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, device = _load_model(args.run, args.device)
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=_run_image_size(args.run, args.image_size),
                                  resize="crop", augment=False)
-    summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=not args.no_progress)
+    summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=not args.no_progress,
+                               lpips=False if args.no_lpips else "auto")
     print(metrics.format_table(summary))
     if args.json:
         metrics.write_json(summary, args.json)
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", type=Path)
     evaluate.add_argument("--csv", type=Path, help="per-image rows")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -315,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the data scan's reports and progress notes
     try:
         return args.func(args)
     except (ValueError, KeyError, OSError, RuntimeError) as error:
