@@ -2,16 +2,23 @@
 
 Data parallel in the usual way: every rank holds the whole model and takes its share b[rank::world] of each
 global batch (batch_size is the GLOBAL batch); DistributedDataParallel averages the autoencoder's gradients,
-so N ranks take the same optimiser steps as one process on the whole batch. Rank 0 alone writes logs,
-figures and checkpoints; every rank reads the same checkpoint when resuming, so --run must be on a
-filesystem that every node sees.
+so N ranks take the same optimiser steps as one process on the whole batch (exactly so up to float rounding
+with sample_posterior=False; with sampling each rank draws its own noise). Rank 0 alone writes logs, figures
+and checkpoints; every rank reads the same checkpoint when resuming, so --run must be on a filesystem that
+every node sees. The PatchGAN discriminator is not DDP-wrapped: its gradients are averaged by hand (see
+Distributed.average_gradients). With the GAN on, LDM's adaptive weight and the discriminator's BatchNorm
+statistics come from each rank's own share of the batch, as in LDM's multi-GPU training, so there N ranks
+train like one process only approximately.
 
-    torchrun --nproc_per_node 2 -m vaehelpers train --data DIR --run DIR ...      # a script, one machine
+    torchrun --nproc_per_node 2 -m vaehelpers -- train --data DIR --run DIR ...   # a script, one machine
     vaehelpers.distributed.launch(cfg, nproc=2)                                   # a notebook (Kaggle T4x2)
+
+(The "--" keeps torchrun's own parser from reading "--run" as an abbreviation of its "--run-path".)
 """
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import ProcessException
 
 from vaehelpers.runtime import resolve_device
 
@@ -121,8 +129,9 @@ class Distributed:
             differing = (theirs != fingerprints[0]).nonzero().flatten().tolist()
             if differing:
                 names = list(named)
-                raise RuntimeError(f"rank {rank}'s copy of {names[differing[0]]} (and {len(differing) - 1} more) differs "
-                                   f"from rank 0's: the processes have drifted apart, which is a bug; please report it")
+                more = f" (and {len(differing) - 1} more tensors)" if len(differing) > 1 else ""
+                raise RuntimeError(f"rank {rank}'s copy of {names[differing[0]]}{more} differs from rank 0's: the "
+                                   "processes have drifted apart, which is a bug; please report it")
 
     def close(self) -> None:
         """Wait for every rank (rank 0 writes the final files meanwhile), then leave the process group."""
@@ -189,15 +198,15 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
         _worker, args=(nproc, port, cfg, resume, train_kwargs, results), nprocs=nproc, join=False, start_method="spawn")
     try:
         try:
-            while not context.join(grace_period=10):
-                pass
-        except KeyboardInterrupt:  # the notebook's stop button: every rank checkpoints at the same step and stops
-            for process in context.processes:
-                if process.is_alive():
-                    os.kill(process.pid, signal.SIGTERM)
-            while not context.join(grace_period=10):
-                pass
-    except torch.multiprocessing.ProcessException as error:
+            _join(context)
+        except KeyboardInterrupt:  # the notebook's stop button: every rank checkpoints at the same step, then stops
+            _signal(context, signal.SIGTERM)
+            try:
+                _join(context)
+            except KeyboardInterrupt:  # pressed again: stop now, without a checkpoint
+                _signal(context, signal.SIGKILL)
+                raise
+    except ProcessException as error:
         raise TrainingProcessError(_failure_message(context, error, nproc)) from None
     return results.get() if not results.empty() else None
 
@@ -216,22 +225,55 @@ def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, resume: boo
         results.put(result)
 
 
+def _join(context: Any) -> None:
+    """Wait for every process; when one fails, give the others 10 s to exit, then SIGTERM, 10 s, SIGKILL."""
+    while not context.join(grace_period=10):
+        pass
+
+
+def _signal(context: Any, signum: int) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            os.kill(process.pid, signum)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _failure_message(context: Any, error: Exception, nproc: int) -> str:
-    """Which rank failed first and how, every rank's exit status, and the failed rank's traceback if it had one."""
-    statuses = ", ".join(f"rank {rank}: {_exit_status(process.exitcode)}" for rank, process in enumerate(context.processes))
-    if isinstance(error, torch.multiprocessing.ProcessRaisedException):
-        cause, traceback = f"rank {error.error_index} raised an error (its traceback is below)", error.msg
-    else:
-        status = _exit_status(context.processes[error.error_index].exitcode)
-        cause, traceback = f"rank {error.error_index} died ({status}) without a Python error: killed (e.g. out of memory) or exited hard", ""
-    return (f"training on {nproc} processes failed: {cause}. The other processes were stopped ({statuses}); fix the "
-            f"cause and run again with resume=True to continue from the last checkpoint.{traceback}")
+def _failure_message(context: Any, error: ProcessException, nproc: int) -> str:
+    """Which rank failed first, how every rank ended (with each error's last line), and the first one's traceback.
+
+    Every rank is listed because the first rank to exit is not always the cause: when one rank raises, the
+    others soon fail too ("connection closed by peer") and may be seen first.
+    """
+    lines, tracebacks = [], {}
+    for rank, process in enumerate(context.processes):
+        tracebacks[rank] = _read_traceback(context.error_files[rank])
+        if tracebacks[rank]:
+            detail = ", " + tracebacks[rank].strip().splitlines()[-1]  # "SomeError: what went wrong"
+        elif rank == error.error_index:
+            detail = ", without a Python error: killed (e.g. out of memory) or exited hard"
+        else:
+            detail = ""
+        lines.append(f"  rank {rank}: {_exit_status(process.exitcode)}{detail}")
+    first_traceback = tracebacks[error.error_index]
+    return (f"training on {nproc} processes failed, rank {error.error_index} first; the rest were stopped. "
+            f"How each ended:\n" + "\n".join(lines) + "\nFix the cause and run again; resume=True continues from the "
+            "last checkpoint." + (f"\nTraceback of rank {error.error_index}:\n{first_traceback}" if first_traceback else ""))
+
+
+def _read_traceback(path: str) -> str:
+    """The traceback a spawned process left in its error file (torch's _wrap writes one), or ""; removes the file."""
+    try:
+        with open(path, "rb") as handle:
+            traceback = pickle.load(handle)
+        os.unlink(path)
+        return traceback
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return ""
 
 
 def _exit_status(exitcode: int | None) -> str:

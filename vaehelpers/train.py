@@ -219,6 +219,7 @@ def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device:
     from vaehelpers.metrics import PSNR_CAP_DB, per_image_metrics
 
     model.eval()
+    loss_fn.eval()  # the PatchGAN's BatchNorm must not learn statistics from held-out images (resume would differ)
     totals: dict[str, float] = {}
     psnrs: list[torch.Tensor] = []
     batches = 0
@@ -233,6 +234,7 @@ def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device:
         psnrs.append(per_image_metrics(images.float(), reconstructions.float())["psnr"].cpu())
         batches += 1
     model.train()
+    loss_fn.train()
     if not batches:
         return {}
     results = {key: value / batches for key, value in totals.items()}
