@@ -373,6 +373,7 @@ lr = None            # None: the recipe's (1e-4 default, 1e-3 seed) (smoke: 1e-3
 perceptual_weight = None  # None: the recipe's (0 default, 0.1 seed); > 0 needs the VGG16 weights
 plot_every = 100     # redraw the live loss plot (or print a line) every this many logged steps
 interactive = True   # False (papermill): progress lines instead of a progress bar and a live plot
+gpus = None          # training processes: None = one per visible GPU (Kaggle T4x2: 2), 1 = this kernel only
 install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart'''),
     md(INSTALL_MD),
     code(INSTALL),
@@ -383,8 +384,8 @@ from IPython.display import Image
 from vaehelpers import kaggle, viz
 from vaehelpers.config import to_dict
 from vaehelpers.demo import notebook_settings
-from vaehelpers.runtime import resolve_device
-from vaehelpers.train import train'''),
+from vaehelpers.distributed import launch
+from vaehelpers.runtime import resolve_device'''),
     md(SETTINGS_MD),
     code(settings_cell("max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, "
                        "perceptual_weight=perceptual_weight")),
@@ -410,12 +411,13 @@ print(kaggle.restore_run(settings.run_dir))'''),
     md('''\
 ## Step 3: Train
 
-`train` resumes from `checkpoints/last.pt` when it exists, logs every step to `log.csv` and TensorBoard, and
+Training resumes from `checkpoints/last.pt` when it exists, logs every step to `log.csv` and TensorBoard, and
 calls back with each row: here a live loss plot, redrawn in place every `plot_every` steps (printed lines
-under papermill). It returns how it ended: finished, or stopped for the time limit or a signal.'''),
+under papermill). `launch` runs one process per visible GPU (data-parallel, as `torchrun` would; on one GPU
+or the CPU it simply trains here). It returns how it ended: finished, or stopped for the time limit or a signal.'''),
     code('''\
 live_plot = viz.LiveLossPlot(every=plot_every, interactive=interactive)
-result = train(cfg, resume=True, progress=interactive, on_log=live_plot)
+result = launch(cfg, gpus, resume=True, progress=interactive, on_log=live_plot)
 result'''),
     md('''\
 ## Step 4: The loss curve of the whole run

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="train an autoencoder into a run directory")
     train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
-    train.add_argument("--run", type=Path, required=True, help="run directory")
+    train.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                       help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)")
     train.add_argument("--preset", choices=["tiny", "small", "sd"])
     train.add_argument("--recipe", choices=["default", "seed"])
     train.add_argument("--image-size", type=int)

@@ -190,6 +190,8 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
     nproc = nproc or max(1, torch.cuda.device_count())
     if nproc == 1:
         return train(cfg, resume=resume, **train_kwargs)
+    if train_kwargs.pop("on_log", None) is not None:  # a callback cannot reach the notebook from other processes
+        print(f"{nproc} processes: no live loss plot (process 0 prints progress; draw the curve from log.csv afterwards)")
     if cfg.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ValueError(f"nproc={nproc} but only {torch.cuda.device_count()} GPU(s) are visible (one process per GPU)")
     port = int(os.environ.get("MASTER_PORT") or _free_port())

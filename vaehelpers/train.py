@@ -178,7 +178,8 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfi
     if checkpoint.exists() and not resume:
         raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose a new --run")
     if resume and checkpoint.exists() and config_path.exists():
-        saved = _flatten(json.loads(config_path.read_text()))
+        # a setting added to vaehelpers after the run was saved counts as its default
+        saved = {**_flatten(to_dict(TrainConfig())), **_flatten(json.loads(config_path.read_text()))}
         current = _flatten(to_dict(cfg))
         differing = sorted(k for k in saved.keys() | current.keys()
                            if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k)))
