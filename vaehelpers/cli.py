@@ -187,6 +187,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from vaehelpers.study import CANDIDATES, format_table, run_study
+
+    names = args.candidates or list(CANDIDATES)
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        raise ValueError(f"unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
+    rows = run_study(args.train_data, args.test_data, args.out, names, preset=args.preset, image_size=args.image_size,
+                     batch_size=args.batch_size, steps=args.steps, device=args.device,
+                     perceptual_weight=args.perceptual_weight, seed=args.seed)
+    print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaehelpers", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -278,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
     scale.add_argument("--device", default="auto")
     scale.set_defaults(func=cmd_scale)
+
+    study = verbs.add_parser("study", help="train recipes on the same budget, evaluate each on held-out images")
+    study.add_argument("--train-data", type=Path, nargs="+", required=True, help="training folders (all images used)")
+    study.add_argument("--test-data", type=Path, required=True, help="held-out folder (all images evaluated)")
+    study.add_argument("--out", type=Path, required=True)
+    study.add_argument("--candidates", nargs="+", help="names from vaehelpers/study.py (default: all)")
+    study.add_argument("--preset", default="tiny")
+    study.add_argument("--image-size", type=int, default=64)
+    study.add_argument("--batch-size", type=int, default=16)
+    study.add_argument("--steps", type=int, default=600, help="the budget: steps of --batch-size images")
+    study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
+    study.add_argument("--device", default="auto")
+    study.add_argument("--seed", type=int, default=0)
+    study.set_defaults(func=cmd_study)
 
     demo = verbs.add_parser("demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
