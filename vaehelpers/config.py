@@ -80,7 +80,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: no step limit
     max_minutes: float = 0.0  # 0: no time limit; else checkpoint and stop before it runs out
     batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 1e-3  # default recipe: chosen by the CPU study (results/quality.md)
     optimizer: Literal["adam", "adamw"] = "adamw"
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -118,6 +118,8 @@ def recipe_settings(name: str) -> dict[str, Any]:
             "loss.kl_reduction": "seed", "loss.kl_warmup_epochs": 20.0, "loss.disc_weight": 0.0,
         }
     if name == "default":
+        # ours = the TrainConfig defaults: AdamW lr 1e-3 constant, grad clip 1, L1 + 1e-6 KL, no EMA; it beat the
+        # seed recipe by 3.4 dB PSNR at equal images seen on held-out BSDS500 photos (results/quality.md)
         return {}
     raise ValueError(f"unknown recipe {name!r}: choose default or seed")
 
