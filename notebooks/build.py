@@ -369,7 +369,7 @@ where it stopped. The stop button (SIGTERM) checkpoints too.'''),
 max_minutes = None   # checkpoint and stop before this many minutes of training; None: 690 (11.5 h) (smoke: 2)
 max_steps = None     # stop after this many optimiser steps; None: no limit
 batch_size = None    # None: the recipe's (16) (smoke: 8)
-lr = None            # None: the recipe's (1e-3 for both) (smoke: 1e-3)
+lr = None            # None: the recipe's (2e-3 default, 1e-3 seed) (smoke: 1e-3)
 perceptual_weight = None  # None: the recipe's (0 default, 0.1 seed); > 0 needs the VGG16 weights
 plot_every = 100     # redraw the live loss plot (or print a line) every this many logged steps
 interactive = True   # False (papermill): progress lines instead of a progress bar and a live plot
