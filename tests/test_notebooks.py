@@ -13,6 +13,7 @@ import nbformat
 import pytest
 
 from vaehelpers import demo
+from vaehelpers.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = list(demo.NOTEBOOKS)
@@ -98,7 +99,7 @@ def test_settings_make_data_and_a_train_config(tmp_path):
     assert (cfg.batch_size, cfg.lr, cfg.loss.perceptual_weight, cfg.max_steps) == (8, 1e-3, 0.0, 2)
     full = demo.notebook_settings(False, data_source="folder", data_dir=tmp_path / "images", run_dir=tmp_path / "run")
     cfg = full.train_config()
-    assert cfg.batch_size == 16 and cfg.lr == 1e-4 and cfg.epochs == 600  # None: the recipe's values
+    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (16, build_config("sd", "default").lr, 600)  # None: the recipe's
     with pytest.raises(FileNotFoundError, match="set data_dir"):
         demo.notebook_settings(data_source="folder", data_dir=tmp_path / "missing").image_folder()
 
