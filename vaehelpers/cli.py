@@ -174,19 +174,6 @@ def cmd_kaggle(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from vaehelpers.bench import canonical_command, run_bench
-
-    settings = dict(
-        part=args.part or ("data" if args.data_path else "model"), presets=args.preset, image_sizes=args.image_size,
-        batch_sizes=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
-        precision=args.precision, ops=args.ops, with_diffusers=not args.no_diffusers, peak_tflops=args.peak_tflops,
-        data_path=args.data_path or "auto", data_workers=args.workers, data_repeats=args.data_repeats, seed=args.seed,
-    )
-    run_bench(**settings, json_path=args.json, command=canonical_command(**settings, json_path=args.json))
-    return 0
-
-
 def cmd_study(args: argparse.Namespace) -> int:
     from vaehelpers.study import CANDIDATES, format_table, run_study
 
@@ -321,27 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
                       help="the repository (holds kaggle/ and notebooks/)")
     kaggle.set_defaults(func=cmd_kaggle)
-    bench = verbs.add_parser("bench", help="time ours against diffusers (train step, encode, decode) and the data path")
-    bench.add_argument("part", nargs="?", choices=["model", "data", "all"],
-                       help="what to time (default: model; data when --data-path is given)")
-    bench.add_argument("--preset", nargs="+", default=["small"], choices=["tiny", "small", "sd"])
-    bench.add_argument("--image-size", nargs="+", type=int, default=[128])
-    bench.add_argument("--batch-size", nargs="+", type=int, default=[8])
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per model and op (median reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per model and op, first")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    bench.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    bench.add_argument("--ops", nargs="+", choices=["train_step", "encode", "decode"],
-                       default=["train_step", "encode", "decode"])
-    bench.add_argument("--peak-tflops", type=float, help="the GPU's dense peak for MFU (default: known GPUs' datasheet)")
-    bench.add_argument("--no-diffusers", action="store_true", help="time ours only")
-    bench.add_argument("--data-path", help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
-                                           "when present, else synthetic; 'synthetic'")
-    bench.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers to try")
-    bench.add_argument("--data-repeats", type=int, default=3, help="epochs per data-path setting")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--json", type=Path, help="write every figure here")
-    bench.set_defaults(func=cmd_bench)
     return parser
 
 
