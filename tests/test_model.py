@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from vaehelpers.bench import diffusers_twin
 from vaehelpers.config import ModelConfig, model_config, to_dict
-from vaehelpers.model import AutoencoderKL, DiagonalGaussian, describe, infer_config, parameter_table
+from vaehelpers.model import AutoencoderKL, DiagonalGaussian, Upsample2D, describe, infer_config, parameter_table
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -18,20 +19,8 @@ NARROW = ModelConfig(base_channels=32, norm_num_groups=8)
 
 
 def diffusers_vae(config: ModelConfig) -> torch.nn.Module:
-    """diffusers' AutoencoderKL with the same shape as `config`."""
-    levels = len(config.channel_multipliers)
-    return diffusers.AutoencoderKL(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        scaling_factor=config.scaling_factor,
-        mid_block_add_attention=config.mid_attention,
-    ).eval()
+    """diffusers' AutoencoderKL with the same shape as `config`, in eval mode."""
+    return diffusers_twin(config).eval()
 
 
 def randomized(config: ModelConfig, seed: int = 0) -> AutoencoderKL:
@@ -284,3 +273,38 @@ def test_describe_sd_at_128():
     assert "custom" in describe(ModelConfig(base_channels=8, norm_num_groups=8), (64, 96))
     with pytest.raises(ValueError, match="multiple of the downsample factor 8"):
         describe(model_config("sd"), 100)
+
+
+def test_fused_upsampler_is_nearest_then_conv():
+    torch.manual_seed(0)
+    upsampler = Upsample2D(8)
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    results = []
+    for fused in ("always", "never"):
+        upsampler.fused = fused
+        upsampled = upsampler(x)
+        grads = torch.autograd.grad(upsampled.square().sum(), [x, upsampler.conv.weight, upsampler.conv.bias])
+        results.append((upsampled, grads))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    assert fused_out.shape == (2, 8, 10, 14)
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-5, rtol=1e-5)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused_grad, plain_grad, atol=1e-4, rtol=1e-5)
+
+
+def test_layout_follows_diffusers_without_gradients_and_outputs_stay_nchw():
+    torch.manual_seed(0)
+    ours = AutoencoderKL.from_preset("tiny").eval()
+    for module in ours.modules():
+        if isinstance(module, Upsample2D):
+            module.fused = "never"  # then every layer runs the kernel diffusers runs, in the same layout
+    theirs = diffusers_vae(ours.config).eval()
+    theirs.load_state_dict(ours.state_dict())
+    latents = torch.randn(2, 4, 4, 6)
+    with torch.no_grad():
+        decoded = ours.decode(latents)
+        torch.testing.assert_close(decoded, theirs.decode(latents).sample, atol=1e-6, rtol=0)
+        assert decoded.is_contiguous() and ours.encode(torch.rand(2, 3, 32, 48)).moments.is_contiguous()
+    reconstructions, posterior = ours(torch.rand(2, 3, 32, 48))  # with gradients: NCHW throughout
+    assert reconstructions.is_contiguous() and posterior.moments.is_contiguous()
+

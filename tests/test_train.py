@@ -80,6 +80,30 @@ def test_resume_is_exact(images, tmp_path):
     assert steps == list(range(1, 15))  # no step logged twice, none missing
 
 
+def test_compile_wraps_the_training_forward_and_checkpoints_keep_plain_keys(images, tmp_path, monkeypatch):
+    """--compile: every training forward goes through torch.compile's module; what is saved is the plain model.
+    (A stand-in for torch.compile: compiling for real takes minutes on this CPU, see results/benchmarks.md.)"""
+    compiled_calls = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module  # torch.compile's wrapper holds the module under this name
+
+        def forward(self, *args, **kwargs):
+            compiled_calls.append(args[0].shape)
+            return self._orig_mod(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Compiled(module))
+    result = train(tiny(images, tmp_path / "run", max_steps=3, compile=True), progress=False)
+    assert result.step == 3 and len(compiled_calls) == 3
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert set(saved) == set(AutoencoderKL.from_preset("tiny").state_dict())  # no "_orig_mod." prefixes
+    assert set(load_file(tmp_path / "run" / "model.safetensors")) == set(saved)
+    train(tiny(images, tmp_path / "run", max_steps=4), resume=True, progress=False)  # --compile may change on resume
+    assert train(tiny(images, tmp_path / "other", max_steps=1), progress=False).step == 1 and len(compiled_calls) == 3
+
+
 def test_resume_refuses_changed_settings_and_fresh_run_refuses_existing(images, tmp_path):
     train(tiny(images, tmp_path / "run", max_steps=1), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):

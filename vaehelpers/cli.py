@@ -16,7 +16,7 @@ TRAIN_FLAGS = {
     "perceptual_weight": "loss.perceptual_weight", "kl_weight": "loss.kl_weight", "seed": "seed",
     "device": "device", "precision": "precision", "ema_decay": "ema_decay", "num_workers": "data.num_workers",
     "checkpoint_every": "checkpoint_every", "reconstruction": "loss.reconstruction",
-    "init": "init_from", "freeze_encoder": "freeze_encoder",
+    "init": "init_from", "freeze_encoder": "freeze_encoder", "compile": "compile",
 }
 
 
@@ -174,6 +174,20 @@ def cmd_kaggle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vaehelpers.bench import canonical_command, run_bench
+
+    settings = dict(
+        part=args.part or ("data" if args.data_path else "model"), presets=args.preset, image_sizes=args.image_size,
+        batch_sizes=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
+        precision=args.precision, ops=args.ops, with_diffusers=not args.no_diffusers, ablate=args.ablate,
+        peak_tflops=args.peak_tflops, data_path=args.data_path or "auto", data_workers=args.workers,
+        data_repeats=args.data_repeats, seed=args.seed,
+    )
+    run_bench(**settings, json_path=args.json, command=canonical_command(**settings, json_path=args.json))
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from vaehelpers.study import CANDIDATES, format_table, run_study
 
@@ -183,7 +197,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
     rows = run_study(args.train_data, args.test_data, args.out, names, preset=args.preset, image_size=args.image_size,
                      batch_size=args.batch_size, steps=args.steps, device=args.device,
-                     perceptual_weight=args.perceptual_weight, seed=args.seed)
+                     precision=args.precision, perceptual_weight=args.perceptual_weight, seed=args.seed)
     print(format_table(rows))
     return 0
 
@@ -231,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="auto: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16, else fp32")
+    train.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the model (GPU: minutes of compiling first; no gain on small CPUs)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine")
     train.add_argument("--no-progress", action="store_true")
@@ -291,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--steps", type=int, default=600, help="the budget: steps of --batch-size images")
     study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
     study.add_argument("--device", default="auto")
+    study.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="training precision (evaluation is always fp32)")
     study.add_argument("--seed", type=int, default=0)
     study.set_defaults(func=cmd_study)
 
@@ -308,6 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
                       help="the repository (holds kaggle/ and notebooks/)")
     kaggle.set_defaults(func=cmd_kaggle)
+    bench = verbs.add_parser("bench", help="time ours against diffusers (train step, encode, decode) and the data path")
+    bench.add_argument("part", nargs="?", choices=["model", "data", "all"],
+                       help="what to time (default: model; data when --data-path is given)")
+    bench.add_argument("--preset", nargs="+", default=["small"], choices=["tiny", "small", "sd"])
+    bench.add_argument("--image-size", nargs="+", type=int, default=[128])
+    bench.add_argument("--batch-size", nargs="+", type=int, default=[8])
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per model and op (median reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per model and op, first")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    bench.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    bench.add_argument("--ops", nargs="+", choices=["train_step", "encode", "decode"],
+                       default=["train_step", "encode", "decode"])
+    bench.add_argument("--peak-tflops", type=float,
+                       help="the GPU's dense peak in TFLOP/s for MFU (default: the datasheet figure of known GPUs)")
+    bench.add_argument("--no-diffusers", action="store_true", help="time ours only")
+    bench.add_argument("--ablate", action="store_true",
+                       help="also time ours without the fused upsampler, and with it in training too")
+    bench.add_argument("--data-path", help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
+                                           "when present, else synthetic; 'synthetic'")
+    bench.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers to try")
+    bench.add_argument("--data-repeats", type=int, default=3, help="epochs per data-path setting")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", type=Path, help="write every figure here")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

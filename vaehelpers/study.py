@@ -45,7 +45,7 @@ def stage_training_data(train_dirs: Sequence[Path], stage: Path) -> Path:
 
 def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequence[str], *, preset: str = "tiny",
               image_size: int = 64, batch_size: int = 16, steps: int = 600, device: str = "cpu",
-              perceptual_weight: float | None = None, seed: int = 0) -> list[dict[str, Any]]:
+              precision: str = "auto", perceptual_weight: float | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Train each named candidate for `steps` steps of `batch_size` images, evaluate on all of test_dir.
 
     Finished candidates (out/<name>/evaluation.json) are kept, so a stopped study resumes. Writes out/study.json
@@ -55,6 +55,7 @@ def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequ
     from vaehelpers.config import build_config
     from vaehelpers.data import ImageFolderDataset
     from vaehelpers.model import AutoencoderKL
+    from vaehelpers.runtime import resolve_device, resolve_precision
     from vaehelpers.train import train
 
     out = Path(out)
@@ -65,7 +66,8 @@ def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequ
         recipe, overrides = CANDIDATES[name]
         run_dir, result_path = out / name, out / name / "evaluation.json"
         if not result_path.exists():
-            settings = {**overrides, "run_dir": str(run_dir), "device": device, "batch_size": batch_size, "seed": seed,
+            settings = {**overrides, "run_dir": str(run_dir), "device": device, "precision": precision,
+                        "batch_size": batch_size, "seed": seed,
                         "max_steps": steps, "epochs": 10**6, "checkpoint_every": max(steps // 4, 1),
                         "data.data_dir": str(data_dir), "data.image_size": image_size, "data.test_fraction": 0.0}
             if perceptual_weight is not None:
@@ -76,6 +78,7 @@ def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequ
             model = AutoencoderKL.load(run_dir).eval()
             summary = metrics.evaluate(model, test_set, batch_size=32, progress=False)
             summary.update(candidate=name, recipe=recipe, settings=overrides, train_seconds=time.monotonic() - started,
+                           train_precision=resolve_precision(precision, resolve_device(device)),
                            images_seen=steps * batch_size, preset=preset)
             metrics.write_json(summary, result_path)
             images = torch.stack([test_set[i] for i in range(4)])

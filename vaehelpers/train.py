@@ -26,8 +26,8 @@ from vaehelpers.runtime import autocast, resolve_precision, seed_everything
 
 # Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
 RESUMABLE_CHANGES = {
-    "epochs", "max_steps", "max_minutes", "device", "precision", "checkpoint_every", "log_every", "image_every",
-    "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
+    "epochs", "max_steps", "max_minutes", "device", "precision", "compile", "checkpoint_every", "log_every",
+    "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
     "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
 }
 CHECKPOINT_NAME = "checkpoints/last.pt"
@@ -350,6 +350,8 @@ def train(
     elif resume:
         say(f"no checkpoint in {run_dir}: starting a new run")
     train_model = ddp.wrap(model)  # DDP after loading: it starts by copying rank 0's weights to every rank
+    if cfg.compile:  # the forward only: checkpoints keep saving `model`, whose keys carry no _orig_mod prefix
+        train_model = torch.compile(train_model)
 
     def checkpoint() -> None:
         """Gather every piece of state (all ranks' sampling generators) and write it from rank 0."""
