@@ -292,6 +292,21 @@ def test_fused_upsampler_is_nearest_then_conv():
         torch.testing.assert_close(fused_grad, plain_grad, atol=1e-4, rtol=1e-5)
 
 
+def test_upsampler_fuses_without_gradients_and_in_bf16_training_only():
+    upsampler, x = Upsample2D(8), torch.randn(1, 8, 4, 4)
+    assert upsampler.fused == "auto"
+    assert not upsampler._use_fused(x)  # fp32 training: diffusers' ops, so fp32 runs compare at 1e-5
+    with torch.no_grad():
+        assert upsampler._use_fused(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert upsampler._use_fused(x)
+    upsampler.fused = "never"
+    with torch.no_grad():
+        assert not upsampler._use_fused(x)
+    upsampler.fused = "always"
+    assert upsampler._use_fused(x)
+
+
 def test_layout_follows_diffusers_without_gradients_and_outputs_stay_nchw():
     torch.manual_seed(0)
     ours = AutoencoderKL.from_preset("tiny").eval()

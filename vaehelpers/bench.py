@@ -228,8 +228,8 @@ def build_contenders(config: ModelConfig, device: torch.device, precision: str, 
     "ours {precision}" runs as train.py runs it (autocast at `precision`, channels_last on CUDA).
     "diffusers fp32" is the baseline: diffusers as shipped (fp32, NCHW). "diffusers {precision}" (when
     precision is not fp32) runs diffusers under our autocast and layout, which separates what precision
-    buys from what the code buys. `ablate` adds "ours fp32" and ours with the upsampler never fused
-    ("unfused-up", as diffusers) or fused in training too ("fused-up-train"; see model.Upsample2D).
+    buys from what the code buys. `ablate` adds "ours fp32" (when precision is not fp32) and ours with the
+    upsampler never fused ("unfused-up": diffusers' two ops; see model.Upsample2D).
     """
     torch.manual_seed(seed)
     ours = AutoencoderKL(config)
@@ -238,12 +238,11 @@ def build_contenders(config: ModelConfig, device: torch.device, precision: str, 
     if ablate:
         if precision != "fp32":
             models.append(("ours fp32", copy.deepcopy(ours), "fp32", cuda))
-        for suffix, fused in (("unfused-up", "never"), ("fused-up-train", "always")):
-            variant = copy.deepcopy(ours)
-            for module in variant.modules():
-                if isinstance(module, Upsample2D):
-                    module.fused = fused
-            models.append((f"ours {precision} {suffix}", variant, precision, cuda))
+        unfused = copy.deepcopy(ours)
+        for module in unfused.modules():
+            if isinstance(module, Upsample2D):
+                module.fused = "never"
+        models.append((f"ours {precision} unfused-up", unfused, precision, cuda))
     if with_diffusers:
         theirs = diffusers_twin(config)
         theirs.load_state_dict(ours.state_dict(), strict=True)

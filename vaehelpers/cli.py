@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16, else fp32")
     train.add_argument("--compile", action="store_true", default=None,
-                       help="torch.compile the model (GPU: minutes of compiling first; no gain on small CPUs)")
+                       help="torch.compile the training forward (a GPU option; it compiles for minutes first)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine")
     train.add_argument("--no-progress", action="store_true")
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the GPU's dense peak in TFLOP/s for MFU (default: the datasheet figure of known GPUs)")
     bench.add_argument("--no-diffusers", action="store_true", help="time ours only")
     bench.add_argument("--ablate", action="store_true",
-                       help="also time ours without the fused upsampler, and with it in training too")
+                       help="also time ours in fp32 and ours without the fused upsampler")
     bench.add_argument("--data-path", help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
                                            "when present, else synthetic; 'synthetic'")
     bench.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers to try")

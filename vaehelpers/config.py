@@ -100,7 +100,7 @@ class TrainConfig:
     sample_posterior: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # torch.compile the training forward: a GPU option (on a 2-core CPU it compiles for minutes and runs no faster)
+    # torch.compile the training forward: a GPU option (on a CPU, compiling takes minutes)
     compile: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -167,23 +167,30 @@ def _upsample_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 class Upsample2D(nn.Module):
     """Double H and W: nearest-neighbour x2, then a 3x3 conv.
 
-    On CPU, when autograd records nothing (encode/decode, evaluation), the two run as one stride-2
-    transposed conv with summed taps (see _upsample_conv_weight): the same function with 16/36 of the
-    FLOPs, and decode about 12% faster (results/benchmarks.md); it rounds differently, within 1e-5 of
-    diffusers. `fused` = "inference" (default), "always" (also in training: the train step measured
-    about 8% faster, but the weight updates round differently, enough to move a two-process run away
-    from a one-process run by 6e-5 after four Adam steps on one seed) or "never" (as diffusers). On
-    other devices (not measured on GPUs) it is always upsample + conv.
+    On CPU the two can run as one stride-2 transposed conv with summed taps (see _upsample_conv_weight):
+    the same function with 16/36 of the FLOPs, which rounds differently (within 1e-5 of diffusers).
+    `fused` = "auto" (default) fuses when autograd records nothing (encode/decode) and when training under
+    bf16 autocast, where bf16 rounding dwarfs the difference (bf16 on the 2-core CPU: decode 0.91x and the
+    train step 0.92x the unfused time, results/benchmarks.md). fp32 training keeps diffusers' two ops, so
+    fp32 runs stay comparable at 1e-5 (fused, a two-process run drifted 1.8e-5 from one process after four
+    Adam steps, against 4e-6 unfused). "always" and "never" force it (benchmark ablations). Other devices
+    (not measured) always run upsample + conv.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.fused: Literal["inference", "always", "never"] = "inference"
+        self.fused: Literal["auto", "always", "never"] = "auto"
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or self.fused == "never":
+            return False
+        if self.fused == "always" or not torch.is_grad_enabled():
+            return True
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused == "always" or (self.fused == "inference" and not torch.is_grad_enabled())
-        if fused and x.device.type == "cpu":
+        if self._use_fused(x):
             weight = _upsample_conv_weight(self.conv.weight)
             return F.conv_transpose2d(x, weight, self.conv.bias, stride=2, padding=1)  # (B, C, H, W) -> (B, C, 2H, 2W)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, H, W) -> (B, C, 2H, 2W)
