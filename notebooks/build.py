@@ -78,6 +78,14 @@ def parameters(extra: str = "") -> nbformat.NotebookNode:
     return code(COMMON_PARAMETERS + (f"\n{extra}" if extra else ""), "parameters")
 
 
+def setup_cells(imports: str, settings_extra: str = "", gpu_check: bool = True,
+                imports_md: str = "Imports, and the settings.") -> list:
+    """The cells every notebook opens with, after its parameters: install, imports, settings, the GPU check."""
+    cells = [md(INSTALL_MD), code(INSTALL), md(imports_md), code(imports), md(SETTINGS_MD),
+             code(settings_cell(settings_extra))]
+    return cells + [md(GPU_MD), code(GPU)] if gpu_check else cells
+
+
 # --------------------------------------------------------------------------- 01 data
 
 DATA = [
@@ -92,16 +100,15 @@ used, builds a cache of decoded images for fast epochs, and shows what the model
 Run it on Kaggle with flickr8k attached, on your machine with any folder of images, or with `smoke=True` on
 procedural images (no download at all).'''),
     parameters('synthetic_count = None   # images made when data_source is "synthetic"; None: 256 (smoke: 128)'),
-    md(INSTALL_MD),
-    code(INSTALL),
-    md("The notebooks call the package for all real work, so the same code runs here, in the tests and on the command line."),
-    code('''\
+    *setup_cells(
+        '''\
 %matplotlib inline
 import torch
 from vaehelpers import data, viz
-from vaehelpers.demo import notebook_settings'''),
-    md(SETTINGS_MD),
-    code(settings_cell("synthetic_count=synthetic_count")),
+from vaehelpers.demo import notebook_settings''',
+        "synthetic_count=synthetic_count",
+        gpu_check=False,
+        imports_md="The notebooks call the package for all real work, so the same code runs here, in the tests and on the command line."),
     md('''\
 ## Step 1: Get the images
 
@@ -180,18 +187,15 @@ halves the resolution three times, a self-attention block in the middle, and a d
 maps a 128x128 image to a 4x16x16 latent, 48 times fewer numbers. This notebook builds it, counts its
 parameters part by part, and follows a batch through it.'''),
     parameters(),
-    md(INSTALL_MD),
-    code(INSTALL),
-    md("Imports, and the settings."),
-    code('''\
+    *setup_cells(
+        '''\
 %matplotlib inline
 import torch
 from vaehelpers import viz
 from vaehelpers.config import MODEL_PRESETS
 from vaehelpers.demo import notebook_settings
-from vaehelpers.model import AutoencoderKL, parameter_table, trace_shapes'''),
-    md(SETTINGS_MD),
-    code(settings_cell()),
+from vaehelpers.model import AutoencoderKL, parameter_table, trace_shapes''',
+        gpu_check=False),
     md('''\
 ## Step 1: Build the model
 
@@ -270,10 +274,8 @@ features of a pretrained VGG16 (LPIPS), a **KL** term that keeps the latents clo
 **PatchGAN** term that rewards realistic texture. This notebook computes each one on a real batch, plots how
 their weights change over training, and shows what the perceptual term looks at.'''),
     parameters('install_legacy_torch = False  # P100 with Kaggle\'s default PyTorch: install torch 2.5.1 (sm_60), then restart'),
-    md(INSTALL_MD),
-    code(INSTALL),
-    md("Imports, and the settings."),
-    code('''\
+    *setup_cells(
+        '''\
 %matplotlib inline
 import torch
 from vaehelpers import kaggle, viz
@@ -282,10 +284,6 @@ from vaehelpers.demo import notebook_settings
 from vaehelpers.losses import VAELoss, kl_loss, reconstruction_loss
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.runtime import resolve_device'''),
-    md(SETTINGS_MD),
-    code(settings_cell()),
-    md(GPU_MD),
-    code(GPU),
     md('''\
 ## Step 1: A real batch, and an untrained model's reconstructions
 
@@ -375,22 +373,17 @@ plot_every = 100     # redraw the live loss plot (or print a line) every this ma
 interactive = True   # False (papermill): progress lines instead of a progress bar and a live plot
 gpus = None          # training processes: None = one per visible GPU (Kaggle T4x2: 2), 1 = this kernel only
 install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart'''),
-    md(INSTALL_MD),
-    code(INSTALL),
-    md("Imports, and the settings."),
-    code('''\
+    *setup_cells(
+        '''\
 %matplotlib inline
 from IPython.display import Image
 from vaehelpers import kaggle, viz
 from vaehelpers.config import to_dict
 from vaehelpers.demo import notebook_settings
 from vaehelpers.distributed import launch
-from vaehelpers.runtime import resolve_device'''),
-    md(SETTINGS_MD),
-    code(settings_cell("max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, "
-                       "perceptual_weight=perceptual_weight")),
-    md(GPU_MD),
-    code(GPU),
+from vaehelpers.runtime import resolve_device''',
+        "max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, "
+        "perceptual_weight=perceptual_weight"),
     md('''\
 ## Step 1: The run's settings
 
@@ -468,10 +461,8 @@ image_path = None    # any image file to reconstruct, of any size; None: the fir
 n_show = 6           # held-out images in the figures and the explorer
 interactive = True   # False (papermill, `make demo`): static figures in place of the widgets
 install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart'''),
-    md(INSTALL_MD),
-    code(INSTALL),
-    md("Imports, and the settings."),
-    code('''\
+    *setup_cells(
+        '''\
 %matplotlib inline
 import torch
 from IPython.display import Image
@@ -480,10 +471,6 @@ from vaehelpers.demo import notebook_settings
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.reconstruct import format_rows, reconstruct_files
 from vaehelpers.runtime import resolve_device'''),
-    md(SETTINGS_MD),
-    code(settings_cell()),
-    md(GPU_MD),
-    code(GPU),
     md('''\
 ## Step 1: Load the trained model
 
