@@ -175,7 +175,7 @@ def cmd_kaggle(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vaehelpers.bench import canonical_command, run_bench
+    from vaehelpers.bench import run_bench
 
     settings = dict(
         part=args.part or ("data" if args.data_path else "model"), presets=args.preset, image_sizes=args.image_size,
@@ -184,7 +184,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peak_tflops=args.peak_tflops, data_path=args.data_path or "auto", data_workers=args.workers,
         data_repeats=args.data_repeats, seed=args.seed,
     )
-    run_bench(**settings, json_path=args.json, command=canonical_command(**settings, json_path=args.json))
+    run_bench(**settings, json_path=args.json)  # the report's command line is rebuilt from these settings
     return 0
 
 
