@@ -100,6 +100,7 @@ class TrainConfig:
     sample_posterior: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA sm_80+ (off for exactness checks)
     # torch.compile the training forward: a GPU option (on a CPU, compiling takes minutes)
     compile: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -22,11 +22,11 @@ from vaehelpers.data import ImageFolderDataset
 from vaehelpers.distributed import init_distributed
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
-from vaehelpers.runtime import autocast, resolve_precision, seed_everything
+from vaehelpers.runtime import autocast, resolve_precision, seed_everything, set_tf32
 
 # Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
 RESUMABLE_CHANGES = {
-    "epochs", "max_steps", "max_minutes", "device", "precision", "compile", "checkpoint_every", "log_every",
+    "epochs", "max_steps", "max_minutes", "device", "precision", "tf32", "compile", "checkpoint_every", "log_every",
     "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
     "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
 }
@@ -50,6 +50,7 @@ class TrainResult:
     bad_steps: int
     images_per_s: float
     skipped_files: int = 0  # bad images left out of the train and test splits
+    scaler_skipped: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients at the current scale)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -285,6 +286,7 @@ def train(
     ddp = init_distributed(cfg.device)  # one process, or one rank of a torchrun / launch() job (distributed.py)
     device = ddp.device
     precision = resolve_precision(cfg.precision, device)
+    set_tf32(device, cfg.tf32)
     cfg = prepare_run_dir(cfg, resume, ddp.is_main)
     run_dir = Path(cfg.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -329,6 +331,7 @@ def train(
 
     # ---- resume
     step, epoch, batch_in_epoch, bad_total, elapsed_before = 0, 0, 0, 0, 0.0
+    scaler_skipped_total = 0
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
         model.load_state_dict(state["model"])
@@ -346,6 +349,7 @@ def train(
         torch.set_rng_state(state["cpu_rng"].cpu())
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         bad_total, elapsed_before = state["bad_steps"], state["elapsed_s"]
+        scaler_skipped_total = state.get("scaler_skipped", 0)  # absent in checkpoints from before it was counted
         say(f"resumed {run_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
     elif resume:
         say(f"no checkpoint in {run_dir}: starting a new run")
@@ -367,6 +371,7 @@ def train(
             "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "sample_generator": states, "cpu_rng": torch.get_rng_state(),
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "bad_steps": bad_total,
+            "scaler_skipped": scaler_skipped_total,
             "elapsed_s": elapsed_before + time.monotonic() - start, "config": to_dict(cfg),
         }, checkpoint_path)
 
@@ -411,17 +416,31 @@ def train(
                                          last_layer=model.last_layer, batch_size_for_scaling=global_batch)
                 # every rank must skip together, or DDP's all-reduce in backward would wait for the others forever
                 skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
+                scaler_skipped = False
                 if not skipped:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
                     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
                     # fp16: the scaler skips steps with inf grads itself (and lowers the scale)
                     skipped = not torch.isfinite(grad_norm) and precision != "fp16"
+                    scale_before = scaler.get_scale()
                     if not skipped:
                         scaler.step(optimizer)
                     scaler.update()
+                    # update() lowers the scale exactly when step() found inf/NaN grads and left the weights alone
+                    scaler_skipped = scaler.get_scale() < scale_before
                 optimizer.zero_grad(set_to_none=True)
-                if skipped:
+                if scaler_skipped:
+                    # normal while the scale calibrates (and once after each growth): not a bad step, and the EMA
+                    # skips it too; but max_bad_steps of them in a row (the scale divided by 2**20) are real NaNs
+                    scaler_skipped_total += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"{consecutive_bad} fp16 steps in a row skipped by the GradScaler at step {step} (scale now "
+                            f"{scaler.get_scale():g}): the gradients are not finite at any scale. The last good checkpoint "
+                            f"{checkpoint_path} is intact; lower --lr, check the data, or use --precision fp32.")
+                elif skipped:
                     bad_total += 1
                     consecutive_bad += 1
                     say(f"step {step}: non-finite loss or gradient, step skipped ({bad_total} so far)")
@@ -451,9 +470,10 @@ def train(
                 images_per_s = global_batch / max(step_seconds, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
-                if ddp.is_main and (step % cfg.log_every == 0 or skipped):
+                if ddp.is_main and (step % cfg.log_every == 0 or skipped or scaler_skipped):
                     row = {"step": step, "epoch": round(epoch_float, 4), "lr": lr, "images_per_s": round(images_per_s, 2),
                            "skipped": int(skipped), "bad_steps": bad_total,
+                           **({"scaler_skipped": int(scaler_skipped), "scale": scaler.get_scale()} if scaler.is_enabled() else {}),
                            **{k: float(v) for k, v in logs.items()}}
                     log.append(row)
                     if on_log is not None:
@@ -463,6 +483,9 @@ def train(
                             writer.add_scalar(key, value, step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/images_per_s", images_per_s, step)
+                    if scaler.is_enabled():
+                        writer.add_scalar("train/scaler_skipped", scaler_skipped_total, step)
+                        writer.add_scalar("train/scale", scaler.get_scale(), step)
 
                 # ---- stop, or checkpoint, as needed
                 if batch_in_epoch == len(batches):
@@ -515,10 +538,11 @@ def train(
         }
         held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
         say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {run_dir / 'model.safetensors'}"
-            f"{held_out}; skipped steps: {bad_total}; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
+            f"{held_out}; skipped steps: {bad_total}" + (f" (+{scaler_skipped_total} by the fp16 GradScaler)" if scaler_skipped_total else "")
+            + f"; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
     ddp.close()
     return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s,
-                       len(train_set.bad_files) + len(test_set.bad_files))
+                       len(train_set.bad_files) + len(test_set.bad_files), scaler_skipped_total)
 
 
 @torch.no_grad()
