@@ -50,6 +50,7 @@ def test_fp16_training_learns(images, tmp_path):
     before = metrics.evaluate(AutoencoderKL(cfg.model).eval(), test_set, batch_size=16, progress=False, lpips=False)
     result = train(cfg, progress=False)
     after = metrics.evaluate(AutoencoderKL.load(tmp_path / "run").eval(), test_set, batch_size=16, progress=False, lpips=False)
+    print(f"fp16 held-out PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, MAE {before['mae']:.4f} -> {after['mae']:.4f}")
     assert result.step == 200 and result.bad_steps == 0
     # measured: 10.59 -> 12.92 dB (fp32: 10.6 -> 12.9 dB), MAE 0.2508 -> 0.1965
     assert after["psnr"] > before["psnr"] + 1.5, (before["psnr"], after["psnr"])

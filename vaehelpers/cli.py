@@ -188,6 +188,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from vaehelpers import doctor
+
+    report = doctor.run(device=args.device, preset=args.preset, image_size=args.image_size,
+                        batch_size=args.batch_size, precision=args.precision, steps=args.steps, json_path=args.json)
+    if not report.ok:
+        print(f"vaehelpers doctor: error: {report.reason}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from vaehelpers.study import CANDIDATES, format_table, run_study
 
@@ -351,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", type=Path, help="write every figure here")
     bench.set_defaults(func=cmd_bench)
+
+    doctor = verbs.add_parser("doctor", help="check this machine before a long run: versions, GPU, precision, a short "
+                                             "live training check (exit 1 with the fix when something is wrong)")
+    doctor.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    doctor.add_argument("--preset", choices=["tiny", "small", "sd"], help="default: sd on a GPU, tiny on CPU")
+    doctor.add_argument("--image-size", type=int, help="default: 128 on a GPU, 64 on CPU")
+    doctor.add_argument("--batch-size", type=int, help="default: 16 on a GPU, 8 on CPU")
+    doctor.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    doctor.add_argument("--steps", type=int, default=3, help="training steps of the live check (then one resumed)")
+    doctor.add_argument("--json", type=Path, help="write every figure here")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
