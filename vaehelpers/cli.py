@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16, else fp32")
+                       help="auto: bf16 on GPUs of compute capability 8.0+ (A100, L4, H100), fp16 below (T4, V100, "
+                            "P100), bf16 on CPUs with native bf16, else fp32")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (a GPU option; it compiles for minutes first)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
