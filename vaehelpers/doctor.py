@@ -152,15 +152,13 @@ def environment(report: DoctorReport, log: Callable[[str], None]) -> None:
         major, minor = torch.cuda.get_device_capability(index)
         try:
             check_cuda_arch(index)
-            covered, problem = True, ""
-        except UnsupportedGPUError as error:
-            covered, problem = False, str(error)
+            covered = True
+        except UnsupportedGPUError:  # resolve_device raises it again, with the fix, if this GPU is the one to use
+            covered = False
         facts["gpus"].append({"index": index, "name": props.name, "capability": [major, minor],
                               "memory_bytes": props.total_memory, "kernels_in_build": covered})
         add(f"GPU {index}", f"{props.name}, sm_{major}{minor}, {_gib(props.total_memory)}, "
                             f"kernels in this build: {'yes' if covered else 'NO'}")
-        if not covered and report.ok:
-            report.ok, report.reason = False, problem
 
 
 def run(device: str = "auto", preset: str | None = None, image_size: int | None = None, batch_size: int | None = None,
@@ -193,9 +191,7 @@ def run(device: str = "auto", preset: str | None = None, image_size: int | None 
             Path(json_path).write_text(json.dumps({**report.facts, "rows": report.rows}, indent=2) + "\n")
         return report
 
-    if not report.ok:  # a GPU this build cannot run: nothing live would work
-        return finish()
-    try:
+    try:  # a GPU this build has no kernels for, or bf16 asked below sm_80, stops here, before any work
         torch_device = resolve_device(device)
         chosen, why = choose_precision(precision, torch_device)
     except (ValueError, RuntimeError) as error:
