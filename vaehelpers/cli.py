@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from vaehelpers.config import DEMO_MINUTES, INFO_PRESET, PRECISIONS, PRESETS, RECIPES, RECONSTRUCTIONS
+
 # flag -> dotted TrainConfig key; a flag left unset keeps the recipe's value
 TRAIN_FLAGS = {
     "preset": "preset", "recipe": "recipe", "image_size": "data.image_size", "epochs": "epochs",
@@ -36,13 +38,13 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
     """Preset, then recipe, then the flags the user gave, then --set: later wins."""
-    from vaehelpers.config import build_config
+    from vaehelpers.config import DEFAULT_PRESET, build_config
 
     overrides = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()
                  if getattr(args, flag) is not None and flag not in ("preset", "recipe")}
     overrides.update({"data.data_dir": str(args.data), "run_dir": str(args.run)})
     overrides.update(_parse_set(args.set))
-    return build_config(args.preset or "tiny", args.recipe or "default", **overrides)
+    return build_config(args.preset or DEFAULT_PRESET, args.recipe or "default", **overrides)
 
 
 # Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
@@ -218,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
 
     info = verbs.add_parser("info", help="parameters per part and tensor shapes of a preset")
-    info.add_argument("--preset", default="sd")
+    info.add_argument("--preset", default=INFO_PRESET, choices=PRESETS)
     info.add_argument("--image-size", type=int, default=128)
     info.set_defaults(func=cmd_info)
 
@@ -226,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
     train.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                        help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)")
-    train.add_argument("--preset", choices=["tiny", "small", "sd"])
-    train.add_argument("--recipe", choices=["default", "seed"])
+    train.add_argument("--preset", choices=PRESETS)
+    train.add_argument("--recipe", choices=list(RECIPES))
     train.add_argument("--image-size", type=int)
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int)
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--perceptual-weight", type=float)
     train.add_argument("--kl-weight", type=float)
-    train.add_argument("--reconstruction", choices=["l1", "l2", "bce", "l1+l2"])
+    train.add_argument("--reconstruction", choices=RECONSTRUCTIONS)
     train.add_argument("--ema-decay", type=float)
     train.add_argument("--num-workers", type=int)
     train.add_argument("--checkpoint-every", type=int)
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    train.add_argument("--precision", choices=PRECISIONS,
                        help="auto: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16, else fp32")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (a GPU option; it compiles for minutes first)")
@@ -302,20 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--test-data", type=Path, required=True, help="held-out folder (all images evaluated)")
     study.add_argument("--out", type=Path, required=True)
     study.add_argument("--candidates", nargs="+", help="names from vaehelpers/study.py (default: all)")
-    study.add_argument("--preset", default="tiny")
+    study.add_argument("--preset", default="tiny", choices=PRESETS)
     study.add_argument("--image-size", type=int, default=64)
     study.add_argument("--batch-size", type=int, default=16)
     study.add_argument("--steps", type=int, default=600, help="the budget: steps of --batch-size images")
     study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
     study.add_argument("--device", default="auto")
-    study.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    study.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="training precision (evaluation is always fp32)")
     study.add_argument("--seed", type=int, default=0)
     study.set_defaults(func=cmd_study)
 
     demo = verbs.add_parser("demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    demo.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="training budget")
     demo.set_defaults(func=cmd_demo)
 
     kaggle = verbs.add_parser("kaggle", help="push the notebooks to Kaggle (kernels + the package as a dataset)")
@@ -330,13 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="time ours against diffusers (train step, encode, decode) and the data path")
     bench.add_argument("part", nargs="?", choices=["model", "data", "all"],
                        help="what to time (default: model; data when --data-path is given)")
-    bench.add_argument("--preset", nargs="+", default=["small"], choices=["tiny", "small", "sd"])
+    bench.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS)
     bench.add_argument("--image-size", nargs="+", type=int, default=[128])
     bench.add_argument("--batch-size", nargs="+", type=int, default=[8])
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per model and op (median reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per model and op, first")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    bench.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    bench.add_argument("--precision", choices=PRECISIONS, default="auto")
     bench.add_argument("--ops", nargs="+", choices=["train_step", "encode", "decode"],
                        default=["train_step", "encode", "decode"])
     bench.add_argument("--peak-tflops", type=float,

@@ -14,23 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from vaehelpers.config import DEMO_MINUTES, REFERENCE_RUN, SMOKE_RUN
+
 NOTEBOOKS = ("01_data", "02_architecture", "03_loss", "04_training", "05_evaluation")
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"  # the repository's notebooks/
 
-# The reference run: flickr8k, the Stable Diffusion KL-f8 model at 128 px, 600 epochs, stopping (with a
-# checkpoint) before Kaggle's 12-hour session limit. None: the recipe's value.
-REFERENCE: dict[str, Any] = {
-    "data_source": "flickr8k", "image_size": 128, "preset": "sd", "recipe": "default", "epochs": 600,
-    "device": "auto", "synthetic_count": 256, "max_minutes": 690.0, "max_steps": 0, "batch_size": None,
-    "lr": None, "perceptual_weight": None,
-}
-# Toy scale (`make demo`, the tests): seconds per notebook on a laptop CPU, nothing to download. The tiny
-# model learns faster with a larger step; the perceptual term is off because it needs pretrained VGG16 weights.
-SMOKE: dict[str, Any] = {
-    "data_source": "synthetic", "image_size": 64, "preset": "tiny", "recipe": "default", "epochs": 50,
-    "device": "cpu", "synthetic_count": 128, "max_minutes": 2.0, "max_steps": 0, "batch_size": 8,
-    "lr": 1e-3, "perceptual_weight": 0.0,
-}
+REFERENCE = REFERENCE_RUN  # the values behind the notebooks' None parameters (config.py)
+SMOKE = SMOKE_RUN
 
 
 @dataclass
@@ -164,7 +154,8 @@ def notebook_kernel() -> str:
     return "vaehelpers"
 
 
-def run_demo(out: str | Path, minutes: float = 2.0, *, image_size: int = 64, synthetic_count: int = 128,
+def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, *, image_size: int = SMOKE_RUN["image_size"],
+             synthetic_count: int = SMOKE_RUN["synthetic_count"],
              max_steps: int = 0, notebooks: Sequence[str] = NOTEBOOKS, fresh: bool = True,
              log_output: bool = False) -> dict[str, Any]:
     """Run the notebooks in order with papermill at smoke scale (synthetic images, tiny model, CPU).
