@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vaehelpers.checkpoint import load_checkpoint
+from vaehelpers.rundir import load_checkpoint
 from vaehelpers.config import build_config
 from vaehelpers.data import make_synthetic
 from vaehelpers.distributed import Distributed, TrainingProcessError, _bits_sum, _failure_message, launch

@@ -9,7 +9,8 @@ import torch
 
 from vaehelpers.bench import diffusers_twin
 from vaehelpers.config import ModelConfig, model_config, to_dict
-from vaehelpers.model import AutoencoderKL, DiagonalGaussian, Upsample2D, describe, infer_config, parameter_table
+from vaehelpers.model import AutoencoderKL, DiagonalGaussian, Upsample2D, describe, parameter_table
+from vaehelpers.weights import infer_config
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -71,8 +71,8 @@ def test_cli_scale_writes_one_over_std_into_the_run(tmp_path, capsys):
     assert record["latents"] == "posterior samples" and record["n_images"] == 4
     assert record["previous_scaling_factor"] == 0.18215
 
-    from vaehelpers.convert import to_diffusers  # an export carries the measured scale
+    from vaehelpers.weights import export  # an export carries the measured scale
 
-    to_diffusers(model, tmp_path / "diffusers")
+    export(model, tmp_path / "diffusers", "diffusers")
     written = json.loads((tmp_path / "diffusers" / "config.json").read_text())
     assert written["scaling_factor"] == model.config.scaling_factor

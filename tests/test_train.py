@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vaehelpers import metrics
-from vaehelpers.checkpoint import load_checkpoint
+from vaehelpers.rundir import load_checkpoint
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
 from vaehelpers.data import ImageFolderDataset, make_synthetic

@@ -93,10 +93,9 @@ def _load_model(run: Path, device: str) -> tuple[Any, Any]:
 
 def _run_image_size(run: Path, given: int | None) -> int:
     """--image-size, else the run's training size, else 128."""
-    if given:
-        return given
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    return int(config.get("data", {}).get("image_size", 128))
+    from vaehelpers import rundir
+
+    return given or rundir.image_size(run)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -128,12 +127,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from vaehelpers.convert import export, load_source, model_from
+    from vaehelpers import weights
+    from vaehelpers.model import AutoencoderKL
 
-    loaded = load_source(args.src)
+    loaded = weights.load(args.src)
     for note in loaded.notes:
         print(f"note: {note}")
-    dest = export(model_from(loaded), args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
+    model = AutoencoderKL.from_weights(loaded)
+    dest = weights.export(model, args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
     config = loaded.config
     widths = [config.base_channels * m for m in config.channel_multipliers]
     print(f"read {loaded.source} ({loaded.kind}, {len(loaded.state_dict)} tensors, widths {widths}, "

@@ -103,7 +103,7 @@ class TrainConfig:
     image_every: int = 0  # steps between TensorBoard image grids; 0: at checkpoints only
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     seed: int = 0
-    init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see convert.py
+    init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see weights.py
     freeze_encoder: bool = False  # train only the decoder (as SD's ft-MSE VAE did)
     # decode a posterior sample, as LDM/SD trained; False: the posterior mean (deterministic: e.g. to check that
     # N processes train exactly like one, since each rank draws its own sampling noise)
@@ -202,6 +202,13 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
         else:
             setattr(cfg, target, _coerce(value, current, key))
     return cfg
+
+
+def config_diff(a: Any, b: Any) -> str:
+    """'field: a vs b' for each field in which two configs of one dataclass differ ("none" when equal)."""
+    diffs = [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+             for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return ", ".join(diffs) or "none"
 
 
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:

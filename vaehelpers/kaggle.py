@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from vaehelpers.rundir import RunDir
 from vaehelpers.runtime import UnsupportedGPUError, check_cuda_arch
 
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -107,8 +108,7 @@ def find_attached_run(name: str, kaggle_input: str | Path = KAGGLE_INPUT, max_de
             except OSError:
                 continue
             for entry in entries:
-                if entry.name == name and (entry / "config.json").is_file() and (
-                        (entry / "model.safetensors").is_file() or (entry / "checkpoints" / "last.pt").is_file()):
+                if entry.name == name and RunDir(entry).has_run():
                     return entry
             below += [entry for entry in entries if entry.name not in ("Images", "checkpoints", "tensorboard")]
         level = below
@@ -119,7 +119,7 @@ def restore_run(run_dir: str | Path, kaggle_input: str | Path = KAGGLE_INPUT) ->
     """Copy an attached earlier run into run_dir when run_dir has none yet (Kaggle inputs are read-only, and a
     resumed run must write); returns what happened, in one line."""
     run_dir = Path(run_dir)
-    if (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "model.safetensors").is_file():
+    if RunDir(run_dir).has_weights():
         return f"{run_dir} already holds a run: using it"
     found = find_attached_run(run_dir.name, kaggle_input)
     if found is None:

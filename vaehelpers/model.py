@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -12,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vaehelpers.config import MODEL_PRESETS, ModelConfig, apply_overrides, from_dict, model_config, to_dict
+from vaehelpers import weights
+from vaehelpers.config import MODEL_PRESETS, ModelConfig, apply_overrides, config_diff, model_config
+from vaehelpers.rundir import RunDir
+from vaehelpers.weights import infer_config
 
 # Module and parameter names follow diffusers' AutoencoderKL exactly, so that its state dicts load
 # here with strict=True and ours load there. The code is our own; diffusers is only the test oracle.
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 # The posterior's log-variance is clamped to this range, as in LDM's DiagonalGaussianDistribution
 # (CompVis/latent-diffusion, ldm/modules/distributions/distributions.py) and diffusers: exp(20)
@@ -415,69 +415,45 @@ class AutoencoderKL(nn.Module):
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(latents), posterior
 
-    # ------------------------------------------------------------------------ save and load
+    # ------------------------------------------------------------------------ save and load (weights.py)
 
     def save(self, run_dir: str | Path) -> Path:
         """Write run_dir/model.safetensors and, if missing, run_dir/config.json as {"model": ModelConfig}.
 
-        An existing config.json with a "model" key (a training run's config) is left as it is; its
-        model settings must equal this model's, else a ValueError is raised before anything is written
-        (a later `load` would otherwise build the wrong model). An existing bare ModelConfig dict is
-        rewritten in the {"model": ...} form. Returns the weights' path.
+        An existing run config.json must hold this model's settings (else a ValueError, before anything is
+        written). Returns the weights' path. The same as weights.export(model, run_dir, "vaehelpers").
         """
-        run_dir = Path(run_dir)
-        config_path = run_dir / CONFIG_NAME
-        write_config = True
-        if config_path.exists():
-            existing = json.loads(config_path.read_text())
-            if isinstance(existing, dict) and "model" in existing:
-                saved = from_dict(ModelConfig, existing["model"])
-                if saved != self.config:
-                    raise ValueError(
-                        f"{config_path} holds different model settings ({_config_diff(saved, self.config)}); "
-                        "update its 'model' entry before saving"
-                    )
-                write_config = False
-            else:
-                from_dict(ModelConfig, existing)  # raises unless it is a bare model config
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        weights_path = run_dir / WEIGHTS_NAME
-        tensors = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
-        save_file(tensors, str(weights_path), metadata={"format": "pt"})
-        if write_config:
-            config_path.write_text(json.dumps({"model": to_dict(self.config)}, indent=2) + "\n")
-        return weights_path
+        weights.export(self, run_dir, "vaehelpers")
+        return RunDir(run_dir).weights
 
     @classmethod
-    def load(
-        cls, path: str | Path, config: ModelConfig | None = None, map_location: str | torch.device = "cpu"
-    ) -> AutoencoderKL:
-        """Load a run directory (config.json + model.safetensors) or a .safetensors file.
-
-        config.json is either a bare ModelConfig dict or a dict with a "model" key (a run config).
-        For a .safetensors file the config is `config`, else the config.json beside it. Keys and
-        shapes are checked strictly; a mismatch raises a ValueError listing them and the config
-        fields that likely differ.
+    def load(cls, src: str | Path, config: ModelConfig | None = None, *, like: ModelConfig | None = None) -> AutoencoderKL:
+        """A model (float32, CPU) from any source weights.load reads: a run directory, a .safetensors file,
+        a diffusers folder, an LDM/SD checkpoint or a Hub id. config: build this shape instead of the one the
+        source names; like: settings a bare file cannot show (weights.load). Keys and shapes are checked strictly.
         """
-        path = Path(path)
-        if path.is_dir():
-            weights_path = path / WEIGHTS_NAME
-        elif path.suffix == ".safetensors":
-            weights_path = path
-        else:
-            raise ValueError(f"{path}: expected a run directory or a .safetensors file")
-        if not weights_path.exists():
-            raise FileNotFoundError(f"no weights at {weights_path}")
-        if config is None:
-            config = read_model_config(weights_path.parent / CONFIG_NAME)
-        from safetensors.torch import load_file
+        return cls.from_weights(weights.load(src, like), config)
 
-        state_dict = load_file(str(weights_path), device=str(map_location))
-        model = cls(config)
-        model.load_weights(state_dict)
-        return model.to(map_location)
+    @classmethod
+    def from_weights(cls, loaded: weights.Weights, config: ModelConfig | None = None) -> AutoencoderKL:
+        """A model holding `loaded` (built on the meta device: no random init), after a strict check of every key
+        and shape; a mismatch raises a ValueError naming the source, the keys and the config fields that differ."""
+        config = config or loaded.config
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except ValueError as error:
+            raise ValueError(f"{loaded.source}: no model can be built for these weights ({error}); norm_num_groups "
+                             "cannot be read from weights: pass like=ModelConfig(norm_num_groups=...)") from error
+        problems = state_dict_mismatch(model.state_dict(), loaded.state_dict)
+        missing = sorted(set(model.state_dict()) - set(loaded.state_dict))
+        if problems and loaded.kind == "ldm" and missing:
+            levels = len(config.channel_multipliers)
+            problems += "\n  missing keys with their LDM names:\n    " + weights.ldm_names(missing[:12], levels)
+        if problems:
+            raise ValueError(f"{loaded.source}: {problems}")
+        model.load_state_dict(loaded.state_dict, strict=True, assign=True)
+        return model.float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """load_state_dict(strict=True), raising a ValueError that explains any key or shape mismatch."""
@@ -485,52 +461,6 @@ class AutoencoderKL(nn.Module):
         if problems:
             raise ValueError(problems)
         self.load_state_dict(state_dict, strict=True)
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """A ModelConfig from a config.json holding either a bare ModelConfig dict or a run config with "model"."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}: pass config=ModelConfig(...) or model_config(preset)")
-    values = json.loads(path.read_text())
-    if isinstance(values, dict) and "model" in values:
-        values = values["model"]
-    return from_dict(ModelConfig, values)
-
-
-def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
-    """'field: a vs b' for each differing field."""
-    diffs = [
-        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
-        for f in dataclasses.fields(a)
-        if getattr(a, f.name) != getattr(b, f.name)
-    ]
-    return ", ".join(diffs) or "none"
-
-
-def infer_config(state_dict: dict[str, torch.Tensor], like: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig whose shapes a diffusers-named state dict has; fields the weights cannot show
-    (norm_num_groups, norm_eps, scaling_factor) are taken from `like` (default: ModelConfig())."""
-    like = ModelConfig() if like is None else like
-    conv_in = state_dict["encoder.conv_in.weight"]  # (base, C_in, 3, 3)
-    base = conv_in.shape[0]
-    levels = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down_blocks."))
-    multipliers = tuple(
-        state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // base for i in range(levels)
-    )
-    layers = 1 + max(
-        int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets.")
-    )
-    return dataclasses.replace(
-        like,
-        in_channels=conv_in.shape[1],
-        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_multipliers=multipliers,
-        layers_per_block=layers,
-        latent_channels=state_dict["post_quant_conv.weight"].shape[0],
-        mid_attention=any(".mid_block.attentions." in key for key in state_dict),
-    )
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
@@ -553,9 +483,9 @@ def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torc
     report += listing("unexpected keys", unexpected) + listing("shape mismatches", shapes)
     try:
         model_cfg, weights_cfg = infer_config(expected), infer_config(found)
-        report += f"\n  config fields that likely differ (model vs weights): {_config_diff(model_cfg, weights_cfg)}"
+        report += f"\n  config fields that likely differ (model vs weights): {config_diff(model_cfg, weights_cfg)}"
     except (KeyError, ValueError, IndexError):
-        report += "\n  the weights do not look like a diffusers-named AutoencoderKL (convert.py converts LDM/SD names)"
+        report += "\n  the weights do not look like a diffusers-named AutoencoderKL (weights.py converts LDM/SD names)"
     return report
 
 

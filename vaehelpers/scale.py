@@ -19,9 +19,7 @@ import torch
 from torch import nn
 
 from vaehelpers.config import ModelConfig, from_dict
-from vaehelpers.model import CONFIG_NAME
-
-SCALE_NAME = "scale.json"  # beside config.json: how the stored scaling_factor was measured
+from vaehelpers.rundir import SCALE_NAME, RunDir, atomic_write, read_config, write_config
 
 
 @dataclass
@@ -119,22 +117,19 @@ def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | Non
     changes. details (e.g. dataclasses.asdict(LatentStats) and the data used) go to run_dir/scale.json.
     Returns config.json's path.
     """
-    from vaehelpers.checkpoint import atomic_write
-
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scaling_factor must be a positive finite number, got {value}")
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_NAME
-    if not config_path.exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {run_dir}: not a run directory")
-    settings = json.loads(config_path.read_text())
+    run = RunDir(run_dir)
+    if not run.config.exists():
+        raise FileNotFoundError(f"no {run.config.name} in {run.root}: not a run directory")
+    settings = read_config(run.root)
     model_settings = settings["model"] if isinstance(settings, dict) and "model" in settings else settings
     from_dict(ModelConfig, model_settings)  # raises unless it is a ModelConfig
     model_settings["scaling_factor"] = value
-    atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    write_config(run.root, settings)
     if details is not None:
         record = {"scaling_factor": value, **details}
-        atomic_write(run_dir / SCALE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-    return config_path
+        atomic_write(run.scale, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return run.config
 

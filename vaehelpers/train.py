@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vaehelpers.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from vaehelpers import rundir
+from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.data import ImageFolderDataset
 from vaehelpers.distributed import init_distributed
@@ -24,13 +25,6 @@ from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything
 
-# Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
-RESUMABLE_CHANGES = {
-    "epochs", "max_steps", "max_minutes", "device", "precision", "compile", "checkpoint_every", "log_every",
-    "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
-    "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
-}
-CHECKPOINT_NAME = "checkpoints/last.pt"
 # Why a run stops, least to most urgent: with several processes every rank takes the most urgent one any rank saw.
 STOP_REASONS = ("finished", "time_limit", "until_step", "max_steps", "signal")
 
@@ -167,52 +161,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
-    """Create the run directory, check it is writable, and check a resumed run's settings match.
-
-    Returns the config to train with: on resume, a latent scale measured into config.json is kept.
-    """
-    run_dir = Path(cfg.run_dir)
-    checkpoint = run_dir / CHECKPOINT_NAME
-    config_path = run_dir / "config.json"
-    if checkpoint.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose a new --run")
-    if resume and checkpoint.exists() and config_path.exists():
-        # a setting added to vaehelpers after the run was saved counts as its default
-        saved = {**_flatten(to_dict(TrainConfig())), **_flatten(json.loads(config_path.read_text()))}
-        current = _flatten(to_dict(cfg))
-        differing = sorted(k for k in saved.keys() | current.keys()
-                           if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k)))
-        if differing:
-            detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
-            raise ValueError(f"cannot resume {run_dir}: settings differ from its config.json ({detail})")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scaling_factor=saved["model.scaling_factor"]))
-    if is_main:
-        for stale in run_dir.glob("checkpoints/.*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "figures").mkdir(exist_ok=True)
-            atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n"))
-        except (OSError, CheckpointError) as error:
-            raise PermissionError(f"run directory {run_dir} is not writable: {error}") from error
-    return cfg
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 @torch.no_grad()
 def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device: torch.device, precision: str,
              step: int, epoch: float) -> dict[str, float]:
@@ -243,7 +191,7 @@ def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device:
     return results
 
 
-def save_figures(run_dir: Path, model: AutoencoderKL, fixed_images: torch.Tensor, log_path: Path) -> None:
+def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) -> None:
     """figures/reconstructions.png on fixed held-out images, figures/loss_curve.png from log.csv."""
     from vaehelpers import viz
 
@@ -251,9 +199,9 @@ def save_figures(run_dir: Path, model: AutoencoderKL, fixed_images: torch.Tensor
     with torch.no_grad():
         reconstructions = model.decode(model.encode(fixed_images).mode()).float().cpu()
     model.train()
-    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstructions), run_dir / "figures" / "reconstructions.png")
-    if log_path.exists() and log_path.stat().st_size > 0:
-        viz.save_figure(viz.loss_curve_figure(log_path), run_dir / "figures" / "loss_curve.png")
+    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstructions), run.figures / "reconstructions.png")
+    if run.log.exists() and run.log.stat().st_size > 0:
+        viz.save_figure(viz.loss_curve_figure(run.log), run.figures / "loss_curve.png")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -276,18 +224,15 @@ def train(
     on_log: called on the main process with each log.csv row (e.g. a notebook's live loss plot).
     """
     # ---- setup
-    if cfg.init_from:
-        from vaehelpers.convert import load_weights_from
-
-        init_weights, init_model = load_weights_from(cfg.init_from)
-        # the weights decide the architecture
-        cfg = dataclasses.replace(cfg, model=init_model, preset=preset_name(init_model) or "custom")
+    initial = AutoencoderKL.load(cfg.init_from) if cfg.init_from else None
+    if initial is not None:  # the weights decide the architecture
+        cfg = dataclasses.replace(cfg, model=initial.config, preset=preset_name(initial.config) or "custom")
     ddp = init_distributed(cfg.device)  # one process, or one rank of a torchrun / launch() job (distributed.py)
     device = ddp.device
     precision = resolve_precision(cfg.precision, device)
-    cfg = prepare_run_dir(cfg, resume, ddp.is_main)
+    cfg = rundir.prepare(cfg, resume, ddp.is_main)
     run_dir = Path(cfg.run_dir)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+    checkpoint_path = RunDir(run_dir).checkpoint
     seed_everything(cfg.seed)
     say = print if ddp.is_main else (lambda *a, **k: None)
 
@@ -308,9 +253,7 @@ def train(
     val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if len(test_set) else None
 
     # ---- model, loss, optimisers
-    model = AutoencoderKL(cfg.model)
-    if cfg.init_from:
-        model.load_weights(init_weights)
+    model = initial if initial is not None else AutoencoderKL(cfg.model)
     if cfg.freeze_encoder:
         for module in (model.encoder, model.quant_conv):
             module.requires_grad_(False)
@@ -371,12 +314,12 @@ def train(
         }, checkpoint_path)
 
     # ---- logging
-    log = CsvLog(run_dir / "log.csv", step) if ddp.is_main else None
+    log = CsvLog(RunDir(run_dir).log, step) if ddp.is_main else None
     writer = None
     if ddp.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+        writer = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=step or None)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and ddp.is_main), desc="train", dynamic_ncols=True)
@@ -505,7 +448,7 @@ def train(
         for key, value in results.items():
             writer.add_scalar(key, value, step)
         writer.close()
-        save_figures(run_dir, final, fixed_images, run_dir / "log.csv")
+        save_figures(RunDir(run_dir), final, fixed_images)
         messages = {
             "finished": f"finished {cfg.epochs} epochs",
             "max_steps": f"reached --max-steps {cfg.max_steps}",
@@ -514,7 +457,7 @@ def train(
             "signal": f"stopped by {stop_request.signal_name or 'a signal to another process'}",
         }
         held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
-        say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {run_dir / 'model.safetensors'}"
+        say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {RunDir(run_dir).weights}"
             f"{held_out}; skipped steps: {bad_total}; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
     ddp.close()
     return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s,
