@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from vaehelpers.rundir import load_checkpoint
 from vaehelpers.config import build_config
-from vaehelpers.data import make_synthetic
+from vaehelpers.sources import make_synthetic
 from vaehelpers.distributed import Distributed, TrainingProcessError, _bits_sum, _failure_message, launch
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL

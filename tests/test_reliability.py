@@ -21,7 +21,8 @@ from vaehelpers.rundir import CheckpointError, load_checkpoint
 from vaehelpers.cli import EXIT_SKIPPED_FILES
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
-from vaehelpers.data import load_image, make_synthetic
+from vaehelpers.images import load_image
+from vaehelpers.sources import make_synthetic
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.train import train
 

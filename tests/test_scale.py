@@ -9,8 +9,10 @@ import torch
 
 from vaehelpers import AutoencoderKL, ModelConfig
 from vaehelpers.cli import main
-from vaehelpers.data import ImageFolderDataset, make_synthetic
-from vaehelpers.scale import SCALE_NAME, latent_statistics, measure_scale, store_scale
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.sources import make_synthetic
+from vaehelpers.rundir import SCALE_NAME
+from vaehelpers.scale import latent_statistics, measure_scale, store_scale
 
 SMALL = ModelConfig(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, norm_num_groups=4)
 

@@ -15,7 +15,8 @@ from vaehelpers import metrics
 from vaehelpers.rundir import load_checkpoint
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
-from vaehelpers.data import ImageFolderDataset, make_synthetic
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.sources import make_synthetic
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.train import NonFiniteLossError, train
 

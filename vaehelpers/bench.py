@@ -445,7 +445,8 @@ def bench_data(root: str | Path | None, image_size: int = 128, batch_size: int =
     root None: synthetic PNGs in a temporary folder. The cache goes to a temporary folder, never beside
     the images (they may be read-only or shared). Returns (rows, info) with the source and cache build time.
     """
-    from vaehelpers.data import ImageFolderDataset, make_synthetic
+    from vaehelpers.dataset import ImageFolderDataset
+    from vaehelpers.sources import make_synthetic
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vaehelpers-bench-") as scratch:

@@ -36,7 +36,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
+def train_config_from_args(args: argparse.Namespace) -> Any:
     """Preset, then recipe, then the flags the user gave, then --set: later wins."""
     from vaehelpers.config import DEFAULT_PRESET, build_config
 
@@ -56,13 +56,13 @@ def _exit_status(skipped_files: int) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from vaehelpers import data
+    from vaehelpers import sources
 
     if args.source == "synthetic":
-        paths = data.make_synthetic(args.dest, count=args.count, size=args.size, seed=args.seed)
+        paths = sources.make_synthetic(args.dest, count=args.count, size=args.size, seed=args.seed)
         print(f"wrote {len(paths)} synthetic images to {args.dest}")
     else:
-        folder = data.get_flickr8k(args.dest)
+        folder = sources.get_flickr8k(args.dest)
         print(f"flickr8k images: {folder}")
     return 0
 
@@ -100,7 +100,7 @@ def _run_image_size(run: Path, given: int | None) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaehelpers import metrics
-    from vaehelpers.data import ImageFolderDataset
+    from vaehelpers.dataset import ImageFolderDataset
 
     model, device = _load_model(args.run, args.device)
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=_run_image_size(args.run, args.image_size),
@@ -146,7 +146,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vaehelpers.data import ImageFolderDataset
+    from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.scale import latent_statistics, store_scale
 
     model, device = _load_model(args.run, args.device)

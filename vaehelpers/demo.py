@@ -51,14 +51,14 @@ class NotebookSettings:
         flickr8k: the attached Kaggle input, else data_dir/Images (downloaded with the kaggle API once);
         folder: data_dir as it is.
         """
-        from vaehelpers import data
+        from vaehelpers import images, sources
 
         if self.data_source == "synthetic":
-            if not self.data_dir.is_dir() or not data.list_images(self.data_dir):
-                data.make_synthetic(self.data_dir, count=self.synthetic_count, size=self.image_size, seed=0)
+            if not self.data_dir.is_dir() or not images.list_images(self.data_dir):
+                sources.make_synthetic(self.data_dir, count=self.synthetic_count, size=self.image_size, seed=0)
             return self.data_dir
         if self.data_source == "flickr8k":
-            return data.get_flickr8k(self.data_dir)
+            return sources.get_flickr8k(self.data_dir)
         if self.data_source == "folder":
             if not self.data_dir.is_dir():
                 raise FileNotFoundError(f"data_source 'folder': {self.data_dir} is not a folder; set data_dir")
@@ -74,7 +74,7 @@ class NotebookSettings:
 
     def dataset(self, split: str = "train", augment: bool = False) -> Any:
         """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
-        from vaehelpers.data import ImageFolderDataset
+        from vaehelpers.dataset import ImageFolderDataset
 
         images = self.image_folder()
         return ImageFolderDataset(images, split=split, image_size=self.image_size, augment=augment,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from vaehelpers.data import BadImageError
+from vaehelpers.images import BadImageError
 from vaehelpers.runtime import autocast, resolve_device, resolve_precision
 
 PSNR_CAP_DB = 100.0  # cap per image in the mean PSNR; see the module docstring

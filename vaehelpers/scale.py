@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vaehelpers.config import ModelConfig, from_dict
-from vaehelpers.rundir import SCALE_NAME, RunDir, atomic_write, read_config, write_config
+from vaehelpers.rundir import RunDir, atomic_write, read_config, write_config
 
 
 @dataclass

@@ -53,7 +53,7 @@ def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequ
     """
     from vaehelpers import metrics, viz
     from vaehelpers.config import build_config
-    from vaehelpers.data import ImageFolderDataset
+    from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.model import AutoencoderKL
     from vaehelpers.runtime import resolve_device, resolve_precision
     from vaehelpers.train import train

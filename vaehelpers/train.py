@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader
 from vaehelpers import rundir
 from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.config import TrainConfig, to_dict
-from vaehelpers.data import ImageFolderDataset
+from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.distributed import init_distributed
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
