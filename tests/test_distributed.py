@@ -16,7 +16,8 @@ import torch.distributed as dist
 from vaehelpers.rundir import load_checkpoint
 from vaehelpers.config import build_config
 from vaehelpers.sources import make_synthetic
-from vaehelpers.distributed import Distributed, TrainingProcessError, _bits_sum, _failure_message, launch
+from vaehelpers.distributed import Distributed, _bits_sum
+from vaehelpers.launch import TrainingProcessError, _failure_message, launch
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.train import train
