@@ -76,13 +76,19 @@ class DiagonalGaussian:
 # ---------------------------------------------------------------------------- building blocks
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place when autograd records nothing (encode/decode under no_grad or inference_mode).
+# ---- CPU fast paths, off by default (AutoencoderKL.enable_fast_paths): with them off, every layer runs the
+# operation diffusers runs, in the same memory layout, so outputs match diffusers' to float rounding of the same ops.
+# On: SiLU and the ResNet skip add in place, the attention residual in the layout that trains faster, and the
+# upsampler fused into one transposed conv (see Upsample2D). train.py and bench.py turn them on.
+
+
+def _silu(x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """SiLU; with `fast`, in place when autograd records nothing (encode/decode under no_grad or inference_mode).
 
     Every caller passes a fresh GroupNorm output that nothing else holds, so overwriting it is safe there;
     with gradients on it must stay out of place (SiLU's backward needs its input).
     """
-    return F.silu(x, inplace=not torch.is_grad_enabled())
+    return F.silu(x, inplace=fast and not torch.is_grad_enabled())
 
 
 class ResnetBlock2D(nn.Module):
@@ -95,14 +101,15 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.fast_paths = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))  # SD's dropout is 0 for the autoencoder: left out
+        h = self.conv1(_silu(self.norm1(x), self.fast_paths))
+        h = self.conv2(_silu(self.norm2(h), self.fast_paths))  # SD's dropout is 0 for the autoencoder: left out
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        if skip.dtype == h.dtype:  # a conv's backward does not need its output: adding into it is safe
+        if self.fast_paths and skip.dtype == h.dtype:  # a conv's backward does not need its output: adding into it is safe
             return h.add_(skip)
-        return skip + h  # mixed dtypes (autocast): keep PyTorch's type promotion
+        return skip + h  # diffusers' sum (and, under autocast, PyTorch's type promotion)
 
 
 class Attention(nn.Module):
@@ -120,6 +127,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         # a ModuleList so that the key is "to_out.0", as in diffusers (whose to_out.1 is a Dropout, no weights)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.fast_paths = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -130,10 +138,12 @@ class Attention(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, 1, h*w, C) -> (B, h*w, C)
         attended = self.to_out[0](attended).transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w), NHWC in memory
         # The sum's memory layout (not its values) follows the first operand, and every later layer keeps it.
-        # Without gradients, NHWC: faster convolutions, and the very layout diffusers ends up with (it adds
-        # `attended + residual`). With gradients, the input's layout: on CPU NCHW trains faster, because
-        # GroupNorm's backward is several times slower on NHWC tensors (results/benchmarks.md).
-        return x + attended if torch.is_grad_enabled() else attended + x
+        # diffusers adds `attended + residual`: NHWC, which is also the faster layout for convolutions without
+        # gradients. The fast path trains in the input's layout: on CPU NCHW trains faster, because GroupNorm's
+        # backward is several times slower on NHWC tensors (results/benchmarks.md).
+        if self.fast_paths and torch.is_grad_enabled():
+            return x + attended
+        return attended + x
 
 
 class Downsample2D(nn.Module):
@@ -169,8 +179,9 @@ class Upsample2D(nn.Module):
 
     On CPU the two can run as one stride-2 transposed conv with summed taps (see _upsample_conv_weight):
     the same function with 16/36 of the FLOPs, which rounds differently (within 1e-5 of diffusers).
-    `fused` = "auto" (default) fuses when autograd records nothing (encode/decode) and when training under
-    bf16 autocast, where bf16 rounding dwarfs the difference (bf16 on the 2-core CPU: decode 0.91x and the
+    `fused` = "auto" (default) follows the model's fast paths (off: diffusers' two ops); with them on it fuses
+    when autograd records nothing (encode/decode) and when training under bf16 autocast, where bf16 rounding
+    dwarfs the difference (bf16 on the 2-core CPU: decode 0.91x and the
     train step 0.92x the unfused time, results/benchmarks.md). fp32 training keeps diffusers' two ops, so
     fp32 runs stay comparable at 1e-5 (fused, a two-process run drifted 1.8e-5 from one process after four
     Adam steps, against 4e-6 unfused). "always" and "never" force it (benchmark ablations). Other devices
@@ -181,11 +192,16 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.fused: Literal["auto", "always", "never"] = "auto"
+        self.fast_paths = False
 
     def _use_fused(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or self.fused == "never":
             return False
-        if self.fused == "always" or not torch.is_grad_enabled():
+        if self.fused == "always":
+            return True
+        if not self.fast_paths:
+            return False
+        if not torch.is_grad_enabled():
             return True
         return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
@@ -277,13 +293,14 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
         self.gradient_checkpointing = False
+        self.fast_paths = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(images)
         for block in self.down_blocks:
             x = _run(block, x, self.gradient_checkpointing)
         x = _run(self.mid_block, x, self.gradient_checkpointing)
-        moments = self.conv_out(_silu(self.conv_norm_out(x)))
+        moments = self.conv_out(_silu(self.conv_norm_out(x), self.fast_paths))
         return _callers_layout(moments, images)
 
 
@@ -306,13 +323,14 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        self.fast_paths = False
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(latents)
         x = _run(self.mid_block, x, self.gradient_checkpointing)
         for block in self.up_blocks:
             x = _run(block, x, self.gradient_checkpointing)
-        images = self.conv_out(_silu(self.conv_norm_out(x)))
+        images = self.conv_out(_silu(self.conv_norm_out(x), self.fast_paths))
         return _callers_layout(images, latents)
 
 
@@ -382,6 +400,20 @@ class AutoencoderKL(nn.Module):
 
     def disable_gradient_checkpointing(self) -> None:
         self.enable_gradient_checkpointing(False)
+
+    def enable_fast_paths(self, enabled: bool = True) -> AutoencoderKL:
+        """Turn the CPU fast paths on (off by default, where every layer runs diffusers' own operation):
+        in-place SiLU and skip adds without gradients, the attention residual in the layout that trains
+        faster, and the upsampler fused into one transposed conv without gradients and in bf16 training
+        (Upsample2D). Decode then differs from diffusers by about 1e-5 of the output's range (README). Returns self.
+        """
+        for module in self.modules():
+            if hasattr(module, "fast_paths"):
+                module.fast_paths = enabled
+        return self
+
+    def disable_fast_paths(self) -> AutoencoderKL:
+        return self.enable_fast_paths(False)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (B, C_in, H, W) in [-1, 1], H and W multiples of f -> posterior over (B, L, H/f, W/f)."""

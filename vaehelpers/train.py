@@ -253,6 +253,7 @@ def train(
 
     # ---- model, loss, optimisers
     model = initial if initial is not None else AutoencoderKL(cfg.model)
+    model.enable_fast_paths()  # training's own numerics and speed (model.py); the saved weights are the same
     if cfg.freeze_encoder:
         for module in (model.encoder, model.quant_conv):
             module.requires_grad_(False)
@@ -438,7 +439,7 @@ def train(
     elapsed = time.monotonic() - start
     images_per_s = (step * global_batch) / max(elapsed + elapsed_before, 1e-9) if step else 0.0
     if ddp.is_main:
-        final = AutoencoderKL(cfg.model)
+        final = AutoencoderKL(cfg.model).enable_fast_paths()
         final.load_state_dict(model.state_dict())
         if ema is not None:
             ema.copy_to(final)
