@@ -64,7 +64,7 @@ if importlib.util.find_spec("vaehelpers") is None:
 # %%
 # %matplotlib inline
 from IPython.display import Image
-from vaehelpers import kaggle, notebook, viz
+from vaehelpers import kaggle, notebook, viz, widgets
 from vaehelpers.config import to_dict
 from vaehelpers.launch import launch
 
@@ -111,7 +111,7 @@ print(kaggle.restore_run(settings.run_dir))
 # or the CPU it simply trains here). It returns how it ended: finished, or stopped for the time limit or a signal.
 
 # %%
-live_plot = viz.LiveLossPlot(every=plot_every, interactive=interactive)
+live_plot = widgets.LiveLossPlot(every=plot_every, interactive=interactive)
 result = launch(cfg, gpus, resume=True, progress=interactive, on_log=live_plot)
 result
 

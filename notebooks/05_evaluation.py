@@ -59,7 +59,7 @@ if importlib.util.find_spec("vaehelpers") is None:
 # %matplotlib inline
 import torch
 from IPython.display import Image
-from vaehelpers import kaggle, metrics, notebook, viz
+from vaehelpers import kaggle, latents, metrics, notebook, viz, widgets
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.reconstruct import format_rows, reconstruct_files
 
@@ -108,7 +108,7 @@ print(metrics.format_table(summary))
 
 # %%
 images = torch.stack([test_set[i] for i in range(min(n_show, len(test_set)))])
-reconstructions = viz.decode(model, viz.encode(model, images))
+reconstructions = latents.reconstruct(model, images)
 fig = viz.reconstruction_figure(images, reconstructions, titles=[test_set.get_path(i).name for i in range(len(images))])
 viz.save_figure(fig, settings.figures_dir / "reconstructions.png")
 fig
@@ -131,7 +131,7 @@ Image(filename=rows[0]["reconstruction_png"])
 # the image: the KL-f8 latent is a compressed picture, not an abstract code. Saved as `latent_channels.png`.
 
 # %%
-fig = viz.latent_channels_figure(viz.encode(model, images[:2]), titles=["image 0", "image 1"])
+fig = viz.latent_channels_figure(latents.encode(model, images[:2]), titles=["image 0", "image 1"])
 viz.save_figure(fig, settings.figures_dir / "latent_channels.png")
 fig
 
@@ -142,7 +142,7 @@ fig
 # object: the latent space of an autoencoder is smooth, but it is not semantic. Saved as `interpolation.png`.
 
 # %%
-fig = viz.interpolation_figure(viz.interpolate(model, images[0], images[1]))
+fig = viz.interpolation_figure(latents.interpolate(model, images[0], images[1]))
 viz.save_figure(fig, settings.figures_dir / "interpolation.png")
 fig
 
@@ -155,7 +155,7 @@ fig
 # this run's own scaling factor.) Saved as `prior_samples.png`.
 
 # %%
-samples = viz.prior_samples(model, 8, settings.image_size, generator=torch.Generator().manual_seed(0))
+samples = latents.prior_samples(model, 8, settings.image_size, generator=torch.Generator().manual_seed(0))
 fig = viz.prior_samples_figure(samples)
 viz.save_figure(fig, settings.figures_dir / "prior_samples.png")
 fig
@@ -168,14 +168,14 @@ fig
 # moved by -2, 0 and +2 deviations.
 
 # %%
-explorer = viz.LatentExplorer(model, images)
+explorer = widgets.LatentExplorer(model, images)
 explorer if interactive else explorer.channel_figure()
 
 # %% [markdown]
 # And a slider that walks between the first two images.
 
 # %%
-walk = viz.InterpolationExplorer(model, images[0], images[1])
+walk = widgets.InterpolationExplorer(model, images[0], images[1])
 walk if interactive else walk.figure()
 
 # %% [markdown]

@@ -1,4 +1,4 @@
-"""scale.py and `vaehelpers scale`: 1/std of the latents, stored as the run's model.scaling_factor."""
+"""latents.py's scale and `vaehelpers scale`: 1/std of the latents, stored as the run's model.scaling_factor."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ from vaehelpers.cli import main
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.sources import make_synthetic
 from vaehelpers.rundir import SCALE_NAME
-from vaehelpers.scale import latent_statistics, measure_scale, store_scale
+from vaehelpers.latents import latent_statistics, measure_scale, store_scale
 
 SMALL = ModelConfig(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, norm_num_groups=4)
 

@@ -147,7 +147,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     import dataclasses
 
     from vaehelpers.dataset import ImageFolderDataset
-    from vaehelpers.scale import latent_statistics, store_scale
+    from vaehelpers.latents import latent_statistics, store_scale
 
     model, device = _load_model(args.run, args.device)
     image_size = _run_image_size(args.run, args.image_size)

@@ -83,6 +83,12 @@ def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tens
     }
 
 
+def image_psnr(image: Tensor, reconstruction: Tensor) -> float:
+    """PSNR in dB on [0, 1] of one image pair (3, H, W) given in [-1, 1] (inf for an exact copy), as per_image_metrics."""
+    error = to_unit_range(reconstruction) - to_unit_range(image)
+    return float(psnr_from_mse(error.square().mean()))
+
+
 # --------------------------------------------------------------------------- LPIPS and rFID backbones
 
 def _vgg16_weights_file() -> Path:

@@ -20,6 +20,7 @@ from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.distributed import init_distributed
+from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything
@@ -194,11 +195,8 @@ def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) 
     """figures/reconstructions.png on fixed held-out images, figures/loss_curve.png from log.csv."""
     from vaehelpers import viz
 
-    model.eval()
-    with torch.no_grad():
-        reconstructions = model.decode(model.encode(fixed_images).mode()).float().cpu()
-    model.train()
-    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstructions), run.figures / "reconstructions.png")
+    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstruct(model, fixed_images)),
+                    run.figures / "reconstructions.png")
     if run.log.exists() and run.log.stat().st_size > 0:
         viz.save_figure(viz.loss_curve_figure(run.log), run.figures / "loss_curve.png")
 
@@ -464,10 +462,6 @@ def train(
                        len(train_set.bad_files) + len(test_set.bad_files))
 
 
-@torch.no_grad()
 def _pairs(model: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Originals above reconstructions, in [0,1], for TensorBoard."""
-    model.eval()
-    reconstructions = model.decode(model.encode(images).mode())
-    model.train()
-    return ((torch.cat([images, reconstructions.float()]) + 1) / 2).clamp(0, 1).cpu()
+    return ((torch.cat([images.float().cpu(), reconstruct(model, images)]) + 1) / 2).clamp(0, 1)
