@@ -1,4 +1,4 @@
-"""The training loop: setup, data, model, loss and optimisers, resume, then one loop that reads top to bottom."""
+"""Training: the state a checkpoint holds (TrainState), the steps of the loop, then train(), which reads top to bottom."""
 from __future__ import annotations
 
 import csv
@@ -9,20 +9,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from vaehelpers import rundir
-from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.dataset import ImageFolderDataset
-from vaehelpers.distributed import init_distributed
+from vaehelpers.distributed import Distributed, init_distributed
 from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
+from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything
 
 # Why a run stops, least to most urgent: with several processes every rank takes the most urgent one any rank saw.
@@ -201,6 +201,230 @@ def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) 
         viz.save_figure(viz.loss_curve_figure(run.log), run.figures / "loss_curve.png")
 
 
+# ----------------------------------------------------------------------------- the state a checkpoint holds
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds. STATEFUL and COUNTERS list it once: state_dict() saves exactly what
+    load_state_dict() restores, so a resumed run continues as an unbroken one would."""
+
+    model: AutoencoderKL
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only; a no-op otherwise
+    sample_generator: torch.Generator  # posterior sampling noise, seeded per rank
+    discriminator: nn.Module | None = None  # the PatchGAN (loss.disc_weight > 0), with its optimiser and scaler
+    disc_optimizer: torch.optim.Optimizer | None = None
+    disc_scaler: torch.amp.GradScaler | None = None
+    ema: EMA | None = None
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already taken
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    elapsed_s: float = 0.0  # training seconds of the sessions before this one
+
+    STATEFUL: ClassVar = ("model", "optimizer", "discriminator", "disc_optimizer", "scaler", "disc_scaler", "ema")
+    COUNTERS: ClassVar = ("step", "epoch", "batch_in_epoch", "bad_steps", "elapsed_s")
+
+    def state_dict(self, generator_states: list[torch.Tensor], session_s: float, cfg: TrainConfig) -> dict[str, Any]:
+        """The checkpoint: every STATEFUL part (None where absent), the COUNTERS (elapsed_s with this session's
+        session_s added), every rank's sampling generator (gathered by the caller), the CPU RNG and the settings."""
+        state: dict[str, Any] = {name: None if getattr(self, name) is None else getattr(self, name).state_dict()
+                                 for name in self.STATEFUL}
+        state.update({name: getattr(self, name) for name in self.COUNTERS})
+        state.update(elapsed_s=self.elapsed_s + session_s, sample_generator=generator_states,
+                     cpu_rng=torch.get_rng_state(), config=to_dict(cfg))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
+        """Restore a checkpoint written by state_dict (a part this run has but the checkpoint lacks stays as built)."""
+        for name in self.STATEFUL:
+            if getattr(self, name) is not None and state.get(name) is not None:
+                getattr(self, name).load_state_dict(state[name])
+        for name in self.COUNTERS:
+            setattr(self, name, state[name])
+        generator_states = state["sample_generator"]  # one per rank of the run that saved it
+        self.sample_generator.set_state(generator_states[rank % len(generator_states)].cpu())  # %: resumed on more ranks
+        torch.set_rng_state(state["cpu_rng"].cpu())
+
+
+def load_data(cfg: TrainConfig, ddp: Distributed) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
+    """(train split with augmentation, test split, global batch: images per optimiser step over all ranks)."""
+    if cfg.batch_size % ddp.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
+    train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
+    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
+    global_batch = min(cfg.batch_size, len(train_set))
+    if ddp.enabled and global_batch < cfg.batch_size:
+        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
+                         "too few to share between processes")
+    return train_set, test_set, global_batch
+
+
+def build_state(cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: Distributed) -> TrainState:
+    """Optimisers, scalers, EMA and the sampling generator around a model on ddp.device (fresh: step 0)."""
+    device, fp16 = ddp.device, resolve_precision(cfg.precision, ddp.device) == "fp16"
+    state = TrainState(
+        model=model,
+        optimizer=make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=fp16),  # bf16 needs none
+        sample_generator=torch.Generator(device).manual_seed(cfg.seed * 7919 + ddp.rank),
+        ema=EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+    )
+    if loss_fn.discriminator is not None:
+        state.discriminator = loss_fn.discriminator
+        state.disc_optimizer = make_optimizer(cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device)
+        state.disc_scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # its own: one update per step each
+    return state
+
+
+def build_model(cfg: TrainConfig, initial: AutoencoderKL | None, device: torch.device) -> AutoencoderKL:
+    """The model to train: `initial` (weights from --init) or a fresh one, encoder frozen if asked, on device."""
+    model = initial if initial is not None else AutoencoderKL(cfg.model)
+    model.enable_fast_paths()  # training's own numerics and speed (model.py); the saved weights are the same
+    if cfg.freeze_encoder:
+        for module in (model.encoder, model.quant_conv):
+            module.requires_grad_(False)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+# ----------------------------------------------------------------------------- one step of the loop
+
+def set_lr(state: TrainState, cfg: TrainConfig, total_steps: int) -> float:
+    """This step's learning rate (warm-up, schedule), set on the optimiser; returns it."""
+    lr = cfg.lr * lr_factor(state.step, cfg.warmup_steps, total_steps, cfg.schedule)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on the device, channels_last on CUDA (faster convolutions there)."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def count_bad_step(state: TrainState, skipped: bool, consecutive_bad: int, cfg: TrainConfig,
+                   say: Callable[[str], Any]) -> int:
+    """Count a skipped step (and say so); returns the non-finite steps in a row, raising at cfg.max_bad_steps."""
+    if not skipped:
+        return 0
+    state.bad_steps += 1
+    consecutive_bad += 1
+    say(f"step {state.step}: non-finite loss or gradient, step skipped ({state.bad_steps} so far)")
+    if consecutive_bad >= cfg.max_bad_steps:
+        raise NonFiniteLossError(
+            f"{consecutive_bad} non-finite steps in a row at step {state.step}: stopping. The last good checkpoint "
+            f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr or check the data.")
+    return consecutive_bad
+
+
+def optimizer_step(state: TrainState, train_model: nn.Module, loss_fn: VAELoss, images: torch.Tensor, *,
+                   cfg: TrainConfig, ddp: Distributed, precision: str, epoch: float,
+                   global_batch: int) -> tuple[dict[str, Any], bool, torch.Tensor]:
+    """Forward, loss, backward, clip and step of the autoencoder; returns (logs, skipped, reconstructions).
+
+    A non-finite loss or gradient skips the step on every rank together (DDP's all-reduce in backward would
+    otherwise wait forever); the EMA follows only the steps taken.
+    """
+    with autocast(ddp.device, precision):
+        reconstructions, posterior = train_model(images, sample_posterior=cfg.sample_posterior,
+                                                 generator=state.sample_generator)
+        loss, logs = loss_fn(images, reconstructions, posterior, step=state.step, epoch=epoch,
+                             last_layer=state.model.last_layer, batch_size_for_scaling=global_batch)
+    skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
+    if not skipped:
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+        # fp16: the scaler skips steps with inf grads itself (and lowers the scale)
+        skipped = not torch.isfinite(grad_norm) and precision != "fp16"
+        if not skipped:
+            state.scaler.step(state.optimizer)
+        state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if not skipped and state.ema is not None:
+        state.ema.update(state.model)
+    return logs, skipped, reconstructions
+
+
+def discriminator_step(state: TrainState, loss_fn: VAELoss, images: torch.Tensor, reconstructions: torch.Tensor,
+                       ddp: Distributed, precision: str) -> dict[str, Any]:
+    """One PatchGAN step on real images and detached reconstructions; returns its logs."""
+    state.disc_optimizer.zero_grad(set_to_none=True)  # drop the grads the generator term left on D
+    with autocast(ddp.device, precision):
+        disc_loss, disc_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), step=state.step)
+    state.disc_scaler.scale(disc_loss).backward()
+    ddp.average_gradients(state.discriminator)  # not DDP-wrapped: see distributed.py
+    state.disc_scaler.step(state.disc_optimizer)
+    state.disc_scaler.update()
+    return disc_logs
+
+
+class RunLog:
+    """log.csv, TensorBoard and the on_log callback; written by the main process only (a no-op elsewhere)."""
+
+    def __init__(self, run: RunDir, step: int, enabled: bool, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        self.enabled, self.on_log = enabled, on_log
+        self.csv = CsvLog(run.log, step) if enabled else None
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.tensorboard), purge_step=step or None)
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One log.csv row; its "a/b" values, lr and images_per_s also go to TensorBoard."""
+        if not self.enabled:
+            return
+        self.csv.append(row)
+        if self.on_log is not None:
+            self.on_log(row)
+        self.scalars({key: value for key, value in row.items() if "/" in key}, row["step"])
+        self.scalars({"train/lr": row["lr"], "train/images_per_s": row["images_per_s"]}, row["step"])
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items() if self.enabled else ():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+
+def stop_reason(state: TrainState, cfg: TrainConfig, *, signalled: bool, until_step: int | None, deadline: float,
+                reserve_s: float, ddp: Distributed) -> str:
+    """Why to stop now ("finished": not yet); every rank takes the most urgent reason any rank saw (clocks and
+    signals differ per rank). reserve_s: the time a step and a checkpoint take, kept before the deadline."""
+    stopped = "finished"
+    if signalled:
+        stopped = "signal"
+    elif cfg.max_steps and state.step >= cfg.max_steps:
+        stopped = "max_steps"
+    elif until_step is not None and state.step >= until_step:
+        stopped = "until_step"
+    elif time.monotonic() + reserve_s > deadline:
+        stopped = "time_limit"
+    return STOP_REASONS[int(ddp.agree(STOP_REASONS.index(stopped), "max"))]
+
+
+def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, val_loader: DataLoader | None,
+            fixed_images: torch.Tensor, device: torch.device, precision: str) -> dict[str, float]:
+    """The final weights (EMA where enabled) as model.safetensors, a last validation and the figures; returns it."""
+    run = RunDir(cfg.run_dir)
+    final = AutoencoderKL(cfg.model).enable_fast_paths()
+    final.load_state_dict(state.model.state_dict())
+    if state.ema is not None:
+        state.ema.copy_to(final)
+    final.save(run.root)
+    results = validate(final.to(device), val_loader, loss_fn, device, precision, state.step,
+                       state.epoch) if val_loader else {}
+    log.scalars(results, state.step)
+    log.close()
+    save_figures(run, final, fixed_images)
+    return results
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(
@@ -220,246 +444,132 @@ def train(
     on_batch: test hook, (step, images) -> images, e.g. to inject a non-finite batch.
     on_log: called on the main process with each log.csv row (e.g. a notebook's live loss plot).
     """
-    # ---- setup
+    # ---- setup: the weights decide the architecture when training starts from them
     initial = AutoencoderKL.load(cfg.init_from) if cfg.init_from else None
-    if initial is not None:  # the weights decide the architecture
+    if initial is not None:
         cfg = dataclasses.replace(cfg, model=initial.config, preset=preset_name(initial.config) or "custom")
     ddp = init_distributed(cfg.device)  # one process, or one rank of a torchrun / launch() job (distributed.py)
-    device = ddp.device
-    precision = resolve_precision(cfg.precision, device)
+    device, precision = ddp.device, resolve_precision(cfg.precision, ddp.device)
     cfg = rundir.prepare(cfg, resume, ddp.is_main)
-    run_dir = Path(cfg.run_dir)
-    checkpoint_path = RunDir(run_dir).checkpoint
+    run = RunDir(cfg.run_dir)
     seed_everything(cfg.seed)
     say = print if ddp.is_main else (lambda *a, **k: None)
 
     # ---- data
-    if cfg.batch_size % ddp.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
-    train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
-    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
-    global_batch = min(cfg.batch_size, len(train_set))  # images per optimiser step, over all ranks
-    if ddp.enabled and global_batch < cfg.batch_size:
-        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
-                         "too few to share between processes")
+    train_set, test_set, global_batch = load_data(cfg, ddp)
     batches_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 0))
     total_steps = cfg.max_steps or cfg.epochs * batches_per_epoch
     pin = device.type == "cuda"
     fixed_set = test_set if len(test_set) else train_set
     fixed_images = torch.stack([fixed_set[i] for i in range(min(4, len(fixed_set)))]).to(device)
-    val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if len(test_set) else None
+    val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+                            pin_memory=pin) if len(test_set) else None
 
-    # ---- model, loss, optimisers
-    model = initial if initial is not None else AutoencoderKL(cfg.model)
-    model.enable_fast_paths()  # training's own numerics and speed (model.py); the saved weights are the same
-    if cfg.freeze_encoder:
-        for module in (model.encoder, model.quant_conv):
-            module.requires_grad_(False)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # ---- model, loss, optimisers, then resume
+    model = build_model(cfg, initial, device)
     loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone).to(device)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device)
-    disc_optimizer = None
-    if loss_fn.discriminator is not None:
-        disc_optimizer = make_optimizer(cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only; bf16 needs none
-    disc_scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # its own: one update per step each
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    sample_generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + ddp.rank)  # posterior sampling noise
-
-    # ---- resume
-    step, epoch, batch_in_epoch, bad_total, elapsed_before = 0, 0, 0, 0, 0.0
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if disc_optimizer is not None and state.get("discriminator") is not None:
-            loss_fn.discriminator.load_state_dict(state["discriminator"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if disc_optimizer is not None and state.get("disc_scaler") is not None:
-            disc_scaler.load_state_dict(state["disc_scaler"])
-        generator_states = state["sample_generator"]  # one per rank of the run that saved it
-        sample_generator.set_state(generator_states[ddp.rank % len(generator_states)].cpu())  # %: resumed on more ranks
-        torch.set_rng_state(state["cpu_rng"].cpu())
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        bad_total, elapsed_before = state["bad_steps"], state["elapsed_s"]
-        say(f"resumed {run_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    state = build_state(cfg, model, loss_fn, ddp)
+    if resume and run.checkpoint.exists():
+        state.load_state_dict(load_checkpoint(run.checkpoint, map_location=device), ddp.rank)
+        say(f"resumed {run.root} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     elif resume:
-        say(f"no checkpoint in {run_dir}: starting a new run")
+        say(f"no checkpoint in {run.root}: starting a new run")
     train_model = ddp.wrap(model)  # DDP after loading: it starts by copying rank 0's weights to every rank
     if cfg.compile:  # the forward only: checkpoints keep saving `model`, whose keys carry no _orig_mod prefix
         train_model = torch.compile(train_model)
-
-    def checkpoint() -> None:
-        """Gather every piece of state (all ranks' sampling generators) and write it from rank 0."""
-        states = ddp.gather(sample_generator.get_state())
-        ddp.check_in_sync(model=model.state_dict(), ema=ema.shadow if ema else None,
-                          discriminator=loss_fn.discriminator.state_dict() if loss_fn.discriminator else None)
-        if not ddp.is_main:
-            return
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "discriminator": loss_fn.discriminator.state_dict() if loss_fn.discriminator is not None else None,
-            "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer is not None else None,
-            "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "sample_generator": states, "cpu_rng": torch.get_rng_state(),
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "bad_steps": bad_total,
-            "elapsed_s": elapsed_before + time.monotonic() - start, "config": to_dict(cfg),
-        }, checkpoint_path)
-
-    # ---- logging
-    log = CsvLog(RunDir(run_dir).log, step) if ddp.is_main else None
-    writer = None
-    if ddp.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=step or None)
+    log = RunLog(run, state.step, ddp.is_main, on_log)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and ddp.is_main), desc="train", dynamic_ncols=True)
-
-    # ---- loop
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and ddp.is_main), desc="train",
+               dynamic_ncols=True)
     start = time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    slowest_step, checkpoint_seconds, consecutive_bad = 0.0, 0.0, 0
-    stopped = "finished"
+
+    def checkpoint() -> None:
+        """Every rank's generator gathered and the weights checked in sync; rank 0 writes the checkpoint."""
+        generator_states = ddp.gather(state.sample_generator.get_state())
+        ddp.check_in_sync(model=model.state_dict(), ema=state.ema.shadow if state.ema else None,
+                          discriminator=state.discriminator.state_dict() if state.discriminator else None)
+        if ddp.is_main:
+            save_checkpoint(state.state_dict(generator_states, time.monotonic() - start, cfg), run.checkpoint)
+
+    # ---- the loop
+    slowest_step, checkpoint_seconds, consecutive_bad, stopped = 0.0, 0.0, 0, "finished"
     model.train()
     with StopRequest() as stop_request:
-        while epoch < cfg.epochs and stopped == "finished":
-            train_set.set_epoch(epoch)
+        while state.epoch < cfg.epochs and stopped == "finished":
+            train_set.set_epoch(state.epoch)
             # a distributed sampler: every rank draws the same seeded order of global batches and takes its share
-            batches = [b[ddp.rank::ddp.world_size] for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch)]
-            loader = DataLoader(train_set, batch_sampler=batches[batch_in_epoch:], num_workers=cfg.data.num_workers, pin_memory=pin)
+            batches = [b[ddp.rank::ddp.world_size] for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state.epoch)]
+            loader = DataLoader(train_set, batch_sampler=batches[state.batch_in_epoch:], num_workers=cfg.data.num_workers,
+                                pin_memory=pin)
             for images in loader:
                 step_start = time.monotonic()
-                lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                if on_batch is not None:
-                    images = on_batch(step, images)
-                epoch_float = epoch + batch_in_epoch / batches_per_epoch
-
-                with autocast(device, precision):
-                    reconstructions, posterior = train_model(images, sample_posterior=cfg.sample_posterior, generator=sample_generator)
-                    loss, logs = loss_fn(images, reconstructions, posterior, step=step, epoch=epoch_float,
-                                         last_layer=model.last_layer, batch_size_for_scaling=global_batch)
-                # every rank must skip together, or DDP's all-reduce in backward would wait for the others forever
-                skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
-                if not skipped:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                    # fp16: the scaler skips steps with inf grads itself (and lowers the scale)
-                    skipped = not torch.isfinite(grad_norm) and precision != "fp16"
-                    if not skipped:
-                        scaler.step(optimizer)
-                    scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if skipped:
-                    bad_total += 1
-                    consecutive_bad += 1
-                    say(f"step {step}: non-finite loss or gradient, step skipped ({bad_total} so far)")
-                    if consecutive_bad >= cfg.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{consecutive_bad} non-finite steps in a row at step {step}: stopping. The last good "
-                            f"checkpoint {checkpoint_path} is intact; lower --lr or check the data.")
-                else:
-                    consecutive_bad = 0
-                    if ema is not None:
-                        ema.update(model)
-                if disc_optimizer is not None and loss_fn.uses_discriminator(step):
-                    disc_optimizer.zero_grad(set_to_none=True)  # drop the grads the generator term left on D
-                    with autocast(device, precision):
-                        disc_loss, disc_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), step=step)
-                    disc_scaler.scale(disc_loss).backward()
-                    ddp.average_gradients(loss_fn.discriminator)  # not DDP-wrapped: see distributed.py
-                    disc_scaler.step(disc_optimizer)
-                    disc_scaler.update()
-                    logs.update(disc_logs)
-
+                lr = set_lr(state, cfg, total_steps)
+                images = to_device(images, device) if on_batch is None else on_batch(state.step, to_device(images, device))
+                epoch_float = state.epoch + state.batch_in_epoch / batches_per_epoch
+                logs, skipped, reconstructions = optimizer_step(state, train_model, loss_fn, images, cfg=cfg, ddp=ddp,
+                                                                precision=precision, epoch=epoch_float,
+                                                                global_batch=global_batch)
+                consecutive_bad = count_bad_step(state, skipped, consecutive_bad, cfg, say)
+                if state.disc_optimizer is not None and loss_fn.uses_discriminator(state.step):
+                    logs.update(discriminator_step(state, loss_fn, images, reconstructions, ddp, precision))
                 logs = ddp.mean(logs)  # the global batch's values
-                step += 1
-                batch_in_epoch += 1
+                state.step += 1
+                state.batch_in_epoch += 1
                 step_seconds = time.monotonic() - step_start
                 slowest_step = max(slowest_step, step_seconds)
                 images_per_s = global_batch / max(step_seconds, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
-                if ddp.is_main and (step % cfg.log_every == 0 or skipped):
-                    row = {"step": step, "epoch": round(epoch_float, 4), "lr": lr, "images_per_s": round(images_per_s, 2),
-                           "skipped": int(skipped), "bad_steps": bad_total,
-                           **{k: float(v) for k, v in logs.items()}}
-                    log.append(row)
-                    if on_log is not None:
-                        on_log(row)
-                    for key, value in row.items():
-                        if "/" in key:
-                            writer.add_scalar(key, value, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/images_per_s", images_per_s, step)
-
-                # ---- stop, or checkpoint, as needed
-                if batch_in_epoch == len(batches):
-                    epoch, batch_in_epoch = epoch + 1, 0
-                if stop_request.signal_name:
-                    stopped = "signal"
-                elif cfg.max_steps and step >= cfg.max_steps:
-                    stopped = "max_steps"
-                elif until_step is not None and step >= until_step:
-                    stopped = "until_step"
-                elif time.monotonic() + 2 * slowest_step + 2 * checkpoint_seconds + 5 > deadline:
-                    stopped = "time_limit"
-                stopped = STOP_REASONS[int(ddp.agree(STOP_REASONS.index(stopped), "max"))]  # clocks and signals differ per rank
+                bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=state.epoch)
+                if state.step % cfg.log_every == 0 or skipped:
+                    log.row({"step": state.step, "epoch": round(epoch_float, 4), "lr": lr,
+                             "images_per_s": round(images_per_s, 2), "skipped": int(skipped),
+                             "bad_steps": state.bad_steps, **{k: float(v) for k, v in logs.items()}})
+                if state.batch_in_epoch == len(batches):
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                stopped = stop_reason(state, cfg, signalled=bool(stop_request.signal_name), until_step=until_step,
+                                      deadline=deadline, reserve_s=2 * slowest_step + 2 * checkpoint_seconds + 5, ddp=ddp)
                 # during a run of non-finite steps only a stop saves: the last scheduled checkpoint stays the last good step
-                if stopped != "finished" or (step % cfg.checkpoint_every == 0 and not consecutive_bad):
+                if stopped != "finished" or (state.step % cfg.checkpoint_every == 0 and not consecutive_bad):
                     saved_at = time.monotonic()
                     checkpoint()
                     checkpoint_seconds = time.monotonic() - saved_at
                     if ddp.is_main and stopped == "finished":
-                        results = validate(model, val_loader, loss_fn, device, precision, step, epoch_float) if val_loader else {}
-                        for key, value in results.items():
-                            writer.add_scalar(key, value, step)
-                        writer.add_images("val/reconstructions", _pairs(model, fixed_images), step)
+                        log.scalars(validate(model, val_loader, loss_fn, device, precision, state.step, epoch_float)
+                                    if val_loader else {}, state.step)
+                        log.writer.add_images("val/reconstructions", _pairs(model, fixed_images), state.step)
                 if stopped != "finished":
                     break
         if stopped == "finished":
             checkpoint()
     bar.close()
 
-    # ---- final weights, figures
+    # ---- final weights, figures, and how it ended
     elapsed = time.monotonic() - start
-    images_per_s = (step * global_batch) / max(elapsed + elapsed_before, 1e-9) if step else 0.0
+    images_per_s = (state.step * global_batch) / max(elapsed + state.elapsed_s, 1e-9) if state.step else 0.0
+    skipped_files = len(train_set.bad_files) + len(test_set.bad_files)
     if ddp.is_main:
-        final = AutoencoderKL(cfg.model).enable_fast_paths()
-        final.load_state_dict(model.state_dict())
-        if ema is not None:
-            ema.copy_to(final)
-        final.save(run_dir)
-        results = validate(final.to(device), val_loader, loss_fn, device, precision, step, epoch) if val_loader else {}
-        for key, value in results.items():
-            writer.add_scalar(key, value, step)
-        writer.close()
-        save_figures(RunDir(run_dir), final, fixed_images)
-        messages = {
-            "finished": f"finished {cfg.epochs} epochs",
-            "max_steps": f"reached --max-steps {cfg.max_steps}",
-            "until_step": f"paused at step {step}",
-            "time_limit": f"stopped before the {cfg.max_minutes:g}-minute limit",
-            "signal": f"stopped by {stop_request.signal_name or 'a signal to another process'}",
-        }
-        held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
-        say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {RunDir(run_dir).weights}"
-            f"{held_out}; skipped steps: {bad_total}; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
+        results = _finish(cfg, state, loss_fn, log, val_loader, fixed_images, device, precision)
+        say(_ending(cfg, state, stopped, stop_request.signal_name, results, run, skipped_files))
     ddp.close()
-    return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s,
-                       len(train_set.bad_files) + len(test_set.bad_files))
+    return TrainResult(run.root, state.step, state.epoch, stopped, state.bad_steps, images_per_s, skipped_files)
+
+
+def _ending(cfg: TrainConfig, state: TrainState, stopped: str, signal_name: str | None, results: dict[str, float],
+            run: RunDir, skipped_files: int) -> str:
+    """The line train() prints when it returns."""
+    messages = {
+        "finished": f"finished {cfg.epochs} epochs",
+        "max_steps": f"reached --max-steps {cfg.max_steps}",
+        "until_step": f"paused at step {state.step}",
+        "time_limit": f"stopped before the {cfg.max_minutes:g}-minute limit",
+        "signal": f"stopped by {signal_name or 'a signal to another process'}",
+    }
+    held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
+    resume = "; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""
+    return (f"{messages[stopped]} at step {state.step}; checkpoint {run.checkpoint}, weights {run.weights}{held_out}; "
+            f"skipped steps: {state.bad_steps}; skipped files: {skipped_files}{resume}")
 
 
 def _pairs(model: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
