@@ -8,7 +8,7 @@ import torch
 
 from vaehelpers import bench
 from vaehelpers.cli import main
-from vaehelpers.data import make_synthetic
+from vaehelpers.sources import make_synthetic
 
 
 @pytest.fixture(autouse=True)

@@ -85,14 +85,14 @@ def served_notebook(tmp_path_factory, playwright_api):
     """A tiny trained run and a copy of 05_evaluation.ipynb parameterised for it (not executed: Voilà runs it)."""
     import papermill
 
-    from vaehelpers import data
+    from vaehelpers import sources
     from vaehelpers.config import build_config
     from vaehelpers.demo import notebook_kernel
     from vaehelpers.train import train
 
     phase("training a tiny run")
     root = tmp_path_factory.mktemp("browser")
-    data.make_synthetic(root / "data", count=32, size=IMAGE_SIZE, seed=0)  # 3 of them fall in the test split
+    sources.make_synthetic(root / "data", count=32, size=IMAGE_SIZE, seed=0)  # 3 of them fall in the test split
     cfg = build_config("tiny", run_dir=str(root / "run"), device="cpu", epochs=100, max_steps=TRAIN_STEPS,
                        batch_size=8, lr=1e-3, **{"data.data_dir": str(root / "data"), "data.image_size": IMAGE_SIZE,
                                                  "loss.perceptual_weight": 0.0})

@@ -33,3 +33,22 @@ def test_json_round_trip(tmp_path):
     loaded = load_json(TrainConfig, tmp_path / "c.json")
     assert loaded == cfg and isinstance(loaded.model.channel_multipliers, tuple)
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+def test_train_config_default_names_its_model():
+    from vaehelpers.config import MODEL_PRESETS
+
+    cfg = TrainConfig()
+    assert MODEL_PRESETS[cfg.preset] == cfg.model
+    for name in MODEL_PRESETS:
+        assert build_config(name).model == MODEL_PRESETS[name]
+
+
+def test_cli_choices_come_from_config():
+    from vaehelpers.cli import build_parser
+    from vaehelpers.config import PRECISIONS, PRESETS, RECIPES
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {action.dest: action.choices for action in train._actions if action.choices}
+    assert list(choices["preset"]) == list(PRESETS) == ["tiny", "small", "sd"]
+    assert list(choices["recipe"]) == list(RECIPES) and list(choices["precision"]) == list(PRECISIONS)

@@ -1,4 +1,4 @@
-"""Tests for vaehelpers.data: listing, split, decoding, preprocessing, cache, synthetic images, flickr8k."""
+"""Tests for images.py, dataset.py and sources.py: listing, split, decoding, preprocessing, cache, synthetic images, flickr8k."""
 from __future__ import annotations
 
 import io
@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vaehelpers import data
+from vaehelpers import dataset as dataset_module
+from vaehelpers import images, kaggle, sources
 from vaehelpers.config import DataConfig
-from vaehelpers.data import (BadImageError, DownloadError, ImageFolderDataset, NoImagesError, UnsafeArchiveError,
-                             crop_image, find_flickr8k_input, get_flickr8k, list_images, load_image, make_synthetic,
-                             preprocess, resize_image, safe_extract, scan_images, select_split, split_of)
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.images import BadImageError, NoImagesError, crop_image, list_images, load_image, preprocess, resize_image, scan_images, select_split, split_of
+from vaehelpers.sources import DownloadError, UnsafeArchiveError, find_flickr8k_input, get_flickr8k, make_synthetic, safe_extract
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -265,7 +266,7 @@ def test_mode_conversion_to_rgb(tmp_path):
     assert [pixel(tmp_path / "i16.png", (x, 0)) for x in range(4)] == [(0,) * 3, (255,) * 3, (128,) * 3, (4,) * 3]
 
     wide = Image.fromarray(np.full((8, 8), 40000, dtype=np.int32), "I")  # 32-bit integers holding 16-bit values
-    assert data.to_rgb(wide).getpixel((0, 0)) == (156, 156, 156)
+    assert images.to_rgb(wide).getpixel((0, 0)) == (156, 156, 156)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -366,15 +367,15 @@ def photo_folder(tmp_path: Path) -> Path:
 def forbid_decoding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an image was decoded")
-    monkeypatch.setattr(data, "load_image", refuse)
+    monkeypatch.setattr(dataset_module, "load_image", refuse)
 
 
 def count_decoding(monkeypatch) -> list[Path]:
-    calls, real = [], data.load_image
+    calls, real = [], dataset_module.load_image
     def counting(path, *args, **kwargs):
         calls.append(Path(path))
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(data, "load_image", counting)
+    monkeypatch.setattr(dataset_module, "load_image", counting)
     return calls
 
 
@@ -434,7 +435,7 @@ def test_default_cache_beside_the_data_and_not_listed(photo_folder):
 
 def test_read_only_folder_caches_in_the_user_cache(photo_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # as /kaggle/input: read-only
+    monkeypatch.setattr(dataset_module.os, "access", lambda path, mode: False)  # as /kaggle/input: read-only
     dataset = ImageFolderDataset(photo_folder, split="all", image_size=16)
     assert dataset.cache_path.parent == tmp_path / "xdg" / "vaehelpers" and dataset.cache_path.is_file()
     assert not (photo_folder / ".vaehelpers_cache").exists()
@@ -491,7 +492,7 @@ def test_flickr8k_download_extract_and_count(tmp_path, monkeypatch):
     assert client.calls == [("adityajn105/flickr8k", str(dest), False)] and not (dest / "flickr8k.zip").exists()
     assert get_flickr8k(dest, client=client, kaggle_input=tmp_path / "no_input", expected_count=5) == images
     assert len(client.calls) == 1  # idempotent: already there
-    monkeypatch.setattr(data, "FLICKR8K_IMAGE_COUNT", 5)  # the default count is read at call time
+    monkeypatch.setattr(sources, "FLICKR8K_IMAGE_COUNT", 5)  # the default count is read at call time
     assert get_flickr8k(dest, client=client, kaggle_input=tmp_path / "no_input") == images
     with pytest.raises(DownloadError, match="holds 4 jpgs.*expected 5"):
         get_flickr8k(tmp_path / "short", client=FakeKaggle(count=4), kaggle_input=tmp_path / "no_input")
@@ -541,16 +542,16 @@ def test_missing_credentials_give_one_clear_error_without_importing_kaggle(no_cr
     with pytest.raises(DownloadError, match="no Kaggle credentials.*KAGGLE_API_TOKEN.*kaggle.json"):
         get_flickr8k(no_credentials / "dest", kaggle_input=no_credentials / "none")
     assert "kaggle" not in sys.modules
-    assert data.kaggle_credentials() is None
+    assert kaggle.credentials() is None
 
 
 def test_credentials_are_found_where_kaggle_looks(no_credentials, monkeypatch):
     config = no_credentials / "kaggle_config"
     config.mkdir()
     (config / "kaggle.json").write_text('{"username": "u", "key": "k"}')
-    assert data.kaggle_credentials() == str(config / "kaggle.json")
+    assert kaggle.credentials() == str(config / "kaggle.json")
     monkeypatch.setenv("KAGGLE_API_TOKEN", "abc")
-    assert data.kaggle_credentials() == "KAGGLE_API_TOKEN"
+    assert kaggle.credentials() == "KAGGLE_API_TOKEN"
     assert "kaggle" not in sys.modules
 
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vaehelpers.checkpoint import load_checkpoint
+from vaehelpers.rundir import load_checkpoint
 from vaehelpers.config import build_config
-from vaehelpers.data import make_synthetic
-from vaehelpers.distributed import Distributed, TrainingProcessError, _bits_sum, _failure_message, launch
+from vaehelpers.sources import make_synthetic
+from vaehelpers.distributed import Distributed, _bits_sum
+from vaehelpers.launch import TrainingProcessError, _failure_message, launch
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.train import train

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from vaehelpers import metrics
-from vaehelpers.data import ImageFolderDataset
+from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.reconstruct import format_rows, pad_to_multiple, reconstruct_files, reconstruct_image
 

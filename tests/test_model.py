@@ -9,7 +9,8 @@ import torch
 
 from vaehelpers.bench import diffusers_twin
 from vaehelpers.config import ModelConfig, model_config, to_dict
-from vaehelpers.model import AutoencoderKL, DiagonalGaussian, Upsample2D, describe, infer_config, parameter_table
+from vaehelpers.model import AutoencoderKL, DiagonalGaussian, Upsample2D, describe, parameter_table
+from vaehelpers.weights import infer_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -295,6 +296,9 @@ def test_fused_upsampler_is_nearest_then_conv():
 def test_upsampler_fuses_without_gradients_and_in_bf16_training_only():
     upsampler, x = Upsample2D(8), torch.randn(1, 8, 4, 4)
     assert upsampler.fused == "auto"
+    with torch.no_grad():  # fast paths off (the default): diffusers' two ops
+        assert not upsampler._use_fused(x)
+    upsampler.fast_paths = True
     assert not upsampler._use_fused(x)  # fp32 training: diffusers' ops, so fp32 runs compare at 1e-5
     with torch.no_grad():
         assert upsampler._use_fused(x)
@@ -309,10 +313,7 @@ def test_upsampler_fuses_without_gradients_and_in_bf16_training_only():
 
 def test_layout_follows_diffusers_without_gradients_and_outputs_stay_nchw():
     torch.manual_seed(0)
-    ours = AutoencoderKL.from_preset("tiny").eval()
-    for module in ours.modules():
-        if isinstance(module, Upsample2D):
-            module.fused = "never"  # then every layer runs the kernel diffusers runs, in the same layout
+    ours = AutoencoderKL.from_preset("tiny").eval()  # fast paths off: every layer runs diffusers' kernel and layout
     theirs = diffusers_vae(ours.config).eval()
     theirs.load_state_dict(ours.state_dict())
     latents = torch.randn(2, 4, 4, 6)
@@ -323,3 +324,19 @@ def test_layout_follows_diffusers_without_gradients_and_outputs_stay_nchw():
     reconstructions, posterior = ours(torch.rand(2, 3, 32, 48))  # with gradients: NCHW throughout
     assert reconstructions.is_contiguous() and posterior.moments.is_contiguous()
 
+
+
+def test_fast_paths_are_opt_in_and_change_decode_by_rounding_only():
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny").eval()
+    switches = [module for module in model.modules() if hasattr(module, "fast_paths")]
+    assert switches and not any(module.fast_paths for module in switches)  # off: diffusers' operations
+    latents = torch.randn(1, 4, 6, 10)
+    with torch.no_grad():
+        plain = model.decode(latents)
+        fast = model.enable_fast_paths().decode(latents)
+    assert all(module.fast_paths for module in switches)
+    assert not torch.equal(fast, plain)  # the fused upsampler rounds differently...
+    assert float((fast - plain).abs().max() / plain.abs().max()) < 1e-5  # ...by float rounding only
+    model.disable_fast_paths()
+    assert not any(module.fast_paths for module in switches)

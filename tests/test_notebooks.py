@@ -1,18 +1,18 @@
-"""The notebook bundle: committed clean and current, shaped as a story, with settings that resolve as documented,
+"""The notebook bundle: committed clean and paired with its Jupytext .py source, shaped as a story, with settings that resolve as documented,
 and all five run headless with papermill at the smallest scale without a cell failing."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
-from vaehelpers import demo
+from vaehelpers import demo, notebook
 from vaehelpers.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,18 +33,29 @@ def assigned_names(source: str) -> list[str]:
     return [target.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for target in node.targets]
 
 
+def cells(notebook: nbformat.NotebookNode) -> list[tuple[str, str, list[str]]]:
+    """What a notebook says: (type, source, tags) per cell."""
+    return [(cell.cell_type, cell.source, cell.metadata.get("tags", [])) for cell in notebook.cells]
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_clean_and_current(name):
+def test_committed_clean_and_paired_with_its_py(name):
     notebook = read(name)
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: commit notebooks without outputs"
-    spec = importlib.util.spec_from_file_location("notebook_build", ROOT / "notebooks" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    regenerated = build.build(name, build.NOTEBOOKS[name])
-    assert json.loads(nbformat.writes(regenerated)) == json.loads(nbformat.writes(notebook)), \
-        f"{name}.ipynb differs from notebooks/build.py: run `python notebooks/build.py`"
+    assert notebook.metadata["jupytext"]["formats"] == "ipynb,py:percent", f"{name}.ipynb is not paired"
+    source = jupytext.read(ROOT / "notebooks" / f"{name}.py")
+    assert source.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+    assert cells(source) == cells(notebook), \
+        f"{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py` (or save it in Jupyter)"
+
+
+def test_sync_check_sees_an_edit(tmp_path):
+    """An edit made on one side only is caught (the check above can fail)."""
+    edited = jupytext.read(ROOT / "notebooks" / "01_data.py")
+    edited.cells[-1].source += "\n- One more idea."
+    assert cells(edited) != cells(read("01_data"))
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -72,7 +83,7 @@ def test_notebook_tells_a_story(name):
 def test_settings_resolve_to_the_reference_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("vaehelpers.kaggle.on_kaggle", lambda: False)
-    settings = demo.notebook_settings()
+    settings = notebook.settings()
     assert (settings.data_source, settings.preset, settings.image_size, settings.epochs) == ("flickr8k", "sd", 128, 600)
     assert settings.max_minutes == 690.0 and settings.device == "auto" and not settings.smoke
     assert settings.data_dir == tmp_path / "data" / "flickr8k"
@@ -82,32 +93,32 @@ def test_settings_resolve_to_the_reference_run(tmp_path, monkeypatch):
 
 
 def test_smoke_shrinks_everything_and_explicit_values_win(tmp_path):
-    settings = demo.notebook_settings(True, image_size=32, max_steps=3, data_dir=tmp_path / "images",
+    settings = notebook.settings(True, image_size=32, max_steps=3, data_dir=tmp_path / "images",
                                       run_dir=tmp_path / "run")
     assert (settings.data_source, settings.preset, settings.device, settings.perceptual_weight) == ("synthetic", "tiny", "cpu", 0.0)
     assert settings.image_size == 32 and settings.max_steps == 3 and settings.smoke
     with pytest.raises(TypeError, match="unknown notebook parameter"):
-        demo.notebook_settings(True, imagesize=32)
+        notebook.settings(True, imagesize=32)
 
 
 def test_settings_make_data_and_a_train_config(tmp_path):
-    settings = demo.notebook_settings(True, image_size=32, synthetic_count=24, data_dir=tmp_path / "images",
+    settings = notebook.settings(True, image_size=32, synthetic_count=24, data_dir=tmp_path / "images",
                                       run_dir=tmp_path / "run")
     assert len(list((settings.image_folder()).glob("*.png"))) == 24
     cfg = settings.train_config(max_steps=2)
     assert cfg.preset == "tiny" and cfg.data.image_size == 32 and cfg.data.data_dir == str(tmp_path / "images")
     assert (cfg.batch_size, cfg.lr, cfg.loss.perceptual_weight, cfg.max_steps) == (8, 1e-3, 0.0, 2)
-    full = demo.notebook_settings(False, data_source="folder", data_dir=tmp_path / "images", run_dir=tmp_path / "run")
+    full = notebook.settings(False, data_source="folder", data_dir=tmp_path / "images", run_dir=tmp_path / "run")
     cfg = full.train_config()
     assert (cfg.batch_size, cfg.lr, cfg.epochs) == (16, build_config("sd", "default").lr, 600)  # None: the recipe's
     with pytest.raises(FileNotFoundError, match="set data_dir"):
-        demo.notebook_settings(data_source="folder", data_dir=tmp_path / "missing").image_folder()
+        notebook.settings(data_source="folder", data_dir=tmp_path / "missing").image_folder()
 
 
 def test_read_only_images_cache_in_the_workspace(tmp_path, monkeypatch):
     monkeypatch.setattr("vaehelpers.kaggle.on_kaggle", lambda: False)
     monkeypatch.chdir(tmp_path)
-    settings = demo.notebook_settings(True)
+    settings = notebook.settings(True)
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as /kaggle/input is
     assert settings.cache_dir(tmp_path) == tmp_path / "cache"
 

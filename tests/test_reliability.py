@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vaehelpers import checkpoint as checkpoint_module
-from vaehelpers.checkpoint import CheckpointError, load_checkpoint
+from vaehelpers import rundir
+from vaehelpers.rundir import CheckpointError, load_checkpoint
 from vaehelpers.cli import EXIT_SKIPPED_FILES
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
-from vaehelpers.data import load_image, make_synthetic
+from vaehelpers.images import load_image
+from vaehelpers.sources import make_synthetic
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.train import train
 
@@ -241,7 +242,7 @@ def test_failing_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monke
         Path(file).write_bytes(b"partial")  # a torn write, then the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    monkeypatch.setattr(rundir.torch, "save", disk_full)
     with pytest.raises(CheckpointError, match="No space left"):
         train(build_config("tiny", device="cpu", max_steps=4, batch_size=4, run_dir=str(tmp_path / "run"),
                            **{"data.data_dir": str(images), "data.image_size": 16}), resume=True, progress=False)

@@ -1,4 +1,4 @@
-"""scale.py and `vaehelpers scale`: 1/std of the latents, stored as the run's model.scaling_factor."""
+"""latents.py's scale and `vaehelpers scale`: 1/std of the latents, stored as the run's model.scaling_factor."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +9,10 @@ import torch
 
 from vaehelpers import AutoencoderKL, ModelConfig
 from vaehelpers.cli import main
-from vaehelpers.data import ImageFolderDataset, make_synthetic
-from vaehelpers.scale import SCALE_NAME, latent_statistics, measure_scale, store_scale
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.sources import make_synthetic
+from vaehelpers.rundir import SCALE_NAME
+from vaehelpers.latents import latent_statistics, measure_scale, store_scale
 
 SMALL = ModelConfig(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, norm_num_groups=4)
 
@@ -71,8 +73,8 @@ def test_cli_scale_writes_one_over_std_into_the_run(tmp_path, capsys):
     assert record["latents"] == "posterior samples" and record["n_images"] == 4
     assert record["previous_scaling_factor"] == 0.18215
 
-    from vaehelpers.convert import to_diffusers  # an export carries the measured scale
+    from vaehelpers.weights import export  # an export carries the measured scale
 
-    to_diffusers(model, tmp_path / "diffusers")
+    export(model, tmp_path / "diffusers", "diffusers")
     written = json.loads((tmp_path / "diffusers" / "config.json").read_text())
     assert written["scaling_factor"] == model.config.scaling_factor

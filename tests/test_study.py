@@ -2,7 +2,7 @@
 import json
 
 from vaehelpers.cli import main as cli
-from vaehelpers.data import make_synthetic
+from vaehelpers.sources import make_synthetic
 
 
 def test_study_trains_each_candidate_on_the_same_budget_and_tables_them(tmp_path, capsys):

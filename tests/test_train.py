@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from vaehelpers import metrics
-from vaehelpers.checkpoint import load_checkpoint
+from vaehelpers.rundir import load_checkpoint
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
-from vaehelpers.data import ImageFolderDataset, make_synthetic
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.sources import make_synthetic
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.train import NonFiniteLossError, train
 
@@ -123,7 +124,7 @@ def test_time_limit_checkpoints_before_it_runs_out(images, tmp_path):
 
 
 def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
-    from vaehelpers.scale import store_scale
+    from vaehelpers.latents import store_scale
 
     train(tiny(images, tmp_path / "run", max_steps=1), progress=False)
     store_scale(tmp_path / "run", 0.5)

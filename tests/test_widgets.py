@@ -12,7 +12,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from vaehelpers import losses, viz  # noqa: E402
+from vaehelpers import latents, losses, viz, widgets  # noqa: E402
 from vaehelpers.config import build_config  # noqa: E402
 from vaehelpers.model import AutoencoderKL  # noqa: E402
 
@@ -38,11 +38,11 @@ def png_array(data: bytes) -> np.ndarray:
 
 
 def test_latent_explorer_sliders_change_the_decoded_image_and_back(model, images):
-    explorer = viz.LatentExplorer(model, images, height=64)
+    explorer = widgets.LatentExplorer(model, images, height=64)
     assert len(explorer.offsets) == len(explorer.scales) == model.config.latent_channels
     start_png, start_image = explorer.image.value, explorer.decoded()
     assert png_array(start_png).shape == (64, 64 * 2 + 4, 3)  # original | decoded, 4 px apart
-    assert torch.allclose(start_image, viz.decode(model, viz.encode(model, images[:1]))[0], atol=1e-4)  # at rest (batching moves the last bits)
+    assert torch.allclose(start_image, latents.decode(model, latents.encode(model, images[:1]))[0], atol=1e-4)  # at rest (batching moves the last bits)
 
     explorer.offsets[0].value = 2.0
     moved = explorer.decoded()
@@ -65,7 +65,7 @@ def test_latent_explorer_sliders_change_the_decoded_image_and_back(model, images
 
 
 def test_latent_explorer_reset_and_static_figure(model, images):
-    explorer = viz.LatentExplorer(model, images, height=32)
+    explorer = widgets.LatentExplorer(model, images, height=32)
     start_png = explorer.image.value
     explorer.offsets[1].value, explorer.scales[3].value = -1.5, 2.5
     assert explorer.image.value != start_png
@@ -78,31 +78,31 @@ def test_latent_explorer_reset_and_static_figure(model, images):
 
 
 def test_interpolation_explorer(model, images):
-    walk = viz.InterpolationExplorer(model, images[0], images[1], height=32)
+    walk = widgets.InterpolationExplorer(model, images[0], images[1], height=32)
     middle_png = walk.image.value
     walk.slider.value = 0.0
     assert walk.image.value != middle_png
-    assert torch.allclose(walk.decoded(), viz.decode(model, viz.encode(model, images[:1]))[0], atol=1e-4)
+    assert torch.allclose(walk.decoded(), latents.decode(model, latents.encode(model, images[:1]))[0], atol=1e-4)
     walk.slider.value = 1.0
-    assert torch.allclose(walk.decoded(), viz.decode(model, viz.encode(model, images[1:2]))[0], atol=1e-4)
+    assert torch.allclose(walk.decoded(), latents.decode(model, latents.encode(model, images[1:2]))[0], atol=1e-4)
     walk.slider.value = 0.5
     assert walk.image.value == middle_png
     assert len([ax for ax in walk.figure(steps=5).axes if ax.images]) == 5
 
 
 def test_interpolate_and_prior_samples(model, images):
-    path = viz.interpolate(model, images[0], images[1], steps=4)
+    path = latents.interpolate(model, images[0], images[1], steps=4)
     assert path.shape == (4, 3, 32, 32)
-    ends = viz.decode(model, viz.encode(model, images[:2]))
+    ends = latents.decode(model, latents.encode(model, images[:2]))
     assert torch.allclose(path[0], ends[0], atol=1e-4) and torch.allclose(path[-1], ends[1], atol=1e-6)
-    samples = viz.prior_samples(model, 3, 32, generator=torch.Generator().manual_seed(0))
-    again = viz.prior_samples(model, 3, 32, generator=torch.Generator().manual_seed(0))
+    samples = latents.prior_samples(model, 3, 32, generator=torch.Generator().manual_seed(0))
+    again = latents.prior_samples(model, 3, 32, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, 3, 32, 32) and torch.equal(samples, again)
 
 
 def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
     rows = [{"step": i, "epoch": round(0.1 * i, 4), "train/total_loss": 1.0 / i, "train/rec_loss": 0.5 / i} for i in range(1, 7)]
-    printer = viz.LiveLossPlot(every=3, interactive=False)
+    printer = widgets.LiveLossPlot(every=3, interactive=False)
     for row in rows:
         printer(row)
     assert capsys.readouterr().out.splitlines() == ["step 3  epoch 0.3  total_loss 0.3333  rec_loss 0.1667",
@@ -117,7 +117,7 @@ def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
     import IPython.display
 
     monkeypatch.setattr(IPython.display, "display", lambda figure, display_id: shown.append(("display", figure)) or Handle())
-    plot = viz.LiveLossPlot(every=2, interactive=True)
+    plot = widgets.LiveLossPlot(every=2, interactive=True)
     for row in rows:
         plot(row)
     assert [kind for kind, _ in shown] == ["display", "update", "update"]  # one output, redrawn in place
@@ -150,5 +150,5 @@ def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
 
 
 def test_png_bytes_scales_each_panel(images):
-    array = png_array(viz.png_bytes([images[0], images[1][:, :, :16]], height=48))
+    array = png_array(widgets.png_bytes([images[0], images[1][:, :, :16]], height=48))
     assert array.shape == (48, 48 + 4 + 24, 3)

@@ -205,6 +205,35 @@ def diffusers_twin(config: ModelConfig) -> nn.Module:
     )
 
 
+@torch.no_grad()
+def diffusers_difference(preset: str = "sd", height: int = 96, width: int = 160, seed: int = 0) -> dict[str, float]:
+    """max |ours - diffusers| / max |diffusers'| for encode (posterior mean) and decode, fp32 on the CPU under
+    no_grad, with the same random weights and inputs, with our fast paths off (the default) and on.
+
+    Keys: encode, decode (fast paths off), encode_fast, decode_fast. The README quotes these numbers.
+    """
+    config = model_config(preset)
+    torch.manual_seed(seed)
+    ours = AutoencoderKL(config).eval()
+    theirs = diffusers_twin(config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(1, config.in_channels, height, width, generator=generator) * 2 - 1
+    f = config.downsample_factor
+    latents = torch.randn(1, config.latent_channels, height // f, width // f, generator=generator)
+    their_mean, their_images = theirs.encode(images).latent_dist.mean, theirs.decode(latents).sample
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    result = {}
+    for suffix, fast in (("", False), ("_fast", True)):
+        ours.enable_fast_paths(fast)
+        result[f"encode{suffix}"] = relative(ours.encode(images).mean, their_mean)
+        result[f"decode{suffix}"] = relative(ours.decode(latents), their_images)
+    return result
+
+
 @dataclass
 class Contender:
     """One model under test, the precision it runs at, and how to call it: encode -> posterior, decode -> images."""
@@ -232,7 +261,7 @@ def build_contenders(config: ModelConfig, device: torch.device, precision: str, 
     upsampler never fused ("unfused-up": diffusers' two ops; see model.Upsample2D).
     """
     torch.manual_seed(seed)
-    ours = AutoencoderKL(config)
+    ours = AutoencoderKL(config).enable_fast_paths()  # as train.py runs it
     cuda = device.type == "cuda"
     models: list[tuple[str, nn.Module, str, bool]] = [(f"ours {precision}", ours, precision, cuda)]
     if ablate:
@@ -445,7 +474,8 @@ def bench_data(root: str | Path | None, image_size: int = 128, batch_size: int =
     root None: synthetic PNGs in a temporary folder. The cache goes to a temporary folder, never beside
     the images (they may be read-only or shared). Returns (rows, info) with the source and cache build time.
     """
-    from vaehelpers.data import ImageFolderDataset, make_synthetic
+    from vaehelpers.dataset import ImageFolderDataset
+    from vaehelpers.sources import make_synthetic
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vaehelpers-bench-") as scratch:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from vaehelpers.config import DEMO_MINUTES, INFO_PRESET, PRECISIONS, PRESETS, RECIPES, RECONSTRUCTIONS
+
 # flag -> dotted TrainConfig key; a flag left unset keeps the recipe's value
 TRAIN_FLAGS = {
     "preset": "preset", "recipe": "recipe", "image_size": "data.image_size", "epochs": "epochs",
@@ -34,15 +36,15 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def train_config_from_args(args: argparse.Namespace) -> "TrainConfig":
+def train_config_from_args(args: argparse.Namespace) -> Any:
     """Preset, then recipe, then the flags the user gave, then --set: later wins."""
-    from vaehelpers.config import build_config
+    from vaehelpers.config import DEFAULT_PRESET, build_config
 
     overrides = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()
                  if getattr(args, flag) is not None and flag not in ("preset", "recipe")}
     overrides.update({"data.data_dir": str(args.data), "run_dir": str(args.run)})
     overrides.update(_parse_set(args.set))
-    return build_config(args.preset or "tiny", args.recipe or "default", **overrides)
+    return build_config(args.preset or DEFAULT_PRESET, args.recipe or "default", **overrides)
 
 
 # Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
@@ -54,13 +56,13 @@ def _exit_status(skipped_files: int) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from vaehelpers import data
+    from vaehelpers import sources
 
     if args.source == "synthetic":
-        paths = data.make_synthetic(args.dest, count=args.count, size=args.size, seed=args.seed)
+        paths = sources.make_synthetic(args.dest, count=args.count, size=args.size, seed=args.seed)
         print(f"wrote {len(paths)} synthetic images to {args.dest}")
     else:
-        folder = data.get_flickr8k(args.dest)
+        folder = sources.get_flickr8k(args.dest)
         print(f"flickr8k images: {folder}")
     return 0
 
@@ -91,15 +93,14 @@ def _load_model(run: Path, device: str) -> tuple[Any, Any]:
 
 def _run_image_size(run: Path, given: int | None) -> int:
     """--image-size, else the run's training size, else 128."""
-    if given:
-        return given
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    return int(config.get("data", {}).get("image_size", 128))
+    from vaehelpers import rundir
+
+    return given or rundir.image_size(run)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaehelpers import metrics
-    from vaehelpers.data import ImageFolderDataset
+    from vaehelpers.dataset import ImageFolderDataset
 
     model, device = _load_model(args.run, args.device)
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=_run_image_size(args.run, args.image_size),
@@ -126,12 +127,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from vaehelpers.convert import export, load_source, model_from
+    from vaehelpers import weights
+    from vaehelpers.model import AutoencoderKL
 
-    loaded = load_source(args.src)
+    loaded = weights.load(args.src)
     for note in loaded.notes:
         print(f"note: {note}")
-    dest = export(model_from(loaded), args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
+    model = AutoencoderKL.from_weights(loaded)
+    dest = weights.export(model, args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
     config = loaded.config
     widths = [config.base_channels * m for m in config.channel_multipliers]
     print(f"read {loaded.source} ({loaded.kind}, {len(loaded.state_dict)} tensors, widths {widths}, "
@@ -143,8 +146,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from vaehelpers.data import ImageFolderDataset
-    from vaehelpers.scale import latent_statistics, store_scale
+    from vaehelpers.dataset import ImageFolderDataset
+    from vaehelpers.latents import latent_statistics, store_scale
 
     model, device = _load_model(args.run, args.device)
     image_size = _run_image_size(args.run, args.image_size)
@@ -228,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=cmd_data)
 
     info = verbs.add_parser("info", help="parameters per part and tensor shapes of a preset")
-    info.add_argument("--preset", default="sd")
+    info.add_argument("--preset", default=INFO_PRESET, choices=PRESETS)
     info.add_argument("--image-size", type=int, default=128)
     info.set_defaults(func=cmd_info)
 
@@ -236,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
     train.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                        help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)")
-    train.add_argument("--preset", choices=["tiny", "small", "sd"])
-    train.add_argument("--recipe", choices=["default", "seed"])
+    train.add_argument("--preset", choices=PRESETS)
+    train.add_argument("--recipe", choices=list(RECIPES))
     train.add_argument("--image-size", type=int)
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int)
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float)
     train.add_argument("--perceptual-weight", type=float)
     train.add_argument("--kl-weight", type=float)
-    train.add_argument("--reconstruction", choices=["l1", "l2", "bce", "l1+l2"])
+    train.add_argument("--reconstruction", choices=RECONSTRUCTIONS)
     train.add_argument("--ema-decay", type=float)
     train.add_argument("--num-workers", type=int)
     train.add_argument("--checkpoint-every", type=int)
@@ -255,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+    train.add_argument("--precision", choices=PRECISIONS,
                        help="auto: bf16 on GPUs of compute capability 8.0+ (A100, L4, H100), fp16 below (T4, V100, "
                             "P100), bf16 on CPUs with native bf16, else fp32")
     train.add_argument("--compile", action="store_true", default=None,
@@ -313,20 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--test-data", type=Path, required=True, help="held-out folder (all images evaluated)")
     study.add_argument("--out", type=Path, required=True)
     study.add_argument("--candidates", nargs="+", help="names from vaehelpers/study.py (default: all)")
-    study.add_argument("--preset", default="tiny")
+    study.add_argument("--preset", default="tiny", choices=PRESETS)
     study.add_argument("--image-size", type=int, default=64)
     study.add_argument("--batch-size", type=int, default=16)
     study.add_argument("--steps", type=int, default=600, help="the budget: steps of --batch-size images")
     study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
     study.add_argument("--device", default="auto")
-    study.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    study.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="training precision (evaluation is always fp32)")
     study.add_argument("--seed", type=int, default=0)
     study.set_defaults(func=cmd_study)
 
     demo = verbs.add_parser("demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--minutes", type=float, default=3.0, help="training budget")
+    demo.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="training budget")
     demo.set_defaults(func=cmd_demo)
 
     kaggle = verbs.add_parser("kaggle", help="push the notebooks to Kaggle (kernels + the package as a dataset)")
@@ -341,13 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="time ours against diffusers (train step, encode, decode) and the data path")
     bench.add_argument("part", nargs="?", choices=["model", "data", "all"],
                        help="what to time (default: model; data when --data-path is given)")
-    bench.add_argument("--preset", nargs="+", default=["small"], choices=["tiny", "small", "sd"])
+    bench.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS)
     bench.add_argument("--image-size", nargs="+", type=int, default=[128])
     bench.add_argument("--batch-size", nargs="+", type=int, default=[8])
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per model and op (median reported)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per model and op, first")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    bench.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    bench.add_argument("--precision", choices=PRECISIONS, default="auto")
     bench.add_argument("--ops", nargs="+", choices=["train_step", "encode", "decode"],
                        default=["train_step", "encode", "decode"])
     bench.add_argument("--peak-tflops", type=float,
@@ -366,10 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = verbs.add_parser("doctor", help="check this machine before a long run: versions, GPU, precision, a short "
                                              "live training check (exit 1 with the fix when something is wrong)")
     doctor.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    doctor.add_argument("--preset", choices=["tiny", "small", "sd"], help="default: sd on a GPU, tiny on CPU")
+    doctor.add_argument("--preset", choices=PRESETS, help="default: sd on a GPU, tiny on CPU")
     doctor.add_argument("--image-size", type=int, help="default: 128 on a GPU, 64 on CPU")
     doctor.add_argument("--batch-size", type=int, help="default: 16 on a GPU, 8 on CPU")
-    doctor.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    doctor.add_argument("--precision", choices=PRECISIONS, default="auto")
     doctor.add_argument("--steps", type=int, default=3, help="training steps of the live check (then one resumed)")
     doctor.add_argument("--json", type=Path, help="write every figure here")
     doctor.set_defaults(func=cmd_doctor)

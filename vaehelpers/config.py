@@ -1,11 +1,17 @@
-"""Settings as dataclasses: model, data, loss and training, plus named presets and recipes."""
+"""Every default in one place: the settings dataclasses, named presets and recipes, and the reference and smoke runs.
+
+Other modules (cli.py, notebook.py, demo.py) read their defaults and choices from here.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Reconstruction = Literal["l1", "l2", "bce", "l1+l2"]
 
 
 @dataclass
@@ -55,7 +61,7 @@ class DataConfig:
 class LossConfig:
     """Weights of the loss terms; see losses.py."""
 
-    reconstruction: Literal["l1", "l2", "bce", "l1+l2"] = "l1"
+    reconstruction: Reconstruction = "l1"
     reconstruction_weight: float = 1.0
     perceptual: Literal["lpips", "vgg"] = "lpips"  # lpips: VGG + published linear weights; vgg: seed's relu3_3 MSE
     perceptual_weight: float = 0.0  # 0 turns the term off (no backbone is loaded)
@@ -71,10 +77,14 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run; everything here is saved with every checkpoint."""
+    """One training run; everything here is saved with every checkpoint.
+
+    TrainConfig() is the `sd` preset with the default recipe (its `model` is ModelConfig(), SD's shape);
+    build_config(preset, recipe) gives any other combination.
+    """
 
     run_dir: str = "runs/default"
-    preset: str = "tiny"
+    preset: str = "sd"  # names `model` (build_config keeps them in step); "custom" for weights of another shape
     recipe: Literal["default", "seed"] = "default"
     epochs: int = 600  # the reference recipe's length
     max_steps: int = 0  # 0: no step limit
@@ -93,13 +103,13 @@ class TrainConfig:
     image_every: int = 0  # steps between TensorBoard image grids; 0: at checkpoints only
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
     seed: int = 0
-    init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see convert.py
+    init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see weights.py
     freeze_encoder: bool = False  # train only the decoder (as SD's ft-MSE VAE did)
     # decode a posterior sample, as LDM/SD trained; False: the posterior mean (deterministic: e.g. to check that
     # N processes train exactly like one, since each rank draws its own sampling noise)
     sample_posterior: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA sm_80+ (off for exactness checks)
     # torch.compile the training forward: a GPU option (on a CPU, compiling takes minutes)
     compile: bool = False
@@ -108,24 +118,63 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
+RECIPES: dict[str, dict[str, Any]] = {
+    # ours = the TrainConfig defaults: AdamW (no weight decay) lr 2e-3 constant, L1 + 1e-6 KL, no EMA; it beat
+    # the seed recipe by 2.9 dB PSNR (mean of 2 seeds) at equal images seen on held-out BSDS500 photos
+    # (results/quality.md; measured with the tiny preset at 64 px on CPU)
+    "default": {},
+    # The original project's loss and optimiser (DESIGN.md): 500*(BCE/B + 0.1*VGG relu3_3 MSE)
+    # + min(1, epoch/20) * KL (channel sum, mean over the rest), Adam lr 1e-3, batch 16, squash resize.
+    "seed": {
+        "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "grad_clip": 0.0, "ema_decay": 0.0,
+        "warmup_steps": 0, "schedule": "constant", "data.resize": "squash",
+        "loss.reconstruction": "bce", "loss.batch_scaled_reconstruction": True, "loss.seed_scale": 500.0,
+        "loss.perceptual": "vgg", "loss.perceptual_weight": 0.1, "loss.kl_weight": 1.0,
+        "loss.kl_reduction": "seed", "loss.kl_warmup_epochs": 20.0, "loss.disc_weight": 0.0,
+    },
+}
+
+
 def recipe_settings(name: str) -> dict[str, Any]:
     """Overrides that a named recipe applies to TrainConfig (nested keys as "loss.kl_weight")."""
-    if name == "seed":
-        # The original project's loss and optimiser (DESIGN.md): 500*(BCE/B + 0.1*VGG relu3_3 MSE)
-        # + min(1, epoch/20) * KL (channel sum, mean over the rest), Adam lr 1e-3, batch 16, squash resize.
-        return {
-            "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "grad_clip": 0.0, "ema_decay": 0.0,
-            "warmup_steps": 0, "schedule": "constant", "data.resize": "squash",
-            "loss.reconstruction": "bce", "loss.batch_scaled_reconstruction": True, "loss.seed_scale": 500.0,
-            "loss.perceptual": "vgg", "loss.perceptual_weight": 0.1, "loss.kl_weight": 1.0,
-            "loss.kl_reduction": "seed", "loss.kl_warmup_epochs": 20.0, "loss.disc_weight": 0.0,
-        }
-    if name == "default":
-        # ours = the TrainConfig defaults: AdamW (no weight decay) lr 2e-3 constant, L1 + 1e-6 KL, no EMA; it beat
-        # the seed recipe by 2.9 dB PSNR (mean of 2 seeds) at equal images seen on held-out BSDS500 photos
-        # (results/quality.md; measured with the tiny preset at 64 px on CPU)
-        return {}
-    raise ValueError(f"unknown recipe {name!r}: choose default or seed")
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: choose {' or '.join(RECIPES)}")
+    return dict(RECIPES[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Choices and the runs everybody shares (the CLI's flags, the notebooks' parameters, `make demo`)
+
+PRESETS = tuple(MODEL_PRESETS)  # tiny, small, sd
+PRECISIONS = get_args(Precision)  # auto, fp32, bf16, fp16
+RECONSTRUCTIONS = get_args(Reconstruction)
+DEFAULT_PRESET = "tiny"  # `vaehelpers train` without --preset: minutes on a CPU
+INFO_PRESET = "sd"  # `vaehelpers info` without --preset
+
+# The reference run: flickr8k, the Stable Diffusion KL-f8 model at 128 px, 600 epochs, stopping (with a
+# checkpoint) before Kaggle's 12-hour session limit. None: the recipe's value.
+REFERENCE_RUN: dict[str, Any] = {
+    "data_source": "flickr8k", "image_size": 128, "preset": "sd", "recipe": "default", "epochs": 600,
+    "device": "auto", "synthetic_count": 256, "max_minutes": 690.0, "max_steps": 0, "batch_size": None,
+    "lr": None, "perceptual_weight": None,
+}
+# Toy scale (`make demo`, the tests): seconds per notebook on a laptop CPU, nothing to download. The tiny
+# model learns faster with a larger step; the perceptual term is off because it needs pretrained VGG16 weights.
+SMOKE_RUN: dict[str, Any] = {
+    "data_source": "synthetic", "image_size": 64, "preset": "tiny", "recipe": "default", "epochs": 50,
+    "device": "cpu", "synthetic_count": 128, "max_minutes": 2.0, "max_steps": 0, "batch_size": 8,
+    "lr": 1e-3, "perceptual_weight": 0.0,
+}
+DEMO_MINUTES = 3.0  # `make demo` / `vaehelpers demo`: the training budget of the smoke run's notebook 04
+# What `vaehelpers doctor`'s live check trains when not told: on a GPU the reference run's model, size and batch;
+# on a CPU the tiny preset at 64 px, which keeps the whole check near a minute on 2 cores.
+DOCTOR_GPU_RUN: dict[str, Any] = {"preset": "sd", "image_size": 128, "batch_size": 16}
+DOCTOR_CPU_RUN: dict[str, Any] = {"preset": "tiny", "image_size": 64, "batch_size": 8}
+
+
+def run_settings(smoke: bool = False) -> dict[str, Any]:
+    """A copy of the smoke run's settings (smoke=True) or the reference run's."""
+    return dict(SMOKE_RUN if smoke else REFERENCE_RUN)
 
 
 T = TypeVar("T")
@@ -160,16 +209,28 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
     return cfg
 
 
+def config_diff(a: Any, b: Any) -> str:
+    """'field: a vs b' for each field in which two configs of one dataclass differ ("none" when equal)."""
+    diffs = [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+             for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return ", ".join(diffs) or "none"
+
+
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build a config dataclass from a (possibly nested) dict, type-checked; unknown keys raise."""
     return apply_overrides(cls(), values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return asdict(cfg)
+    """A config dataclass as a plain (nested) dict; a dict is returned as it is."""
+    return cfg if isinstance(cfg, dict) else asdict(cfg)
 
 
 def save_json(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass (or its dict) as indented JSON: the one format of every config.json.
+
+    rundir.write_config calls this inside an atomic write; call that for a run directory.
+    """
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
@@ -184,7 +245,7 @@ def model_config(preset: str) -> ModelConfig:
     return dataclasses.replace(MODEL_PRESETS[preset])
 
 
-def build_config(preset: str = "tiny", recipe: str = "default", **overrides: Any) -> TrainConfig:
+def build_config(preset: str = DEFAULT_PRESET, recipe: str = "default", **overrides: Any) -> TrainConfig:
     """A TrainConfig from a model preset, then a recipe, then explicit overrides (dotted keys allowed)."""
     cfg = TrainConfig(preset=preset, recipe=recipe, model=model_config(preset))
     cfg = apply_overrides(cfg, recipe_settings(recipe))

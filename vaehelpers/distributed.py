@@ -1,4 +1,4 @@
-"""Several processes, one run: joining a torchrun job, the few collectives train() needs, and a notebook launcher.
+"""Several processes, one run: joining the process group (torchrun or launch.py) and the few collectives train() needs.
 
 Data parallel in the usual way: every rank holds the whole model and takes its share b[rank::world] of each
 global batch (batch_size is the GLOBAL batch); DistributedDataParallel averages the autoencoder's gradients,
@@ -11,39 +11,26 @@ statistics come from each rank's own share of the batch, as in LDM's multi-GPU t
 train like one process only approximately.
 
     torchrun --nproc_per_node 2 -m vaehelpers -- train --data DIR --run DIR ...   # a script, one machine
-    vaehelpers.distributed.launch(cfg, nproc=2)                                   # a notebook (Kaggle T4x2)
+    vaehelpers.launch.launch(cfg, nproc=2)                                        # a notebook (Kaggle T4x2)
 
 (The "--" keeps torchrun's own parser from reading "--run" as an abbreviation of its "--run-path".)
 """
 from __future__ import annotations
 
 import os
-import pickle
-import signal
-import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import ProcessException
 
 from vaehelpers.runtime import resolve_device
-
-if TYPE_CHECKING:
-    from vaehelpers.config import TrainConfig
-    from vaehelpers.train import TrainResult
 
 # How long a collective waits for a rank that does not come (then every rank fails with an error rather than
 # hanging). Generous by default: the other ranks wait at the next step while rank 0 validates and writes files.
 TIMEOUT_ENV = "VAEHELPERS_DIST_TIMEOUT"  # seconds
 DEFAULT_TIMEOUT_S = 1800.0
-
-
-class TrainingProcessError(RuntimeError):
-    """A process of a launch() run failed; the others were stopped. The message names the rank and its error."""
 
 
 @dataclass
@@ -170,117 +157,3 @@ def init_distributed(device_name: str = "auto") -> Distributed:
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return Distributed(rank, local_rank, world_size, device, owns_group)
-
-
-# ----------------------------------------------------------------------------- notebook launcher
-
-def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, **train_kwargs: Any) -> TrainResult | None:
-    """Train on `nproc` processes of this machine (default: one per visible GPU) and return rank 0's result.
-
-    For notebooks (Kaggle T4x2), where torchrun is awkward: it spawns fresh interpreters with
-    torch.multiprocessing (the "spawn" method works even after the notebook has touched CUDA, unlike fork),
-    sets MASTER_ADDR/MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE in each, and runs train(cfg) there.
-    train_kwargs go to train() and must be picklable (no lambdas; on_log cannot reach the notebook).
-    If a process fails, the others are stopped and TrainingProcessError says which rank and why.
-    Interrupting the notebook asks every process to checkpoint and stop, as Ctrl-C does for one process.
-    With nproc == 1 it simply calls train() here.
-    """
-    from vaehelpers.train import train
-
-    nproc = nproc or max(1, torch.cuda.device_count())
-    if nproc == 1:
-        return train(cfg, resume=resume, **train_kwargs)
-    if train_kwargs.pop("on_log", None) is not None:  # a callback cannot reach the notebook from other processes
-        print(f"{nproc} processes: no live loss plot (process 0 prints progress; draw the curve from log.csv afterwards)")
-    if cfg.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise ValueError(f"nproc={nproc} but only {torch.cuda.device_count()} GPU(s) are visible (one process per GPU)")
-    port = int(os.environ.get("MASTER_PORT") or _free_port())
-    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    context = torch.multiprocessing.start_processes(
-        _worker, args=(nproc, port, cfg, resume, train_kwargs, results), nprocs=nproc, join=False, start_method="spawn")
-    try:
-        try:
-            _join(context)
-        except KeyboardInterrupt:  # the notebook's stop button: every rank checkpoints at the same step, then stops
-            _signal(context, signal.SIGTERM)
-            try:
-                _join(context)
-            except KeyboardInterrupt:  # pressed again: stop now, without a checkpoint
-                _signal(context, signal.SIGKILL)
-                raise
-    except ProcessException as error:
-        raise TrainingProcessError(_failure_message(context, error, nproc)) from None
-    return results.get() if not results.empty() else None
-
-
-def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, resume: bool, train_kwargs: dict[str, Any],
-            results: Any) -> None:
-    """One spawned process of launch(): torchrun's environment variables, then train()."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    if "OMP_NUM_THREADS" not in os.environ:  # share the CPU cores instead of each rank taking all (torchrun does too)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    from vaehelpers.train import train
-
-    result = train(cfg, resume=resume, **train_kwargs)
-    if rank == 0:
-        results.put(result)
-
-
-def _join(context: Any) -> None:
-    """Wait for every process; when one fails, give the others 10 s to exit, then SIGTERM, 10 s, SIGKILL."""
-    while not context.join(grace_period=10):
-        pass
-
-
-def _signal(context: Any, signum: int) -> None:
-    for process in context.processes:
-        if process.is_alive():
-            os.kill(process.pid, signum)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _failure_message(context: Any, error: ProcessException, nproc: int) -> str:
-    """Which rank failed first, how every rank ended (with each error's last line), and the first one's traceback.
-
-    Every rank is listed because the first rank to exit is not always the cause: when one rank raises, the
-    others soon fail too ("connection closed by peer") and may be seen first.
-    """
-    lines, tracebacks = [], {}
-    for rank, process in enumerate(context.processes):
-        tracebacks[rank] = _read_traceback(context.error_files[rank])
-        if tracebacks[rank]:
-            detail = ", " + tracebacks[rank].strip().splitlines()[-1]  # "SomeError: what went wrong"
-        elif rank == error.error_index:
-            detail = ", without a Python error: killed (e.g. out of memory) or exited hard"
-        else:
-            detail = ""
-        lines.append(f"  rank {rank}: {_exit_status(process.exitcode)}{detail}")
-    first_traceback = tracebacks[error.error_index]
-    return (f"training on {nproc} processes failed, rank {error.error_index} first; the rest were stopped. "
-            f"How each ended:\n" + "\n".join(lines) + "\nFix the cause and run again; resume=True continues from the "
-            "last checkpoint." + (f"\nTraceback of rank {error.error_index}:\n{first_traceback}" if first_traceback else ""))
-
-
-def _read_traceback(path: str) -> str:
-    """The traceback a spawned process left in its error file (torch's _wrap writes one), or ""; removes the file."""
-    try:
-        with open(path, "rb") as handle:
-            traceback = pickle.load(handle)
-        os.unlink(path)
-        return traceback
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return ""
-
-
-def _exit_status(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "still running"
-    if exitcode < 0:
-        return f"signal {signal.Signals(-exitcode).name}"
-    return f"exit code {exitcode}"

@@ -16,10 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-# What the live check trains when not told: on a GPU the product's reference run (sd, 128 px, TrainConfig's batch);
-# on a CPU the tiny preset at 64 px, which keeps the whole check near a minute on 2 shared cores.
-GPU_DEFAULTS = {"preset": "sd", "image_size": 128, "batch_size": 16}
-CPU_DEFAULTS = {"preset": "tiny", "image_size": 64, "batch_size": 8}
+from vaehelpers.config import DOCTOR_CPU_RUN, DOCTOR_GPU_RUN
+
 MAX_BATCH_PROBE = 512  # the largest-batch search on a GPU stops here (a 140 GiB H200 fits more than any run needs)
 GIB = 2**30
 
@@ -166,7 +164,7 @@ def run(device: str = "auto", preset: str | None = None, image_size: int | None 
         log: Callable[[str], None] = print) -> DoctorReport:
     """Check this machine for training; returns a DoctorReport (report.ok, report.reason, report.table()).
 
-    preset / image_size / batch_size default to GPU_DEFAULTS on CUDA and CPU_DEFAULTS on CPU. The live check trains
+    preset / image_size / batch_size default to DOCTOR_GPU_RUN on CUDA and DOCTOR_CPU_RUN on CPU. The live check trains
     `steps` steps through vaehelpers.train in a temporary run directory, resumes it for one more, times encode /
     decode / a train step with bench.py, and finds the largest batch that fits (CUDA: searched, out-of-memory
     caught; CPU: recommended from the memory a step needed and the RAM available).
@@ -197,7 +195,7 @@ def run(device: str = "auto", preset: str | None = None, image_size: int | None 
     except (ValueError, RuntimeError) as error:
         report.ok, report.reason = False, str(error)
         return finish()
-    defaults = GPU_DEFAULTS if torch_device.type == "cuda" else CPU_DEFAULTS
+    defaults = DOCTOR_GPU_RUN if torch_device.type == "cuda" else DOCTOR_CPU_RUN
     preset = preset or defaults["preset"]
     image_size = image_size or defaults["image_size"]
     batch_size = batch_size or defaults["batch_size"]
@@ -226,9 +224,9 @@ def live_check(report: DoctorReport, add: Callable[[str, str], None], device: to
     from safetensors.torch import load_file
 
     from vaehelpers.bench import bench_model
-    from vaehelpers.checkpoint import load_checkpoint
+    from vaehelpers.rundir import load_checkpoint
     from vaehelpers.config import build_config
-    from vaehelpers.data import make_synthetic
+    from vaehelpers.sources import make_synthetic
     from vaehelpers.train import train
 
     def fail(reason: str) -> None:

@@ -1,4 +1,4 @@
-"""Kaggle: where things are on a Kaggle machine, the GPU check before work starts, and `vaehelpers kaggle push`.
+"""Kaggle: credentials and the API, where things are on a Kaggle machine, the GPU check, `vaehelpers kaggle push`.
 
 How the code gets to Kaggle: `vaehelpers kaggle push` builds a wheel of this package and uploads it, with
 kaggle/install.py, as the private dataset `<user>/vaehelpers-src`; every kernel attaches that dataset and
@@ -9,16 +9,19 @@ light dependencies are present, and pins each kernel version to the exact code t
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from vaehelpers.rundir import RunDir
 from vaehelpers.runtime import UnsupportedGPUError, check_cuda_arch
 
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -53,6 +56,79 @@ def workspace(cwd: str | Path | None = None) -> Path:
     if cwd.name == "notebooks" and (cwd.parent / "pyproject.toml").is_file():
         return cwd.parent
     return cwd
+
+
+# ----------------------------------------------------------------------------- credentials and /kaggle/input
+
+def credentials() -> str | None:
+    """Where the kaggle package would find credentials (a short description), or None; reads nothing secret."""
+    env = os.environ
+    if env.get("KAGGLE_API_TOKEN"):
+        return "KAGGLE_API_TOKEN"
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return "KAGGLE_USERNAME and KAGGLE_KEY"
+    if env.get("KAGGLE_API_V1_TOKEN") and Path(env["KAGGLE_API_V1_TOKEN"]).is_file():
+        return "KAGGLE_API_V1_TOKEN (inside a Kaggle notebook)"
+    home = Path.home() / ".kaggle"
+    if env.get("KAGGLE_CONFIG_DIR"):
+        config_dirs = [Path(env["KAGGLE_CONFIG_DIR"])]
+    else:  # kaggle falls back to the XDG folder when ~/.kaggle is missing
+        config_dirs = [home, Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"]
+    candidates = [directory / "kaggle.json" for directory in config_dirs]
+    candidates += [home / "access_token", home / "access_token.txt", home / "credentials.json"]
+    return next((str(path) for path in candidates if path.is_file()), None)
+
+
+CREDENTIALS_HELP = (
+    "Create an API token at https://www.kaggle.com/settings/api, then `export KAGGLE_API_TOKEN=<token>` or save it "
+    "to ~/.kaggle/access_token; the legacy kaggle.json goes in ~/.kaggle/ (or $KAGGLE_CONFIG_DIR) with `chmod 600`, "
+    "or set KAGGLE_USERNAME and KAGGLE_KEY."
+)
+
+
+class KaggleLoginError(RuntimeError):
+    """No credentials, or Kaggle refused them; the message says what to do."""
+
+
+def api() -> Any:
+    """The authenticated kaggle.api; the kaggle package is imported only here (it authenticates at import)."""
+    source = credentials()
+    if source is None:
+        raise KaggleLoginError(f"no Kaggle credentials were found. {CREDENTIALS_HELP}")
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):  # kaggle prints a long help text when it cannot log in
+            import kaggle
+
+            client = kaggle.api
+            if not getattr(client, "_authenticated", False):
+                client.authenticate()
+    except ImportError as error:
+        # kaggle 2.2 also imports `six` without declaring it
+        raise KaggleLoginError(f"cannot import the kaggle package ({error}): pip install kaggle six") from error
+    except SystemExit:  # KaggleApi.authenticate() calls exit(1) on failure
+        raise KaggleLoginError(f"Kaggle did not accept the credentials from {source}. {CREDENTIALS_HELP}") from None
+    except Exception as error:  # token checks go over the network
+        raise KaggleLoginError(f"could not log in to Kaggle with {source}: {type(error).__name__}: {error}") from error
+    return client
+
+
+def input_folders(kaggle_input: str | Path = KAGGLE_INPUT, max_depth: int = 6,
+                  skip: Sequence[str] = ()) -> Iterator[tuple[int, Path]]:
+    """(depth, folder) for the folders under an attached-inputs root, breadth first, sorted, hidden ones left out.
+
+    Bounded (max_depth levels) and never entering the folders named in `skip`, so that a large image dataset
+    is never walked to the bottom.
+    """
+    level = [Path(kaggle_input)] if Path(kaggle_input).is_dir() else []
+    for depth in range(max_depth):
+        below: list[Path] = []
+        for folder in level:
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                below += sorted(Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir())
+        for folder in below:
+            yield depth, folder
+        level = [folder for folder in below if folder.name not in skip]
 
 
 # ----------------------------------------------------------------------------- the GPU check
@@ -98,20 +174,9 @@ def ensure_gpu_supported(install_legacy_torch: bool = False, *, installer: Insta
 def find_attached_run(name: str, kaggle_input: str | Path = KAGGLE_INPUT, max_depth: int = 6) -> Path | None:
     """A run directory called `name` (holding config.json and weights or a checkpoint) in an attached input,
     e.g. the output of an earlier 04_training version added with Add Input > Your Work; None if there is none."""
-    level = [Path(kaggle_input)] if Path(kaggle_input).is_dir() else []
-    for _ in range(max_depth):  # breadth first and bounded: never walk a large image dataset to the bottom
-        below = []
-        for folder in level:
-            try:
-                entries = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.name == name and (entry / "config.json").is_file() and (
-                        (entry / "model.safetensors").is_file() or (entry / "checkpoints" / "last.pt").is_file()):
-                    return entry
-            below += [entry for entry in entries if entry.name not in ("Images", "checkpoints", "tensorboard")]
-        level = below
+    for _, folder in input_folders(kaggle_input, max_depth, skip=("Images", "checkpoints", "tensorboard")):
+        if folder.name == name and RunDir(folder).has_run():
+            return folder
     return None
 
 
@@ -119,7 +184,7 @@ def restore_run(run_dir: str | Path, kaggle_input: str | Path = KAGGLE_INPUT) ->
     """Copy an attached earlier run into run_dir when run_dir has none yet (Kaggle inputs are read-only, and a
     resumed run must write); returns what happened, in one line."""
     run_dir = Path(run_dir)
-    if (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "model.safetensors").is_file():
+    if RunDir(run_dir).has_weights():
         return f"{run_dir} already holds a run: using it"
     found = find_attached_run(run_dir.name, kaggle_input)
     if found is None:
@@ -186,15 +251,10 @@ def stage(root: str | Path, user: str, dest: str | Path, *,
 
 
 def kaggle_client() -> Any:
-    """The authenticated kaggle API object; the kaggle package is imported only here (it logs in at import)."""
-    from vaehelpers.data import DownloadError, _kaggle_api, kaggle_credentials
-
-    if kaggle_credentials() is None:
-        raise RuntimeError("no Kaggle credentials: create a token at https://www.kaggle.com/settings/api and "
-                           "`export KAGGLE_API_TOKEN=<token>` (or put kaggle.json in ~/.kaggle/)")
+    """The authenticated kaggle API object for `kaggle push`."""
     try:
-        return _kaggle_api()
-    except DownloadError as error:  # its messages are about logging in; say it is the push that failed
+        return api()
+    except KaggleLoginError as error:  # say it is the push that failed
         raise RuntimeError(f"kaggle push: {error}") from None
 
 

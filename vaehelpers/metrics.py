@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from vaehelpers.data import BadImageError
+from vaehelpers.images import BadImageError
 from vaehelpers.runtime import autocast, resolve_device, resolve_precision
 
 PSNR_CAP_DB = 100.0  # cap per image in the mean PSNR; see the module docstring
@@ -81,6 +81,12 @@ def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tens
         "mae_pm1": 2 * mae,  # the same error measured on [-1, 1]
         "mse_pm1": 4 * mse,
     }
+
+
+def image_psnr(image: Tensor, reconstruction: Tensor) -> float:
+    """PSNR in dB on [0, 1] of one image pair (3, H, W) given in [-1, 1] (inf for an exact copy), as per_image_metrics."""
+    error = to_unit_range(reconstruction) - to_unit_range(image)
+    return float(psnr_from_mse(error.square().mean()))
 
 
 # --------------------------------------------------------------------------- LPIPS and rFID backbones

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -12,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vaehelpers.config import MODEL_PRESETS, ModelConfig, apply_overrides, from_dict, model_config, to_dict
+from vaehelpers import weights
+from vaehelpers.config import MODEL_PRESETS, ModelConfig, apply_overrides, config_diff, model_config
+from vaehelpers.rundir import RunDir
+from vaehelpers.weights import infer_config
 
 # Module and parameter names follow diffusers' AutoencoderKL exactly, so that its state dicts load
 # here with strict=True and ours load there. The code is our own; diffusers is only the test oracle.
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 # The posterior's log-variance is clamped to this range, as in LDM's DiagonalGaussianDistribution
 # (CompVis/latent-diffusion, ldm/modules/distributions/distributions.py) and diffusers: exp(20)
@@ -76,13 +76,19 @@ class DiagonalGaussian:
 # ---------------------------------------------------------------------------- building blocks
 
 
-def _silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU, in place when autograd records nothing (encode/decode under no_grad or inference_mode).
+# ---- CPU fast paths, off by default (AutoencoderKL.enable_fast_paths): with them off, every layer runs the
+# operation diffusers runs, in the same memory layout, so outputs match diffusers' to float rounding of the same ops.
+# On: SiLU and the ResNet skip add in place, the attention residual in the layout that trains faster, and the
+# upsampler fused into one transposed conv (see Upsample2D). train.py and bench.py turn them on.
+
+
+def _silu(x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """SiLU; with `fast`, in place when autograd records nothing (encode/decode under no_grad or inference_mode).
 
     Every caller passes a fresh GroupNorm output that nothing else holds, so overwriting it is safe there;
     with gradients on it must stay out of place (SiLU's backward needs its input).
     """
-    return F.silu(x, inplace=not torch.is_grad_enabled())
+    return F.silu(x, inplace=fast and not torch.is_grad_enabled())
 
 
 class ResnetBlock2D(nn.Module):
@@ -95,14 +101,15 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.fast_paths = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))  # SD's dropout is 0 for the autoencoder: left out
+        h = self.conv1(_silu(self.norm1(x), self.fast_paths))
+        h = self.conv2(_silu(self.norm2(h), self.fast_paths))  # SD's dropout is 0 for the autoencoder: left out
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        if skip.dtype == h.dtype:  # a conv's backward does not need its output: adding into it is safe
+        if self.fast_paths and skip.dtype == h.dtype:  # a conv's backward does not need its output: adding into it is safe
             return h.add_(skip)
-        return skip + h  # mixed dtypes (autocast): keep PyTorch's type promotion
+        return skip + h  # diffusers' sum (and, under autocast, PyTorch's type promotion)
 
 
 class Attention(nn.Module):
@@ -120,6 +127,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         # a ModuleList so that the key is "to_out.0", as in diffusers (whose to_out.1 is a Dropout, no weights)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.fast_paths = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -130,10 +138,12 @@ class Attention(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, 1, h*w, C) -> (B, h*w, C)
         attended = self.to_out[0](attended).transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w), NHWC in memory
         # The sum's memory layout (not its values) follows the first operand, and every later layer keeps it.
-        # Without gradients, NHWC: faster convolutions, and the very layout diffusers ends up with (it adds
-        # `attended + residual`). With gradients, the input's layout: on CPU NCHW trains faster, because
-        # GroupNorm's backward is several times slower on NHWC tensors (results/benchmarks.md).
-        return x + attended if torch.is_grad_enabled() else attended + x
+        # diffusers adds `attended + residual`: NHWC, which is also the faster layout for convolutions without
+        # gradients. The fast path trains in the input's layout: on CPU NCHW trains faster, because GroupNorm's
+        # backward is several times slower on NHWC tensors (results/benchmarks.md).
+        if self.fast_paths and torch.is_grad_enabled():
+            return x + attended
+        return attended + x
 
 
 class Downsample2D(nn.Module):
@@ -169,8 +179,9 @@ class Upsample2D(nn.Module):
 
     On CPU the two can run as one stride-2 transposed conv with summed taps (see _upsample_conv_weight):
     the same function with 16/36 of the FLOPs, which rounds differently (within 1e-5 of diffusers).
-    `fused` = "auto" (default) fuses when autograd records nothing (encode/decode) and when training under
-    bf16 autocast, where bf16 rounding dwarfs the difference (bf16 on the 2-core CPU: decode 0.91x and the
+    `fused` = "auto" (default) follows the model's fast paths (off: diffusers' two ops); with them on it fuses
+    when autograd records nothing (encode/decode) and when training under bf16 autocast, where bf16 rounding
+    dwarfs the difference (bf16 on the 2-core CPU: decode 0.91x and the
     train step 0.92x the unfused time, results/benchmarks.md). fp32 training keeps diffusers' two ops, so
     fp32 runs stay comparable at 1e-5 (fused, a two-process run drifted 1.8e-5 from one process after four
     Adam steps, against 4e-6 unfused). "always" and "never" force it (benchmark ablations). Other devices
@@ -181,11 +192,16 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.fused: Literal["auto", "always", "never"] = "auto"
+        self.fast_paths = False
 
     def _use_fused(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or self.fused == "never":
             return False
-        if self.fused == "always" or not torch.is_grad_enabled():
+        if self.fused == "always":
+            return True
+        if not self.fast_paths:
+            return False
+        if not torch.is_grad_enabled():
             return True
         return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
@@ -277,13 +293,14 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
         self.gradient_checkpointing = False
+        self.fast_paths = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(images)
         for block in self.down_blocks:
             x = _run(block, x, self.gradient_checkpointing)
         x = _run(self.mid_block, x, self.gradient_checkpointing)
-        moments = self.conv_out(_silu(self.conv_norm_out(x)))
+        moments = self.conv_out(_silu(self.conv_norm_out(x), self.fast_paths))
         return _callers_layout(moments, images)
 
 
@@ -306,13 +323,14 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=eps)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        self.fast_paths = False
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(latents)
         x = _run(self.mid_block, x, self.gradient_checkpointing)
         for block in self.up_blocks:
             x = _run(block, x, self.gradient_checkpointing)
-        images = self.conv_out(_silu(self.conv_norm_out(x)))
+        images = self.conv_out(_silu(self.conv_norm_out(x), self.fast_paths))
         return _callers_layout(images, latents)
 
 
@@ -383,6 +401,20 @@ class AutoencoderKL(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.enable_gradient_checkpointing(False)
 
+    def enable_fast_paths(self, enabled: bool = True) -> AutoencoderKL:
+        """Turn the CPU fast paths on (off by default, where every layer runs diffusers' own operation):
+        in-place SiLU and skip adds without gradients, the attention residual in the layout that trains
+        faster, and the upsampler fused into one transposed conv without gradients and in bf16 training
+        (Upsample2D). Decode then differs from diffusers by about 1e-5 of the output's range (README). Returns self.
+        """
+        for module in self.modules():
+            if hasattr(module, "fast_paths"):
+                module.fast_paths = enabled
+        return self
+
+    def disable_fast_paths(self) -> AutoencoderKL:
+        return self.enable_fast_paths(False)
+
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (B, C_in, H, W) in [-1, 1], H and W multiples of f -> posterior over (B, L, H/f, W/f)."""
         f, c = self.config.downsample_factor, self.config.in_channels
@@ -415,69 +447,45 @@ class AutoencoderKL(nn.Module):
         latents = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(latents), posterior
 
-    # ------------------------------------------------------------------------ save and load
+    # ------------------------------------------------------------------------ save and load (weights.py)
 
     def save(self, run_dir: str | Path) -> Path:
         """Write run_dir/model.safetensors and, if missing, run_dir/config.json as {"model": ModelConfig}.
 
-        An existing config.json with a "model" key (a training run's config) is left as it is; its
-        model settings must equal this model's, else a ValueError is raised before anything is written
-        (a later `load` would otherwise build the wrong model). An existing bare ModelConfig dict is
-        rewritten in the {"model": ...} form. Returns the weights' path.
+        An existing run config.json must hold this model's settings (else a ValueError, before anything is
+        written). Returns the weights' path. The same as weights.export(model, run_dir, "vaehelpers").
         """
-        run_dir = Path(run_dir)
-        config_path = run_dir / CONFIG_NAME
-        write_config = True
-        if config_path.exists():
-            existing = json.loads(config_path.read_text())
-            if isinstance(existing, dict) and "model" in existing:
-                saved = from_dict(ModelConfig, existing["model"])
-                if saved != self.config:
-                    raise ValueError(
-                        f"{config_path} holds different model settings ({_config_diff(saved, self.config)}); "
-                        "update its 'model' entry before saving"
-                    )
-                write_config = False
-            else:
-                from_dict(ModelConfig, existing)  # raises unless it is a bare model config
-        run_dir.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
-        weights_path = run_dir / WEIGHTS_NAME
-        tensors = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
-        save_file(tensors, str(weights_path), metadata={"format": "pt"})
-        if write_config:
-            config_path.write_text(json.dumps({"model": to_dict(self.config)}, indent=2) + "\n")
-        return weights_path
+        weights.export(self, run_dir, "vaehelpers")
+        return RunDir(run_dir).weights
 
     @classmethod
-    def load(
-        cls, path: str | Path, config: ModelConfig | None = None, map_location: str | torch.device = "cpu"
-    ) -> AutoencoderKL:
-        """Load a run directory (config.json + model.safetensors) or a .safetensors file.
-
-        config.json is either a bare ModelConfig dict or a dict with a "model" key (a run config).
-        For a .safetensors file the config is `config`, else the config.json beside it. Keys and
-        shapes are checked strictly; a mismatch raises a ValueError listing them and the config
-        fields that likely differ.
+    def load(cls, src: str | Path, config: ModelConfig | None = None, *, like: ModelConfig | None = None) -> AutoencoderKL:
+        """A model (float32, CPU) from any source weights.load reads: a run directory, a .safetensors file,
+        a diffusers folder, an LDM/SD checkpoint or a Hub id. config: build this shape instead of the one the
+        source names; like: settings a bare file cannot show (weights.load). Keys and shapes are checked strictly.
         """
-        path = Path(path)
-        if path.is_dir():
-            weights_path = path / WEIGHTS_NAME
-        elif path.suffix == ".safetensors":
-            weights_path = path
-        else:
-            raise ValueError(f"{path}: expected a run directory or a .safetensors file")
-        if not weights_path.exists():
-            raise FileNotFoundError(f"no weights at {weights_path}")
-        if config is None:
-            config = read_model_config(weights_path.parent / CONFIG_NAME)
-        from safetensors.torch import load_file
+        return cls.from_weights(weights.load(src, like), config)
 
-        state_dict = load_file(str(weights_path), device=str(map_location))
-        model = cls(config)
-        model.load_weights(state_dict)
-        return model.to(map_location)
+    @classmethod
+    def from_weights(cls, loaded: weights.Weights, config: ModelConfig | None = None) -> AutoencoderKL:
+        """A model holding `loaded` (built on the meta device: no random init), after a strict check of every key
+        and shape; a mismatch raises a ValueError naming the source, the keys and the config fields that differ."""
+        config = config or loaded.config
+        try:
+            with torch.device("meta"):
+                model = cls(config)
+        except ValueError as error:
+            raise ValueError(f"{loaded.source}: no model can be built for these weights ({error}); norm_num_groups "
+                             "cannot be read from weights: pass like=ModelConfig(norm_num_groups=...)") from error
+        problems = state_dict_mismatch(model.state_dict(), loaded.state_dict)
+        missing = sorted(set(model.state_dict()) - set(loaded.state_dict))
+        if problems and loaded.kind == "ldm" and missing:
+            levels = len(config.channel_multipliers)
+            problems += "\n  missing keys with their LDM names:\n    " + weights.ldm_names(missing[:12], levels)
+        if problems:
+            raise ValueError(f"{loaded.source}: {problems}")
+        model.load_state_dict(loaded.state_dict, strict=True, assign=True)
+        return model.float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """load_state_dict(strict=True), raising a ValueError that explains any key or shape mismatch."""
@@ -485,52 +493,6 @@ class AutoencoderKL(nn.Module):
         if problems:
             raise ValueError(problems)
         self.load_state_dict(state_dict, strict=True)
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """A ModelConfig from a config.json holding either a bare ModelConfig dict or a run config with "model"."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}: pass config=ModelConfig(...) or model_config(preset)")
-    values = json.loads(path.read_text())
-    if isinstance(values, dict) and "model" in values:
-        values = values["model"]
-    return from_dict(ModelConfig, values)
-
-
-def _config_diff(a: ModelConfig, b: ModelConfig) -> str:
-    """'field: a vs b' for each differing field."""
-    diffs = [
-        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
-        for f in dataclasses.fields(a)
-        if getattr(a, f.name) != getattr(b, f.name)
-    ]
-    return ", ".join(diffs) or "none"
-
-
-def infer_config(state_dict: dict[str, torch.Tensor], like: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig whose shapes a diffusers-named state dict has; fields the weights cannot show
-    (norm_num_groups, norm_eps, scaling_factor) are taken from `like` (default: ModelConfig())."""
-    like = ModelConfig() if like is None else like
-    conv_in = state_dict["encoder.conv_in.weight"]  # (base, C_in, 3, 3)
-    base = conv_in.shape[0]
-    levels = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down_blocks."))
-    multipliers = tuple(
-        state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // base for i in range(levels)
-    )
-    layers = 1 + max(
-        int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets.")
-    )
-    return dataclasses.replace(
-        like,
-        in_channels=conv_in.shape[1],
-        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_multipliers=multipliers,
-        layers_per_block=layers,
-        latent_channels=state_dict["post_quant_conv.weight"].shape[0],
-        mid_attention=any(".mid_block.attentions." in key for key in state_dict),
-    )
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
@@ -553,9 +515,9 @@ def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torc
     report += listing("unexpected keys", unexpected) + listing("shape mismatches", shapes)
     try:
         model_cfg, weights_cfg = infer_config(expected), infer_config(found)
-        report += f"\n  config fields that likely differ (model vs weights): {_config_diff(model_cfg, weights_cfg)}"
+        report += f"\n  config fields that likely differ (model vs weights): {config_diff(model_cfg, weights_cfg)}"
     except (KeyError, ValueError, IndexError):
-        report += "\n  the weights do not look like a diffusers-named AutoencoderKL (convert.py converts LDM/SD names)"
+        report += "\n  the weights do not look like a diffusers-named AutoencoderKL (weights.py converts LDM/SD names)"
     return report
 
 

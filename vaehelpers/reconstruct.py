@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
-from vaehelpers.data import BadImageError, load_image, preprocess
+from vaehelpers.images import BadImageError, load_image, preprocess
 from vaehelpers.metrics import per_image_metrics
 
 

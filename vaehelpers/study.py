@@ -51,9 +51,9 @@ def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequ
     Finished candidates (out/<name>/evaluation.json) are kept, so a stopped study resumes. Writes out/study.json
     and out/study.md after each candidate.
     """
-    from vaehelpers import metrics, viz
+    from vaehelpers import latents, metrics, viz
     from vaehelpers.config import build_config
-    from vaehelpers.data import ImageFolderDataset
+    from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.model import AutoencoderKL
     from vaehelpers.runtime import resolve_device, resolve_precision
     from vaehelpers.train import train
@@ -82,8 +82,7 @@ def run_study(train_dirs: Sequence[Path], test_dir: Path, out: Path, names: Sequ
                            images_seen=steps * batch_size, preset=preset)
             metrics.write_json(summary, result_path)
             images = torch.stack([test_set[i] for i in range(4)])
-            with torch.no_grad():
-                reconstructions = model.decode(model.encode(images).mode())
+            reconstructions = latents.reconstruct(model, images)
             viz.save_figure(viz.reconstruction_figure(images, reconstructions), out / f"{name}_reconstructions.png")
         rows.append(json.loads(result_path.read_text()))
         write_table(rows, out)

@@ -1,36 +1,30 @@
-"""The training loop: setup, data, model, loss and optimisers, resume, then one loop that reads top to bottom."""
+"""Training: the state a checkpoint holds (TrainState), the steps of the loop, then train(), which reads top to bottom."""
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vaehelpers.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from vaehelpers import rundir
 from vaehelpers.config import TrainConfig, to_dict
-from vaehelpers.data import ImageFolderDataset
-from vaehelpers.distributed import init_distributed
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.distributed import Distributed, init_distributed
+from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
+from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything, set_tf32
 
-# Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
-RESUMABLE_CHANGES = {
-    "epochs", "max_steps", "max_minutes", "device", "precision", "tf32", "compile", "checkpoint_every", "log_every",
-    "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
-    "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
-}
-CHECKPOINT_NAME = "checkpoints/last.pt"
 # Why a run stops, least to most urgent: with several processes every rank takes the most urgent one any rank saw.
 STOP_REASONS = ("finished", "time_limit", "until_step", "max_steps", "signal")
 
@@ -168,52 +162,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def prepare_run_dir(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
-    """Create the run directory, check it is writable, and check a resumed run's settings match.
-
-    Returns the config to train with: on resume, a latent scale measured into config.json is kept.
-    """
-    run_dir = Path(cfg.run_dir)
-    checkpoint = run_dir / CHECKPOINT_NAME
-    config_path = run_dir / "config.json"
-    if checkpoint.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose a new --run")
-    if resume and checkpoint.exists() and config_path.exists():
-        # a setting added to vaehelpers after the run was saved counts as its default
-        saved = {**_flatten(to_dict(TrainConfig())), **_flatten(json.loads(config_path.read_text()))}
-        current = _flatten(to_dict(cfg))
-        differing = sorted(k for k in saved.keys() | current.keys()
-                           if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k)))
-        if differing:
-            detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
-            raise ValueError(f"cannot resume {run_dir}: settings differ from its config.json ({detail})")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scaling_factor=saved["model.scaling_factor"]))
-    if is_main:
-        for stale in run_dir.glob("checkpoints/.*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
-        try:
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (run_dir / "figures").mkdir(exist_ok=True)
-            atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n"))
-        except (OSError, CheckpointError) as error:
-            raise PermissionError(f"run directory {run_dir} is not writable: {error}") from error
-    return cfg
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 @torch.no_grad()
 def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device: torch.device, precision: str,
              step: int, epoch: float) -> dict[str, float]:
@@ -244,17 +192,260 @@ def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device:
     return results
 
 
-def save_figures(run_dir: Path, model: AutoencoderKL, fixed_images: torch.Tensor, log_path: Path) -> None:
+def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) -> None:
     """figures/reconstructions.png on fixed held-out images, figures/loss_curve.png from log.csv."""
     from vaehelpers import viz
 
-    model.eval()
-    with torch.no_grad():
-        reconstructions = model.decode(model.encode(fixed_images).mode()).float().cpu()
-    model.train()
-    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstructions), run_dir / "figures" / "reconstructions.png")
-    if log_path.exists() and log_path.stat().st_size > 0:
-        viz.save_figure(viz.loss_curve_figure(log_path), run_dir / "figures" / "loss_curve.png")
+    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstruct(model, fixed_images)),
+                    run.figures / "reconstructions.png")
+    if run.log.exists() and run.log.stat().st_size > 0:
+        viz.save_figure(viz.loss_curve_figure(run.log), run.figures / "loss_curve.png")
+
+
+# ----------------------------------------------------------------------------- the state a checkpoint holds
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds. STATEFUL and COUNTERS list it once: state_dict() saves exactly what
+    load_state_dict() restores, so a resumed run continues as an unbroken one would."""
+
+    model: AutoencoderKL
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 only; a no-op otherwise
+    sample_generator: torch.Generator  # posterior sampling noise, seeded per rank
+    discriminator: nn.Module | None = None  # the PatchGAN (loss.disc_weight > 0), with its optimiser and scaler
+    disc_optimizer: torch.optim.Optimizer | None = None
+    disc_scaler: torch.amp.GradScaler | None = None
+    ema: EMA | None = None
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already taken
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    scaler_skipped: int = 0  # fp16 steps the GradScaler skipped (inf/NaN gradients at the current scale)
+    elapsed_s: float = 0.0  # training seconds of the sessions before this one
+
+    STATEFUL: ClassVar = ("model", "optimizer", "discriminator", "disc_optimizer", "scaler", "disc_scaler", "ema")
+    COUNTERS: ClassVar = ("step", "epoch", "batch_in_epoch", "bad_steps", "scaler_skipped", "elapsed_s")
+
+    def state_dict(self, generator_states: list[torch.Tensor], session_s: float, cfg: TrainConfig) -> dict[str, Any]:
+        """The checkpoint: every STATEFUL part (None where absent), the COUNTERS (elapsed_s with this session's
+        session_s added), every rank's sampling generator (gathered by the caller), the CPU RNG and the settings."""
+        state: dict[str, Any] = {name: None if getattr(self, name) is None else getattr(self, name).state_dict()
+                                 for name in self.STATEFUL}
+        state.update({name: getattr(self, name) for name in self.COUNTERS})
+        state.update(elapsed_s=self.elapsed_s + session_s, sample_generator=generator_states,
+                     cpu_rng=torch.get_rng_state(), config=to_dict(cfg))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
+        """Restore a checkpoint written by state_dict (a part this run has but the checkpoint lacks stays as built)."""
+        for name in self.STATEFUL:
+            if getattr(self, name) is not None and state.get(name) is not None:
+                getattr(self, name).load_state_dict(state[name])
+        for name in self.COUNTERS:  # a counter newer than the checkpoint (scaler_skipped) keeps its fresh value
+            setattr(self, name, state.get(name, getattr(self, name)))
+        generator_states = state["sample_generator"]  # one per rank of the run that saved it
+        self.sample_generator.set_state(generator_states[rank % len(generator_states)].cpu())  # %: resumed on more ranks
+        torch.set_rng_state(state["cpu_rng"].cpu())
+
+
+def load_data(cfg: TrainConfig, ddp: Distributed) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:
+    """(train split with augmentation, test split, global batch: images per optimiser step over all ranks)."""
+    if cfg.batch_size % ddp.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
+    train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
+    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
+    global_batch = min(cfg.batch_size, len(train_set))
+    if ddp.enabled and global_batch < cfg.batch_size:
+        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
+                         "too few to share between processes")
+    return train_set, test_set, global_batch
+
+
+def build_state(cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: Distributed) -> TrainState:
+    """Optimisers, scalers, EMA and the sampling generator around a model on ddp.device (fresh: step 0)."""
+    device, fp16 = ddp.device, resolve_precision(cfg.precision, ddp.device) == "fp16"
+    state = TrainState(
+        model=model,
+        optimizer=make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device),
+        scaler=torch.amp.GradScaler(device.type, enabled=fp16),  # bf16 needs none
+        sample_generator=torch.Generator(device).manual_seed(cfg.seed * 7919 + ddp.rank),
+        ema=EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+    )
+    if loss_fn.discriminator is not None:
+        state.discriminator = loss_fn.discriminator
+        state.disc_optimizer = make_optimizer(cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device)
+        state.disc_scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # its own: one update per step each
+    return state
+
+
+def build_model(cfg: TrainConfig, initial: AutoencoderKL | None, device: torch.device) -> AutoencoderKL:
+    """The model to train: `initial` (weights from --init) or a fresh one, encoder frozen if asked, on device."""
+    model = initial if initial is not None else AutoencoderKL(cfg.model)
+    model.enable_fast_paths()  # training's own numerics and speed (model.py); the saved weights are the same
+    if cfg.freeze_encoder:
+        for module in (model.encoder, model.quant_conv):
+            module.requires_grad_(False)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+# ----------------------------------------------------------------------------- one step of the loop
+
+def set_lr(state: TrainState, cfg: TrainConfig, total_steps: int) -> float:
+    """This step's learning rate (warm-up, schedule), set on the optimiser; returns it."""
+    lr = cfg.lr * lr_factor(state.step, cfg.warmup_steps, total_steps, cfg.schedule)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on the device, channels_last on CUDA (faster convolutions there)."""
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
+def count_bad_step(state: TrainState, skipped: bool, scaler_skipped: bool, consecutive_bad: int, cfg: TrainConfig,
+                   say: Callable[[str], Any]) -> int:
+    """Count a skipped step (and say so); returns the skipped steps in a row, raising at cfg.max_bad_steps.
+
+    skipped: a non-finite loss or gradient (bad_steps). scaler_skipped: fp16's GradScaler found inf/NaN gradients
+    and lowered its scale; normal while the scale calibrates, so not a bad step, but max_bad_steps of them in a row
+    (the scale divided by 2**20) are real NaNs.
+    """
+    if not (skipped or scaler_skipped):
+        return 0
+    consecutive_bad += 1
+    if scaler_skipped:
+        state.scaler_skipped += 1
+        if consecutive_bad >= cfg.max_bad_steps:
+            raise NonFiniteLossError(
+                f"{consecutive_bad} fp16 steps in a row skipped by the GradScaler at step {state.step} (scale now "
+                f"{state.scaler.get_scale():g}): the gradients are not finite at any scale. The last good checkpoint "
+                f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr, check the data, or use --precision fp32.")
+        return consecutive_bad
+    state.bad_steps += 1
+    say(f"step {state.step}: non-finite loss or gradient, step skipped ({state.bad_steps} so far)")
+    if consecutive_bad >= cfg.max_bad_steps:
+        raise NonFiniteLossError(
+            f"{consecutive_bad} non-finite steps in a row at step {state.step}: stopping. The last good checkpoint "
+            f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr or check the data.")
+    return consecutive_bad
+
+
+def optimizer_step(state: TrainState, train_model: nn.Module, loss_fn: VAELoss, images: torch.Tensor, *,
+                   cfg: TrainConfig, ddp: Distributed, precision: str, epoch: float,
+                   global_batch: int) -> tuple[dict[str, Any], bool, bool, torch.Tensor]:
+    """Forward, loss, backward, clip and step of the autoencoder; returns (logs, skipped, scaler_skipped,
+    reconstructions).
+
+    A non-finite loss or gradient skips the step on every rank together (DDP's all-reduce in backward would
+    otherwise wait forever). In fp16 the GradScaler skips steps with inf/NaN gradients itself (scaler_skipped).
+    The EMA follows only the steps taken.
+    """
+    with autocast(ddp.device, precision):
+        reconstructions, posterior = train_model(images, sample_posterior=cfg.sample_posterior,
+                                                 generator=state.sample_generator)
+        loss, logs = loss_fn(images, reconstructions, posterior, step=state.step, epoch=epoch,
+                             last_layer=state.model.last_layer, batch_size_for_scaling=global_batch)
+    skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
+    scaler_skipped = False
+    if not skipped:
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+        # fp16: the scaler skips steps with inf grads itself (and lowers the scale)
+        skipped = not torch.isfinite(grad_norm) and precision != "fp16"
+        scale_before = state.scaler.get_scale()
+        if not skipped:
+            state.scaler.step(state.optimizer)
+        state.scaler.update()
+        # update() lowers the scale exactly when step() found inf/NaN gradients and left the weights alone
+        scaler_skipped = state.scaler.get_scale() < scale_before
+    state.optimizer.zero_grad(set_to_none=True)
+    if not (skipped or scaler_skipped) and state.ema is not None:
+        state.ema.update(state.model)
+    return logs, skipped, scaler_skipped, reconstructions
+
+
+def discriminator_step(state: TrainState, loss_fn: VAELoss, images: torch.Tensor, reconstructions: torch.Tensor,
+                       ddp: Distributed, precision: str) -> dict[str, Any]:
+    """One PatchGAN step on real images and detached reconstructions; returns its logs."""
+    state.disc_optimizer.zero_grad(set_to_none=True)  # drop the grads the generator term left on D
+    with autocast(ddp.device, precision):
+        disc_loss, disc_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), step=state.step)
+    state.disc_scaler.scale(disc_loss).backward()
+    ddp.average_gradients(state.discriminator)  # not DDP-wrapped: see distributed.py
+    state.disc_scaler.step(state.disc_optimizer)
+    state.disc_scaler.update()
+    return disc_logs
+
+
+class RunLog:
+    """log.csv, TensorBoard and the on_log callback; written by the main process only (a no-op elsewhere)."""
+
+    def __init__(self, run: RunDir, step: int, enabled: bool, on_log: Callable[[dict[str, Any]], None] | None) -> None:
+        self.enabled, self.on_log = enabled, on_log
+        self.csv = CsvLog(run.log, step) if enabled else None
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.tensorboard), purge_step=step or None)
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One log.csv row; its "a/b" values, lr, images_per_s (and fp16's scale) also go to TensorBoard."""
+        if not self.enabled:
+            return
+        self.csv.append(row)
+        if self.on_log is not None:
+            self.on_log(row)
+        self.scalars({key: value for key, value in row.items() if "/" in key}, row["step"])
+        self.scalars({"train/lr": row["lr"], "train/images_per_s": row["images_per_s"]}, row["step"])
+        if "scale" in row:  # fp16
+            self.scalars({"train/scaler_skipped": row["scaler_skipped_total"], "train/scale": row["scale"]}, row["step"])
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items() if self.enabled else ():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+
+def stop_reason(state: TrainState, cfg: TrainConfig, *, signalled: bool, until_step: int | None, deadline: float,
+                reserve_s: float, ddp: Distributed) -> str:
+    """Why to stop now ("finished": not yet); every rank takes the most urgent reason any rank saw (clocks and
+    signals differ per rank). reserve_s: the time a step and a checkpoint take, kept before the deadline."""
+    stopped = "finished"
+    if signalled:
+        stopped = "signal"
+    elif cfg.max_steps and state.step >= cfg.max_steps:
+        stopped = "max_steps"
+    elif until_step is not None and state.step >= until_step:
+        stopped = "until_step"
+    elif time.monotonic() + reserve_s > deadline:
+        stopped = "time_limit"
+    return STOP_REASONS[int(ddp.agree(STOP_REASONS.index(stopped), "max"))]
+
+
+def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, val_loader: DataLoader | None,
+            fixed_images: torch.Tensor, device: torch.device, precision: str) -> dict[str, float]:
+    """The final weights (EMA where enabled) as model.safetensors, a last validation and the figures; returns it."""
+    run = RunDir(cfg.run_dir)
+    final = AutoencoderKL(cfg.model).enable_fast_paths()
+    final.load_state_dict(state.model.state_dict())
+    if state.ema is not None:
+        state.ema.copy_to(final)
+    final.save(run.root)
+    results = validate(final.to(device), val_loader, loss_fn, device, precision, state.step,
+                       state.epoch) if val_loader else {}
+    log.scalars(results, state.step)
+    log.close()
+    save_figures(run, final, fixed_images)
+    return results
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -276,279 +467,139 @@ def train(
     on_batch: test hook, (step, images) -> images, e.g. to inject a non-finite batch.
     on_log: called on the main process with each log.csv row (e.g. a notebook's live loss plot).
     """
-    # ---- setup
-    if cfg.init_from:
-        from vaehelpers.convert import load_weights_from
-
-        init_weights, init_model = load_weights_from(cfg.init_from)
-        # the weights decide the architecture
-        cfg = dataclasses.replace(cfg, model=init_model, preset=preset_name(init_model) or "custom")
+    # ---- setup: the weights decide the architecture when training starts from them
+    initial = AutoencoderKL.load(cfg.init_from) if cfg.init_from else None
+    if initial is not None:
+        cfg = dataclasses.replace(cfg, model=initial.config, preset=preset_name(initial.config) or "custom")
     ddp = init_distributed(cfg.device)  # one process, or one rank of a torchrun / launch() job (distributed.py)
-    device = ddp.device
-    precision = resolve_precision(cfg.precision, device)
+    device, precision = ddp.device, resolve_precision(cfg.precision, ddp.device)
     set_tf32(device, cfg.tf32)
-    cfg = prepare_run_dir(cfg, resume, ddp.is_main)
-    run_dir = Path(cfg.run_dir)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
+    cfg = rundir.prepare(cfg, resume, ddp.is_main)
+    run = RunDir(cfg.run_dir)
     seed_everything(cfg.seed)
     say = print if ddp.is_main else (lambda *a, **k: None)
 
     # ---- data
-    if cfg.batch_size % ddp.world_size:
-        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
-    train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
-    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
-    global_batch = min(cfg.batch_size, len(train_set))  # images per optimiser step, over all ranks
-    if ddp.enabled and global_batch < cfg.batch_size:
-        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
-                         "too few to share between processes")
+    train_set, test_set, global_batch = load_data(cfg, ddp)
     batches_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 0))
     total_steps = cfg.max_steps or cfg.epochs * batches_per_epoch
     pin = device.type == "cuda"
     fixed_set = test_set if len(test_set) else train_set
     fixed_images = torch.stack([fixed_set[i] for i in range(min(4, len(fixed_set)))]).to(device)
-    val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin) if len(test_set) else None
+    val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+                            pin_memory=pin) if len(test_set) else None
 
-    # ---- model, loss, optimisers
-    model = AutoencoderKL(cfg.model)
-    if cfg.init_from:
-        model.load_weights(init_weights)
-    if cfg.freeze_encoder:
-        for module in (model.encoder, model.quant_conv):
-            module.requires_grad_(False)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # ---- model, loss, optimisers, then resume
+    model = build_model(cfg, initial, device)
     loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone).to(device)
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device)
-    disc_optimizer = None
-    if loss_fn.discriminator is not None:
-        disc_optimizer = make_optimizer(cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only; bf16 needs none
-    disc_scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # its own: one update per step each
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    sample_generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + ddp.rank)  # posterior sampling noise
-
-    # ---- resume
-    step, epoch, batch_in_epoch, bad_total, elapsed_before = 0, 0, 0, 0, 0.0
-    scaler_skipped_total = 0
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if disc_optimizer is not None and state.get("discriminator") is not None:
-            loss_fn.discriminator.load_state_dict(state["discriminator"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if disc_optimizer is not None and state.get("disc_scaler") is not None:
-            disc_scaler.load_state_dict(state["disc_scaler"])
-        generator_states = state["sample_generator"]  # one per rank of the run that saved it
-        sample_generator.set_state(generator_states[ddp.rank % len(generator_states)].cpu())  # %: resumed on more ranks
-        torch.set_rng_state(state["cpu_rng"].cpu())
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        bad_total, elapsed_before = state["bad_steps"], state["elapsed_s"]
-        scaler_skipped_total = state.get("scaler_skipped", 0)  # absent in checkpoints from before it was counted
-        say(f"resumed {run_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    state = build_state(cfg, model, loss_fn, ddp)
+    if resume and run.checkpoint.exists():
+        state.load_state_dict(load_checkpoint(run.checkpoint, map_location=device), ddp.rank)
+        say(f"resumed {run.root} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     elif resume:
-        say(f"no checkpoint in {run_dir}: starting a new run")
+        say(f"no checkpoint in {run.root}: starting a new run")
     train_model = ddp.wrap(model)  # DDP after loading: it starts by copying rank 0's weights to every rank
     if cfg.compile:  # the forward only: checkpoints keep saving `model`, whose keys carry no _orig_mod prefix
         train_model = torch.compile(train_model)
-
-    def checkpoint() -> None:
-        """Gather every piece of state (all ranks' sampling generators) and write it from rank 0."""
-        states = ddp.gather(sample_generator.get_state())
-        ddp.check_in_sync(model=model.state_dict(), ema=ema.shadow if ema else None,
-                          discriminator=loss_fn.discriminator.state_dict() if loss_fn.discriminator else None)
-        if not ddp.is_main:
-            return
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "discriminator": loss_fn.discriminator.state_dict() if loss_fn.discriminator is not None else None,
-            "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer is not None else None,
-            "scaler": scaler.state_dict(), "disc_scaler": disc_scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "sample_generator": states, "cpu_rng": torch.get_rng_state(),
-            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "bad_steps": bad_total,
-            "scaler_skipped": scaler_skipped_total,
-            "elapsed_s": elapsed_before + time.monotonic() - start, "config": to_dict(cfg),
-        }, checkpoint_path)
-
-    # ---- logging
-    log = CsvLog(run_dir / "log.csv", step) if ddp.is_main else None
-    writer = None
-    if ddp.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+    log = RunLog(run, state.step, ddp.is_main, on_log)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and ddp.is_main), desc="train", dynamic_ncols=True)
-
-    # ---- loop
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and ddp.is_main), desc="train",
+               dynamic_ncols=True)
     start = time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    slowest_step, checkpoint_seconds, consecutive_bad = 0.0, 0.0, 0
-    stopped = "finished"
+
+    def checkpoint() -> None:
+        """Every rank's generator gathered and the weights checked in sync; rank 0 writes the checkpoint."""
+        generator_states = ddp.gather(state.sample_generator.get_state())
+        ddp.check_in_sync(model=model.state_dict(), ema=state.ema.shadow if state.ema else None,
+                          discriminator=state.discriminator.state_dict() if state.discriminator else None)
+        if ddp.is_main:
+            save_checkpoint(state.state_dict(generator_states, time.monotonic() - start, cfg), run.checkpoint)
+
+    # ---- the loop
+    slowest_step, checkpoint_seconds, consecutive_bad, stopped = 0.0, 0.0, 0, "finished"
     model.train()
     with StopRequest() as stop_request:
-        while epoch < cfg.epochs and stopped == "finished":
-            train_set.set_epoch(epoch)
+        while state.epoch < cfg.epochs and stopped == "finished":
+            train_set.set_epoch(state.epoch)
             # a distributed sampler: every rank draws the same seeded order of global batches and takes its share
-            batches = [b[ddp.rank::ddp.world_size] for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch)]
-            loader = DataLoader(train_set, batch_sampler=batches[batch_in_epoch:], num_workers=cfg.data.num_workers, pin_memory=pin)
+            batches = [b[ddp.rank::ddp.world_size] for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state.epoch)]
+            loader = DataLoader(train_set, batch_sampler=batches[state.batch_in_epoch:], num_workers=cfg.data.num_workers,
+                                pin_memory=pin)
             for images in loader:
                 step_start = time.monotonic()
-                lr = cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                if on_batch is not None:
-                    images = on_batch(step, images)
-                epoch_float = epoch + batch_in_epoch / batches_per_epoch
-
-                with autocast(device, precision):
-                    reconstructions, posterior = train_model(images, sample_posterior=cfg.sample_posterior, generator=sample_generator)
-                    loss, logs = loss_fn(images, reconstructions, posterior, step=step, epoch=epoch_float,
-                                         last_layer=model.last_layer, batch_size_for_scaling=global_batch)
-                # every rank must skip together, or DDP's all-reduce in backward would wait for the others forever
-                skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
-                scaler_skipped = False
-                if not skipped:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                    # fp16: the scaler skips steps with inf grads itself (and lowers the scale)
-                    skipped = not torch.isfinite(grad_norm) and precision != "fp16"
-                    scale_before = scaler.get_scale()
-                    if not skipped:
-                        scaler.step(optimizer)
-                    scaler.update()
-                    # update() lowers the scale exactly when step() found inf/NaN grads and left the weights alone
-                    scaler_skipped = scaler.get_scale() < scale_before
-                optimizer.zero_grad(set_to_none=True)
-                if scaler_skipped:
-                    # normal while the scale calibrates (and once after each growth): not a bad step, and the EMA
-                    # skips it too; but max_bad_steps of them in a row (the scale divided by 2**20) are real NaNs
-                    scaler_skipped_total += 1
-                    consecutive_bad += 1
-                    if consecutive_bad >= cfg.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{consecutive_bad} fp16 steps in a row skipped by the GradScaler at step {step} (scale now "
-                            f"{scaler.get_scale():g}): the gradients are not finite at any scale. The last good checkpoint "
-                            f"{checkpoint_path} is intact; lower --lr, check the data, or use --precision fp32.")
-                elif skipped:
-                    bad_total += 1
-                    consecutive_bad += 1
-                    say(f"step {step}: non-finite loss or gradient, step skipped ({bad_total} so far)")
-                    if consecutive_bad >= cfg.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{consecutive_bad} non-finite steps in a row at step {step}: stopping. The last good "
-                            f"checkpoint {checkpoint_path} is intact; lower --lr or check the data.")
-                else:
-                    consecutive_bad = 0
-                    if ema is not None:
-                        ema.update(model)
-                if disc_optimizer is not None and loss_fn.uses_discriminator(step):
-                    disc_optimizer.zero_grad(set_to_none=True)  # drop the grads the generator term left on D
-                    with autocast(device, precision):
-                        disc_loss, disc_logs = loss_fn.discriminator_loss(images, reconstructions.detach(), step=step)
-                    disc_scaler.scale(disc_loss).backward()
-                    ddp.average_gradients(loss_fn.discriminator)  # not DDP-wrapped: see distributed.py
-                    disc_scaler.step(disc_optimizer)
-                    disc_scaler.update()
-                    logs.update(disc_logs)
-
+                lr = set_lr(state, cfg, total_steps)
+                images = to_device(images, device) if on_batch is None else on_batch(state.step, to_device(images, device))
+                epoch_float = state.epoch + state.batch_in_epoch / batches_per_epoch
+                logs, skipped, scaler_skipped, reconstructions = optimizer_step(
+                    state, train_model, loss_fn, images, cfg=cfg, ddp=ddp, precision=precision, epoch=epoch_float,
+                    global_batch=global_batch)
+                consecutive_bad = count_bad_step(state, skipped, scaler_skipped, consecutive_bad, cfg, say)
+                if state.disc_optimizer is not None and loss_fn.uses_discriminator(state.step):
+                    logs.update(discriminator_step(state, loss_fn, images, reconstructions, ddp, precision))
                 logs = ddp.mean(logs)  # the global batch's values
-                step += 1
-                batch_in_epoch += 1
+                state.step += 1
+                state.batch_in_epoch += 1
                 step_seconds = time.monotonic() - step_start
                 slowest_step = max(slowest_step, step_seconds)
                 images_per_s = global_batch / max(step_seconds, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=epoch)
-                if ddp.is_main and (step % cfg.log_every == 0 or skipped or scaler_skipped):
-                    row = {"step": step, "epoch": round(epoch_float, 4), "lr": lr, "images_per_s": round(images_per_s, 2),
-                           "skipped": int(skipped), "bad_steps": bad_total,
-                           **({"scaler_skipped": int(scaler_skipped), "scale": scaler.get_scale()} if scaler.is_enabled() else {}),
-                           **{k: float(v) for k, v in logs.items()}}
-                    log.append(row)
-                    if on_log is not None:
-                        on_log(row)
-                    for key, value in row.items():
-                        if "/" in key:
-                            writer.add_scalar(key, value, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/images_per_s", images_per_s, step)
-                    if scaler.is_enabled():
-                        writer.add_scalar("train/scaler_skipped", scaler_skipped_total, step)
-                        writer.add_scalar("train/scale", scaler.get_scale(), step)
-
-                # ---- stop, or checkpoint, as needed
-                if batch_in_epoch == len(batches):
-                    epoch, batch_in_epoch = epoch + 1, 0
-                if stop_request.signal_name:
-                    stopped = "signal"
-                elif cfg.max_steps and step >= cfg.max_steps:
-                    stopped = "max_steps"
-                elif until_step is not None and step >= until_step:
-                    stopped = "until_step"
-                elif time.monotonic() + 2 * slowest_step + 2 * checkpoint_seconds + 5 > deadline:
-                    stopped = "time_limit"
-                stopped = STOP_REASONS[int(ddp.agree(STOP_REASONS.index(stopped), "max"))]  # clocks and signals differ per rank
+                bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=state.epoch)
+                if state.step % cfg.log_every == 0 or skipped or scaler_skipped:
+                    fp16 = {"scaler_skipped": int(scaler_skipped), "scaler_skipped_total": state.scaler_skipped,
+                            "scale": state.scaler.get_scale()} if state.scaler.is_enabled() else {}
+                    log.row({"step": state.step, "epoch": round(epoch_float, 4), "lr": lr,
+                             "images_per_s": round(images_per_s, 2), "skipped": int(skipped),
+                             "bad_steps": state.bad_steps, **fp16, **{k: float(v) for k, v in logs.items()}})
+                if state.batch_in_epoch == len(batches):
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                stopped = stop_reason(state, cfg, signalled=bool(stop_request.signal_name), until_step=until_step,
+                                      deadline=deadline, reserve_s=2 * slowest_step + 2 * checkpoint_seconds + 5, ddp=ddp)
                 # during a run of non-finite steps only a stop saves: the last scheduled checkpoint stays the last good step
-                if stopped != "finished" or (step % cfg.checkpoint_every == 0 and not consecutive_bad):
+                if stopped != "finished" or (state.step % cfg.checkpoint_every == 0 and not consecutive_bad):
                     saved_at = time.monotonic()
                     checkpoint()
                     checkpoint_seconds = time.monotonic() - saved_at
                     if ddp.is_main and stopped == "finished":
-                        results = validate(model, val_loader, loss_fn, device, precision, step, epoch_float) if val_loader else {}
-                        for key, value in results.items():
-                            writer.add_scalar(key, value, step)
-                        writer.add_images("val/reconstructions", _pairs(model, fixed_images), step)
+                        log.scalars(validate(model, val_loader, loss_fn, device, precision, state.step, epoch_float)
+                                    if val_loader else {}, state.step)
+                        log.writer.add_images("val/reconstructions", _pairs(model, fixed_images), state.step)
                 if stopped != "finished":
                     break
         if stopped == "finished":
             checkpoint()
     bar.close()
 
-    # ---- final weights, figures
+    # ---- final weights, figures, and how it ended
     elapsed = time.monotonic() - start
-    images_per_s = (step * global_batch) / max(elapsed + elapsed_before, 1e-9) if step else 0.0
+    images_per_s = (state.step * global_batch) / max(elapsed + state.elapsed_s, 1e-9) if state.step else 0.0
+    skipped_files = len(train_set.bad_files) + len(test_set.bad_files)
     if ddp.is_main:
-        final = AutoencoderKL(cfg.model)
-        final.load_state_dict(model.state_dict())
-        if ema is not None:
-            ema.copy_to(final)
-        final.save(run_dir)
-        results = validate(final.to(device), val_loader, loss_fn, device, precision, step, epoch) if val_loader else {}
-        for key, value in results.items():
-            writer.add_scalar(key, value, step)
-        writer.close()
-        save_figures(run_dir, final, fixed_images, run_dir / "log.csv")
-        messages = {
-            "finished": f"finished {cfg.epochs} epochs",
-            "max_steps": f"reached --max-steps {cfg.max_steps}",
-            "until_step": f"paused at step {step}",
-            "time_limit": f"stopped before the {cfg.max_minutes:g}-minute limit",
-            "signal": f"stopped by {stop_request.signal_name or 'a signal to another process'}",
-        }
-        held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
-        say(f"{messages[stopped]} at step {step}; checkpoint {checkpoint_path}, weights {run_dir / 'model.safetensors'}"
-            f"{held_out}; skipped steps: {bad_total}" + (f" (+{scaler_skipped_total} by the fp16 GradScaler)" if scaler_skipped_total else "")
-            + f"; skipped files: {len(train_set.bad_files) + len(test_set.bad_files)}" + ("; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""))
+        results = _finish(cfg, state, loss_fn, log, val_loader, fixed_images, device, precision)
+        say(_ending(cfg, state, stopped, stop_request.signal_name, results, run, skipped_files))
     ddp.close()
-    return TrainResult(run_dir, step, epoch, stopped, bad_total, images_per_s,
-                       len(train_set.bad_files) + len(test_set.bad_files), scaler_skipped_total)
+    return TrainResult(run.root, state.step, state.epoch, stopped, state.bad_steps, images_per_s, skipped_files,
+                       state.scaler_skipped)
 
 
-@torch.no_grad()
+def _ending(cfg: TrainConfig, state: TrainState, stopped: str, signal_name: str | None, results: dict[str, float],
+            run: RunDir, skipped_files: int) -> str:
+    """The line train() prints when it returns."""
+    messages = {
+        "finished": f"finished {cfg.epochs} epochs",
+        "max_steps": f"reached --max-steps {cfg.max_steps}",
+        "until_step": f"paused at step {state.step}",
+        "time_limit": f"stopped before the {cfg.max_minutes:g}-minute limit",
+        "signal": f"stopped by {signal_name or 'a signal to another process'}",
+    }
+    held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
+    resume = "; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""
+    scaler = f" (+{state.scaler_skipped} by the fp16 GradScaler)" if state.scaler_skipped else ""
+    return (f"{messages[stopped]} at step {state.step}; checkpoint {run.checkpoint}, weights {run.weights}{held_out}; "
+            f"skipped steps: {state.bad_steps}{scaler}; skipped files: {skipped_files}{resume}")
+
+
 def _pairs(model: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Originals above reconstructions, in [0,1], for TensorBoard."""
-    model.eval()
-    reconstructions = model.decode(model.encode(images).mode())
-    model.train()
-    return ((torch.cat([images, reconstructions.float()]) + 1) / 2).clamp(0, 1).cpu()
+    return ((torch.cat([images.float().cpu(), reconstruct(model, images)]) + 1) / 2).clamp(0, 1)

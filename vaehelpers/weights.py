@@ -2,15 +2,15 @@
 
 Our AutoencoderKL uses diffusers' parameter names, so a diffusers folder is a rename-free copy; LDM/SD
 checkpoints (CompVis latent-diffusion, the original Stable Diffusion .ckpt/.safetensors) name the same
-tensors differently and store the mid-block attention as 1x1 convolutions. The key mapping below is
-ours, written from the two layouts; diffusers' own converter is used only as a test oracle.
+tensors differently and store the mid-block attention as 1x1 convolutions. One table of rules (KEY_RULES)
+renames keys both ways; it is ours, written from the two layouts; diffusers' own converter is only a test oracle.
 
-    load_source(src) / load_weights_from(src) / load_model(src)   any source -> our names + ModelConfig
-    to_diffusers / to_ldm / to_run_dir / export                   a model -> a folder or a file
-    convert(src, dest, to)                                         both in one call (`vaehelpers convert`)
+    load(src) -> Weights            any source -> state dict in our names + the ModelConfig it fits
+    export(model, dest, to)         a model -> a diffusers folder, an LDM file or a vaehelpers run directory
 
-Pickled files (.ckpt, .pt, .pth, .bin) are read only with torch.load(weights_only=True): a file that
-would run code while loading is refused, never executed.
+This module knows file formats, not the network: AutoencoderKL.load(src) = AutoencoderKL.from_weights(load(src)),
+which checks every key and shape. Pickled files (.ckpt, .pt, .pth, .bin) are read only with
+torch.load(weights_only=True): a file that would run code while loading is refused, never executed.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-from vaehelpers.config import ModelConfig, from_dict, to_dict
-from vaehelpers.model import CONFIG_NAME, WEIGHTS_NAME, AutoencoderKL, infer_config, state_dict_mismatch
+from vaehelpers.config import ModelConfig, config_diff, from_dict, to_dict
+from vaehelpers.rundir import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, RunDir, load_checkpoint, save_checkpoint,
+                               write_config)
 
 StateDict = dict[str, torch.Tensor]
 Target = Literal["diffusers", "ldm", "vaehelpers"]
@@ -48,13 +49,22 @@ METADATA_CONFIG = "vaehelpers_model"  # safetensors metadata entry holding our M
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
+class Model(Protocol):
+    """What export needs of a model (an AutoencoderKL): its config and its state dict."""
+
+    config: ModelConfig
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 class HubDownloadError(OSError):
     """A Hub id that could not be fetched (offline, unknown, gated); the message says what to do instead."""
 
 
 @dataclass
-class LoadedWeights:
-    """Weights from any source, in our (diffusers) key names, with the ModelConfig they fit."""
+class Weights:
+    """Weights from any source, in our (diffusers) key names, with the ModelConfig they fit (not yet checked:
+    AutoencoderKL.from_weights checks every key and shape)."""
 
     state_dict: StateDict
     config: ModelConfig
@@ -65,24 +75,96 @@ class LoadedWeights:
 
 
 # ---------------------------------------------------------------------------------------------
-# Key names: diffusers <-> LDM
+# Key names: diffusers <-> LDM, from one table
 #
-# LDM (ldm/modules/diffusionmodules/model.py)       diffusers / ours
-#   {enc,dec}.norm_out                                {enc,dec}.conv_norm_out
-#   encoder.down.{i}.block.{j}  (nin_shortcut)        encoder.down_blocks.{i}.resnets.{j}  (conv_shortcut)
-#   encoder.down.{i}.downsample.conv                  encoder.down_blocks.{i}.downsamplers.0.conv
-#   decoder.up.{n-1-i}.block.{j}                      decoder.up_blocks.{i}.resnets.{j}
-#   decoder.up.{n-1-i}.upsample.conv                  decoder.up_blocks.{i}.upsamplers.0.conv
-#   {enc,dec}.mid.block_{k}                           {enc,dec}.mid_block.resnets.{k-1}
-#   {enc,dec}.mid.attn_1.{norm,q,k,v,proj_out}        {enc,dec}.mid_block.attentions.0.
-#                                                       {group_norm,to_q,to_k,to_v,to_out.0}
-# LDM numbers the decoder's levels from the lowest resolution up (it builds them reversed), diffusers in
-# the order they run; LDM's attention projections are (C, C, 1, 1) convs, diffusers' (C, C) linears.
+# Each rule pairs an LDM name with the diffusers (our) name, under encoder./decoder.; {i} and {j} are indices
+# copied as they are, {up} is a decoder level (LDM numbers them from the lowest resolution up, diffusers in the
+# order they run: up = levels - 1 - i, its own inverse), {mid} is a mid-block ResNet (LDM counts from 1), and
+# {rest} is the tail (weight, bias, conv1.weight, ...), where LDM's nin_shortcut is diffusers' conv_shortcut.
+# The first rule that matches wins; a key no rule matches keeps its name (quant_conv, conv_in, ...).
+# LDM's attention projections are (C, C, 1, 1) convs, diffusers' (C, C) linears (see rename_keys).
 
-_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_ATTENTION_FROM_LDM = {ldm: ours for ours, ldm in _ATTENTION_TO_LDM.items()}
-# diffusers before 0.14 named the attention layers differently; its loader still renames them
-_LEGACY_DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+KEY_RULES: tuple[tuple[str, str], ...] = (
+    # (LDM, diffusers)
+    ("norm_out.{rest}", "conv_norm_out.{rest}"),
+    ("down.{i}.block.{j}.{rest}", "down_blocks.{i}.resnets.{j}.{rest}"),
+    ("down.{i}.downsample.{rest}", "down_blocks.{i}.downsamplers.0.{rest}"),
+    ("up.{up}.block.{j}.{rest}", "up_blocks.{up}.resnets.{j}.{rest}"),
+    ("up.{up}.upsample.{rest}", "up_blocks.{up}.upsamplers.0.{rest}"),
+    ("mid.block_{mid}.{rest}", "mid_block.resnets.{mid}.{rest}"),
+    ("mid.attn_1.norm.{rest}", "mid_block.attentions.0.group_norm.{rest}"),
+    ("mid.attn_1.q.{rest}", "mid_block.attentions.0.to_q.{rest}"),
+    ("mid.attn_1.k.{rest}", "mid_block.attentions.0.to_k.{rest}"),
+    ("mid.attn_1.v.{rest}", "mid_block.attentions.0.to_v.{rest}"),
+    ("mid.attn_1.proj_out.{rest}", "mid_block.attentions.0.to_out.0.{rest}"),
+)
+TAIL_NAMES = (("nin_shortcut", "conv_shortcut"),)  # (LDM, diffusers) inside {rest}
+Naming = Literal["ldm", "diffusers"]
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """A rule's side as a regex: {rest} takes the tail, any other field an index."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(part) if n % 2 == 0 else (f"(?P<{part}>.+)" if part == "rest" else f"(?P<{part}>\\d+)")
+                              for n, part in enumerate(parts)))
+
+
+_COMPILED = {"ldm": [(_pattern(ldm), diffusers) for ldm, diffusers in KEY_RULES],
+             "diffusers": [(_pattern(diffusers), ldm) for ldm, diffusers in KEY_RULES]}
+
+
+def _index(name: str, value: int, levels: int, to: Naming) -> int:
+    if name == "up":
+        return levels - 1 - value
+    if name == "mid":
+        return value + 1 if to == "ldm" else value - 1
+    return value
+
+
+def rename_key(key: str, levels: int, to: Naming) -> str:
+    """One key in `to`'s names (from the other naming); `levels` = the number of resolution levels.
+
+    Keys that no rule matches pass unchanged.
+    """
+    part, _, rest = key.partition(".")
+    if part not in ("encoder", "decoder"):
+        return key  # conv_in/out live under encoder/decoder; quant_conv and post_quant_conv keep their names
+    source = "diffusers" if to == "ldm" else "ldm"
+    for pattern, template in _COMPILED[source]:
+        if m := pattern.fullmatch(rest):
+            fields = {name: (value if name == "rest" else _index(name, int(value), levels, to))
+                      for name, value in m.groupdict().items()}
+            for ldm_name, diffusers_name in TAIL_NAMES:
+                old, new = (diffusers_name, ldm_name) if to == "ldm" else (ldm_name, diffusers_name)
+                fields["rest"] = fields["rest"].replace(old, new)
+            return f"{part}.{template.format(**fields)}"
+    return key
+
+
+def _is_attention_projection(key: str) -> bool:
+    return re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", key) is not None
+
+
+def rename_keys(state_dict: StateDict, to: Naming) -> StateDict:
+    """An autoencoder state dict (no `first_stage_model.` prefix) in `to`'s names; unknown keys are kept.
+
+    Attention projections become (C, C, 1, 1) convs for LDM and (C, C) linears for diffusers (an LDM file may
+    store them as (C, C, 1, 1) or (C, C, 1)). Tensors are the same objects or views of them (no copy).
+    """
+    levels_pattern = {"ldm": (r"decoder\.up_blocks\.(\d+)\.", r"encoder\.down_blocks\.(\d+)\."),
+                      "diffusers": (r"decoder\.up\.(\d+)\.", r"encoder\.down\.(\d+)\.")}[to]
+    levels = _levels(state_dict, levels_pattern[0]) or _levels(state_dict, levels_pattern[1])
+    converted: StateDict = {}
+    for key, tensor in state_dict.items():
+        new_key = rename_key(key, levels, to)
+        ours = key if to == "ldm" else new_key
+        if _is_attention_projection(ours):
+            if to == "ldm" and tensor.ndim == 2:
+                tensor = tensor[:, :, None, None]  # (C_out, C_in) -> (C_out, C_in, 1, 1)
+            elif to == "diffusers" and tensor.ndim > 2 and all(size == 1 for size in tensor.shape[2:]):
+                tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # (C_out, C_in, 1, 1) -> (C_out, C_in)
+        converted[new_key] = tensor
+    return converted
 
 
 def _levels(keys: Any, pattern: str) -> int:
@@ -91,86 +173,8 @@ def _levels(keys: Any, pattern: str) -> int:
     return 1 + max(found) if found else 0
 
 
-def _shortcut(name: str, to_ldm: bool) -> str:
-    return name.replace("conv_shortcut", "nin_shortcut") if to_ldm else name.replace("nin_shortcut", "conv_shortcut")
-
-
-def diffusers_key_to_ldm(key: str, levels: int) -> str:
-    """One diffusers (our) key in LDM's name; `levels` = the number of resolution levels. Unknown keys pass unchanged."""
-    part, _, rest = key.partition(".")
-    if part not in ("encoder", "decoder"):
-        return key  # conv_in/out live under encoder/decoder; quant_conv and post_quant_conv keep their names
-    if m := re.fullmatch(r"conv_norm_out\.(.+)", rest):
-        rest = f"norm_out.{m[1]}"
-    elif m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
-        rest = f"down.{m[1]}.block.{m[2]}.{_shortcut(m[3], True)}"
-    elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.(.+)", rest):
-        rest = f"down.{m[1]}.downsample.{m[2]}"
-    elif m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest):
-        rest = f"up.{levels - 1 - int(m[1])}.block.{m[2]}.{_shortcut(m[3], True)}"
-    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest):
-        rest = f"up.{levels - 1 - int(m[1])}.upsample.{m[2]}"
-    elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", rest):
-        rest = f"mid.block_{int(m[1]) + 1}.{_shortcut(m[2], True)}"
-    elif m := re.fullmatch(r"mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.+)", rest):
-        rest = f"mid.attn_1.{_ATTENTION_TO_LDM[m[1]]}.{m[2]}"
-    return f"{part}.{rest}"
-
-
-def ldm_key_to_diffusers(key: str, levels: int) -> str:
-    """One LDM key in diffusers' (our) name; the inverse of diffusers_key_to_ldm. Unknown keys pass unchanged."""
-    part, _, rest = key.partition(".")
-    if part not in ("encoder", "decoder"):
-        return key
-    if m := re.fullmatch(r"norm_out\.(.+)", rest):
-        rest = f"conv_norm_out.{m[1]}"
-    elif m := re.fullmatch(r"down\.(\d+)\.block\.(\d+)\.(.+)", rest):
-        rest = f"down_blocks.{m[1]}.resnets.{m[2]}.{_shortcut(m[3], False)}"
-    elif m := re.fullmatch(r"down\.(\d+)\.downsample\.(.+)", rest):
-        rest = f"down_blocks.{m[1]}.downsamplers.0.{m[2]}"
-    elif m := re.fullmatch(r"up\.(\d+)\.block\.(\d+)\.(.+)", rest):
-        rest = f"up_blocks.{levels - 1 - int(m[1])}.resnets.{m[2]}.{_shortcut(m[3], False)}"
-    elif m := re.fullmatch(r"up\.(\d+)\.upsample\.(.+)", rest):
-        rest = f"up_blocks.{levels - 1 - int(m[1])}.upsamplers.0.{m[2]}"
-    elif m := re.fullmatch(r"mid\.block_(\d+)\.(.+)", rest):
-        rest = f"mid_block.resnets.{int(m[1]) - 1}.{_shortcut(m[2], False)}"
-    elif m := re.fullmatch(r"mid\.attn_1\.(norm|q|k|v|proj_out)\.(.+)", rest):
-        rest = f"mid_block.attentions.0.{_ATTENTION_FROM_LDM[m[1]]}.{m[2]}"
-    return f"{part}.{rest}"
-
-
-def _is_attention_projection(key: str) -> bool:
-    return re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", key) is not None
-
-
-def diffusers_to_ldm_keys(state_dict: StateDict) -> StateDict:
-    """A diffusers-named (our) state dict in LDM names; attention projections (C, C) become (C, C, 1, 1) convs.
-
-    Tensors are the same objects or views of them (no copy); unknown keys are kept as they are.
-    """
-    levels = _levels(state_dict, r"decoder\.up_blocks\.(\d+)\.") or _levels(state_dict, r"encoder\.down_blocks\.(\d+)\.")
-    converted: StateDict = {}
-    for key, tensor in state_dict.items():
-        if _is_attention_projection(key) and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # (C_out, C_in) -> (C_out, C_in, 1, 1)
-        converted[diffusers_key_to_ldm(key, levels)] = tensor
-    return converted
-
-
-def ldm_to_diffusers_keys(state_dict: StateDict) -> StateDict:
-    """An LDM-named autoencoder state dict (no `first_stage_model.` prefix) in diffusers' (our) names.
-
-    Attention projections stored as 1x1 convs, (C, C, 1, 1) (or (C, C, 1) conv1d), become (C, C) linears;
-    unknown keys are kept as they are, so that a strict check names them.
-    """
-    levels = _levels(state_dict, r"decoder\.up\.(\d+)\.") or _levels(state_dict, r"encoder\.down\.(\d+)\.")
-    converted: StateDict = {}
-    for key, tensor in state_dict.items():
-        new_key = ldm_key_to_diffusers(key, levels)
-        if _is_attention_projection(new_key) and tensor.ndim > 2 and all(size == 1 for size in tensor.shape[2:]):
-            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # (C_out, C_in, 1, 1) -> (C_out, C_in)
-        converted[new_key] = tensor
-    return converted
+# diffusers before 0.14 named the attention layers differently; its loader still renames them
+_LEGACY_DIFFUSERS_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def _rename_legacy_attention(state_dict: StateDict) -> tuple[StateDict, int]:
@@ -277,8 +281,6 @@ def _is_diffusers_config(values: Any) -> bool:
 
 def _read_pickle(path: Path) -> Any:
     """torch.load with weights_only=True only: a pickle that would run code is refused with a clear error."""
-    from vaehelpers.checkpoint import CheckpointError, load_checkpoint
-
     try:
         return load_checkpoint(path)
     except CheckpointError as error:
@@ -331,28 +333,9 @@ def _fill_identity_convs(state_dict: StateDict, values: dict[str, Any], notes: l
     return state_dict
 
 
-def check_weights(state_dict: StateDict, config: ModelConfig, source: str = "weights", ldm: bool = False) -> None:
-    """Raise a ValueError naming every missing, unexpected or mis-shaped key unless `state_dict` fits `config` exactly.
-
-    The check builds the model on the meta device: no memory, no initialisation. ldm=True adds the missing
-    keys' LDM names to the report.
-    """
-    try:
-        with torch.device("meta"):
-            expected = AutoencoderKL(config).state_dict()
-    except ValueError as error:
-        raise ValueError(
-            f"{source}: no model can be built for these weights ({error}); norm_num_groups cannot be read from "
-            "weights: pass like=ModelConfig(norm_num_groups=...)"
-        ) from error
-    problems = state_dict_mismatch(expected, state_dict)
-    missing = sorted(set(expected) - set(state_dict))
-    if problems and ldm and missing:
-        levels = len(config.channel_multipliers)
-        problems += "\n  missing keys with their LDM names:\n    " + "\n    ".join(
-            f"{key} (LDM: {diffusers_key_to_ldm(key, levels)})" for key in missing[:12])
-    if problems:
-        raise ValueError(f"{source}: {problems}")
+def ldm_names(keys: list[str], levels: int) -> str:
+    """'key (LDM: name)' lines for a report about weights that came with LDM names."""
+    return "\n    ".join(f"{key} (LDM: {rename_key(key, levels, 'ldm')})" for key in keys)
 
 
 def _infer(state_dict: StateDict, like: ModelConfig | None, source: str, ldm: bool) -> ModelConfig:
@@ -361,7 +344,7 @@ def _infer(state_dict: StateDict, like: ModelConfig | None, source: str, ldm: bo
         return infer_config(state_dict, like)
     except (KeyError, ValueError, IndexError) as error:
         needed = error.args[0] if isinstance(error, KeyError) else error
-        ldm_name = f" (LDM: {diffusers_key_to_ldm(str(needed), 0)})" if ldm and isinstance(error, KeyError) else ""
+        ldm_name = f" (LDM: {rename_key(str(needed), 0, 'ldm')})" if ldm and isinstance(error, KeyError) else ""
         raise ValueError(
             f"{source}: cannot tell the model's shape: missing key {needed}{ldm_name}; "
             f"the file holds {len(state_dict)} autoencoder tensors"
@@ -369,7 +352,7 @@ def _infer(state_dict: StateDict, like: ModelConfig | None, source: str, ldm: bo
 
 
 def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str, like: ModelConfig | None,
-                  config: ModelConfig | None = None) -> LoadedWeights:
+                  config: ModelConfig | None = None) -> Weights:
     """Take the autoencoder out of a flat dict (bare, or under first_stage_model.), in our names, with its config."""
     tensors = _tensors_only(values)
     notes: list[str] = []
@@ -387,7 +370,7 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
         examples = ", ".join(sorted(tensors)[:5]) or "none"
         raise ValueError(f"{source}: no autoencoder weights found (first keys: {examples})")
     if naming == "ldm":
-        taken = ldm_to_diffusers_keys(taken)
+        taken = rename_keys(taken, 'diffusers')
         notes.append(f"LDM key names{f' under {prefix!r}' if prefix else ''} converted to diffusers names")
     else:
         taken, legacy = _rename_legacy_attention(taken)
@@ -405,11 +388,10 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
         origin = "from the checkpoint" if scale is not None else "assumed"
         notes.append(f"model shape inferred from the tensors; norm_num_groups={config.norm_num_groups} and "
                      f"scaling_factor={config.scaling_factor} {origin}")
-    check_weights(taken, config, source, ldm=naming == "ldm")
-    return LoadedWeights(taken, config, kind, source, notes=notes)
+    return Weights(taken, config, kind, source, notes=notes)
 
 
-def _load_file(path: Path, like: ModelConfig | None) -> LoadedWeights:
+def _load_file(path: Path, like: ModelConfig | None) -> Weights:
     values, metadata = _read_tensors(path)
     config: ModelConfig | None = None
     kind, config_from, sample_size = None, "", None
@@ -438,7 +420,7 @@ def _load_file(path: Path, like: ModelConfig | None) -> LoadedWeights:
     return loaded
 
 
-def _load_dir(path: Path, like: ModelConfig | None) -> LoadedWeights:
+def _load_dir(path: Path, like: ModelConfig | None) -> Weights:
     config_path = path / CONFIG_NAME
     if not config_path.exists():
         if (path / "vae" / CONFIG_NAME).exists():  # a diffusers pipeline folder: its autoencoder is in vae/
@@ -459,14 +441,13 @@ def _load_dir(path: Path, like: ModelConfig | None) -> LoadedWeights:
             from safetensors.torch import load_file
 
             state_dict = load_file(str(weights))
-        elif (path / "checkpoints" / "last.pt").exists():  # a run still training: its latest raw weights
-            state_dict = _read_pickle(path / "checkpoints" / "last.pt")["model"]
+        elif RunDir(path).checkpoint.exists():  # a run still training: its latest raw weights
+            state_dict = _read_pickle(RunDir(path).checkpoint)["model"]
             notes.append(f"no {WEIGHTS_NAME} yet: used checkpoints/last.pt (the raw weights, not the EMA)")
         else:
             raise FileNotFoundError(f"{path}: a vaehelpers run without weights "
                                     f"(no {WEIGHTS_NAME}, no checkpoints/last.pt)")
-        check_weights(state_dict, config, str(path))
-        return LoadedWeights(state_dict, config, "vaehelpers", str(path), sample_size=image_size, notes=notes)
+        return Weights(state_dict, config, "vaehelpers", str(path), sample_size=image_size, notes=notes)
     if not _is_diffusers_config(settings):
         raise ValueError(f"{config_path}: neither a vaehelpers config nor a diffusers AutoencoderKL config")
     config = model_config_from_diffusers(settings)
@@ -481,8 +462,7 @@ def _load_dir(path: Path, like: ModelConfig | None) -> LoadedWeights:
     state_dict = _fill_identity_convs(state_dict, settings, notes)
     if ".fp16." in weights.name:
         notes.append(f"only float16 weights ({weights.name}) were found; the model computes in float32")
-    check_weights(state_dict, config, str(weights))
-    return LoadedWeights(state_dict, config, "diffusers", str(path), sample_size=settings.get("sample_size"), notes=notes)
+    return Weights(state_dict, config, "diffusers", str(path), sample_size=settings.get("sample_size"), notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +476,7 @@ _HUB_PATTERNS = {
 
 
 def is_hub_id(src: str) -> bool:
-    """'owner/name' that is not a weights file name: what load_source tries on the Hub when no such path exists."""
+    """'owner/name' that is not a weights file name: what load tries on the Hub when no such path exists."""
     return HUB_ID.fullmatch(src) is not None and not src.endswith((".safetensors", *PICKLE_SUFFIXES))
 
 
@@ -527,7 +507,7 @@ def download_from_hub(repo_id: str) -> Path:
 # Loading, public
 
 
-def load_source(src: str | Path, like: ModelConfig | None = None) -> LoadedWeights:
+def load(src: str | Path, like: ModelConfig | None = None) -> Weights:
     """Read autoencoder weights from any supported source, detecting which it is:
 
     - a vaehelpers run directory (config.json {"model": ...} + model.safetensors, else checkpoints/last.pt)
@@ -539,8 +519,8 @@ def load_source(src: str | Path, like: ModelConfig | None = None) -> LoadedWeigh
     - a Hugging Face Hub id such as stabilityai/sd-vae-ft-mse (downloaded with huggingface_hub)
 
     like: the settings that weights cannot show (norm_num_groups, norm_eps, scaling_factor) for files
-    without a config; default ModelConfig() (SD's values). The result's keys and shapes are checked
-    strictly against its config; a mismatch raises a ValueError naming every missing or unexpected key.
+    without a config; default ModelConfig() (SD's values). AutoencoderKL.from_weights(result) checks the keys
+    and shapes strictly; a mismatch raises a ValueError naming every missing or unexpected key.
     """
     path = Path(src).expanduser()
     if path.is_dir():
@@ -558,28 +538,6 @@ def load_source(src: str | Path, like: ModelConfig | None = None) -> LoadedWeigh
     raise FileNotFoundError(f"{src}: no such file or folder (nor a Hugging Face Hub id like stabilityai/sd-vae-ft-mse)")
 
 
-def load_weights_from(src: str | Path, like: ModelConfig | None = None) -> tuple[StateDict, ModelConfig]:
-    """(state dict in our key names, the ModelConfig it fits) for any source load_source reads.
-
-    Use: model = AutoencoderKL(config); model.load_weights(state_dict).
-    """
-    loaded = load_source(src, like)
-    return loaded.state_dict, loaded.config
-
-
-def model_from(loaded: LoadedWeights) -> AutoencoderKL:
-    """An AutoencoderKL (float32, CPU, eval mode) holding the loaded weights; built without a random init."""
-    with torch.device("meta"):
-        model = AutoencoderKL(loaded.config)
-    model.load_state_dict(loaded.state_dict, strict=True, assign=True)  # keys were checked by load_source
-    return model.float().eval()
-
-
-def load_model(src: str | Path, like: ModelConfig | None = None) -> AutoencoderKL:
-    """An AutoencoderKL from any source load_source reads, e.g. load_model("stabilityai/sd-vae-ft-mse")."""
-    return model_from(load_source(src, like))
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -588,66 +546,107 @@ def _cpu_tensors(state_dict: StateDict) -> StateDict:
     return {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
 
 
-def to_diffusers(model: AutoencoderKL, dest: str | Path, *, sample_size: int | None = None) -> Path:
-    """Write a folder that diffusers.AutoencoderKL.from_pretrained(dest) loads: config.json (with the model's
+def _write_diffusers(model: Model, dest: Path, sample_size: int | None) -> Path:
+    """A folder that diffusers.AutoencoderKL.from_pretrained(dest) loads: config.json (with the model's
     scaling_factor) + diffusion_pytorch_model.safetensors. sample_size: the image size it was trained at
-    (default 128; diffusers uses it as the tile size when tiling is on). Returns dest."""
+    (default 128; diffusers uses it as the tile size when tiling is on)."""
     from safetensors.torch import save_file
 
-    dest = Path(dest)
     settings = diffusers_config(model.config, sample_size or 128)  # raises before anything is written
     dest.mkdir(parents=True, exist_ok=True)
     save_file(_cpu_tensors(model.state_dict()), str(dest / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
+    # diffusers' own config.json (not a vaehelpers run's): diffusers writes it with sorted keys
     (dest / CONFIG_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return dest
 
 
-def to_ldm(model: AutoencoderKL, dest: str | Path, *, prefix: str = "") -> Path:
-    """Write the autoencoder with LDM key names (attention as 1x1 convs) to dest (.safetensors, or .ckpt as
+def _write_ldm(model: Model, dest: Path, prefix: str = "") -> Path:
+    """The autoencoder with LDM key names (attention as 1x1 convs) in dest (.safetensors, or .ckpt as
     {"state_dict": ...}). prefix="first_stage_model." gives the names a full SD checkpoint uses. The
     .safetensors metadata keeps our ModelConfig, so that norm_num_groups and scaling_factor come back."""
-    dest = Path(dest)
     if dest.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{dest}: give a file name ending in .safetensors (or .ckpt)")
     if model.config.norm_eps != EXPORT_NORM_EPS:
         raise ValueError(f"norm_eps={model.config.norm_eps} cannot be exported: LDM fixes GroupNorm eps "
                          f"at {EXPORT_NORM_EPS}")
-    tensors = {prefix + key: value for key, value in diffusers_to_ldm_keys(_cpu_tensors(model.state_dict())).items()}
+    tensors = {prefix + key: value for key, value in rename_keys(_cpu_tensors(model.state_dict()), "ldm").items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.suffix == ".safetensors":
         from safetensors.torch import save_file
 
         save_file(tensors, str(dest), metadata={"format": "pt", METADATA_CONFIG: json.dumps(to_dict(model.config))})
     else:
-        from vaehelpers.checkpoint import save_checkpoint
-
         save_checkpoint({"state_dict": tensors}, dest)
     return dest
 
 
-def to_run_dir(model: AutoencoderKL, dest: str | Path) -> Path:
-    """Write a vaehelpers run-style directory (config.json {"model": ...} + model.safetensors) that
-    AutoencoderKL.load(dest) reads. An existing config.json must hold the same model settings. Returns dest."""
-    model.save(dest)
-    return Path(dest)
+def _write_run_dir(model: Model, dest: Path) -> None:
+    """dest/model.safetensors and, if missing, dest/config.json as {"model": ModelConfig}.
+
+    An existing config.json with a "model" key (a training run's config) is left as it is; its model settings
+    must equal this model's, else a ValueError is raised before anything is written (a later load would
+    otherwise build the wrong model). An existing bare ModelConfig dict is rewritten in the {"model": ...} form.
+    """
+    from safetensors.torch import save_file
+
+    run = RunDir(dest)
+    existing = json.loads(run.config.read_text()) if run.config.exists() else None
+    keep_config = isinstance(existing, dict) and "model" in existing
+    if keep_config:
+        saved = from_dict(ModelConfig, existing["model"])
+        if saved != model.config:
+            raise ValueError(f"{run.config} holds different model settings ({config_diff(saved, model.config)}); "
+                             "update its 'model' entry before saving")
+    elif existing is not None:
+        from_dict(ModelConfig, existing)  # raises unless it is a bare model config
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu_tensors(model.state_dict()), str(run.weights), metadata={"format": "pt"})
+    if not keep_config:
+        write_config(run.root, {"model": to_dict(model.config)})
 
 
-def export(model: AutoencoderKL, dest: str | Path, to: Target, *, sample_size: int | None = None) -> Path:
-    """to_diffusers, to_ldm or to_run_dir by name."""
+def export(model: Model, dest: str | Path, to: Target, *, sample_size: int | None = None) -> Path:
+    """Write `model` (an AutoencoderKL) as `to` at dest; returns what was written.
+
+    diffusers: a folder for diffusers.AutoencoderKL.from_pretrained (sample_size: the training image size,
+    default 128); ldm: a .safetensors (or .ckpt) file with LDM key names; vaehelpers: a run-style directory
+    (config.json {"model": ...} + model.safetensors) that AutoencoderKL.load reads.
+    """
+    dest = Path(dest)
     if to == "diffusers":
-        return to_diffusers(model, dest, sample_size=sample_size)
+        return _write_diffusers(model, dest, sample_size)
     if to == "ldm":
-        return to_ldm(model, dest)
+        return _write_ldm(model, dest)
     if to == "vaehelpers":
-        return to_run_dir(model, dest)
+        _write_run_dir(model, dest)
+        return dest
     raise ValueError(f"unknown target {to!r}: choose one of {', '.join(TARGETS)}")
 
 
-def convert(src: str | Path, dest: str | Path, to: Target, *, like: ModelConfig | None = None,
-            sample_size: int | None = None) -> Path:
-    """Read any source (see load_source) and write it as `to` (diffusers, ldm or vaehelpers) at dest.
+# ---------------------------------------------------------------------------------------------
+# Shapes from tensors
 
-    sample_size (diffusers only) defaults to the source's (its sample_size, or a run's image size).
-    """
-    loaded = load_source(src, like)
-    return export(model_from(loaded), dest, to, sample_size=sample_size or loaded.sample_size)
+
+def infer_config(state_dict: StateDict, like: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig whose shapes a diffusers-named state dict has; fields the weights cannot show
+    (norm_num_groups, norm_eps, scaling_factor) are taken from `like` (default: ModelConfig())."""
+    like = ModelConfig() if like is None else like
+    conv_in = state_dict["encoder.conv_in.weight"]  # (base, C_in, 3, 3)
+    base = conv_in.shape[0]
+    levels = 1 + max(int(key.split(".")[2]) for key in state_dict if key.startswith("encoder.down_blocks."))
+    multipliers = tuple(
+        state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // base for i in range(levels)
+    )
+    layers = 1 + max(
+        int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets.")
+    )
+    return dataclasses.replace(
+        like,
+        in_channels=conv_in.shape[1],
+        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+        base_channels=base,
+        channel_multipliers=multipliers,
+        layers_per_block=layers,
+        latent_channels=state_dict["post_quant_conv.weight"].shape[0],
+        mid_attention=any(".mid_block.attentions." in key for key in state_dict),
+    )

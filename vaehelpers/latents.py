@@ -1,4 +1,6 @@
-"""The latent scale: 1 / std of an autoencoder's latents over a dataset, stored as the run's model.scaling_factor.
+"""Latents: encode and decode to CPU tensors, interpolation, prior samples, and the latent scale.
+
+The scale is 1 / std of an autoencoder's latents over a dataset, stored as the run's model.scaling_factor.
 
 A diffusion model trained on latents wants them at about unit variance. The LDM paper (sec. 4.3.2,
 "scale_by_std") sets the scale to 1 / std of the *sampled* latents of the first training batch; SD's
@@ -19,10 +21,54 @@ import torch
 from torch import nn
 
 from vaehelpers.config import ModelConfig, from_dict
-from vaehelpers.model import CONFIG_NAME
+from vaehelpers.rundir import RunDir, atomic_write, read_config, write_config
 
-SCALE_NAME = "scale.json"  # beside config.json: how the stored scaling_factor was measured
 
+# ----------------------------------------------------------------------------- encode, decode, walk, sample
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def encode(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] -> posterior means (B, L, H/f, W/f), float32 on the CPU (no gradients)."""
+    with torch.no_grad():
+        return model.encode(images.to(_model_device(model))).mode().float().cpu()
+
+
+def decode(model: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """latents (B, L, h, w), unscaled -> images (B, 3, h*f, w*f), float32 on the CPU (no gradients)."""
+    with torch.no_grad():
+        return model.decode(latents.to(_model_device(model))).float().cpu()
+
+
+def reconstruct(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, H, W) in [-1, 1] -> reconstructions from the posterior mean, float32 on the CPU: encode ->
+    mode -> decode in eval mode (the model's mode is restored), without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        return decode(model, encode(model, images))
+    finally:
+        model.train(was_training)
+
+
+def interpolate(model: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Decoded images along the straight line between two images' latents: (steps, 3, H, W), t = 0 ... 1."""
+    latents = encode(model, torch.stack([image_a, image_b]))  # (2, L, h, w)
+    t = torch.linspace(0, 1, steps).view(-1, 1, 1, 1)
+    return decode(model, (1 - t) * latents[0] + t * latents[1])
+
+
+def prior_samples(model: nn.Module, count: int = 8, image_size: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decode latents drawn from the prior: z ~ N(0, I) / scaling_factor (the model's latents are unscaled, and
+    scaling_factor is 1/std of real latents), (count, 3, image_size, image_size)."""
+    side = image_size // model.config.downsample_factor
+    latents = torch.randn(count, model.config.latent_channels, side, side, generator=generator)
+    return decode(model, latents / model.config.scaling_factor)
+
+
+# ----------------------------------------------------------------------------- the latent scale
 
 @dataclass
 class LatentStats:
@@ -119,22 +165,19 @@ def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | Non
     changes. details (e.g. dataclasses.asdict(LatentStats) and the data used) go to run_dir/scale.json.
     Returns config.json's path.
     """
-    from vaehelpers.checkpoint import atomic_write
-
     value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scaling_factor must be a positive finite number, got {value}")
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_NAME
-    if not config_path.exists():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {run_dir}: not a run directory")
-    settings = json.loads(config_path.read_text())
+    run = RunDir(run_dir)
+    if not run.config.exists():
+        raise FileNotFoundError(f"no {run.config.name} in {run.root}: not a run directory")
+    settings = read_config(run.root)
     model_settings = settings["model"] if isinstance(settings, dict) and "model" in settings else settings
     from_dict(ModelConfig, model_settings)  # raises unless it is a ModelConfig
     model_settings["scaling_factor"] = value
-    atomic_write(config_path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    write_config(run.root, settings)
     if details is not None:
         record = {"scaling_factor": value, **details}
-        atomic_write(run_dir / SCALE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
-    return config_path
+        atomic_write(run.scale, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    return run.config
 

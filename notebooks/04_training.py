@@ -1,0 +1,153 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Training: the reference run
+#
+# Train the autoencoder on the training split, with the held-out split checked at every checkpoint. The
+# defaults are the reference run: the `sd` model on flickr8k at 128 px for 600 epochs. That takes longer than
+# one Kaggle session, so the run **stops and checkpoints before `max_minutes`** (11.5 hours, inside Kaggle's
+# 12) and **resumes by itself** when this notebook runs again with the checkpoint in place, continuing exactly
+# where it stopped. The stop button (SIGTERM) checkpoints too.
+
+# %% tags=["parameters"]
+# Parameters (papermill: -p NAME VALUE). None means the default for the scale: the reference run
+# (flickr8k, the sd model, 128 px, 600 epochs), or toy scale when smoke is True.
+data_source = None   # "flickr8k" (attached Kaggle input, else the kaggle API), "folder" (your images, data_dir) or "synthetic"
+data_dir = None      # the image folder; None: <workspace>/data/<data_source> (workspace: /kaggle/working, or the repository)
+run_dir = None       # the training run; None: <workspace>/runs/<data_source>-<preset>-<image_size>
+figures_dir = None   # where this notebook saves its PNGs; None: <run_dir>/figures
+image_size = None    # square side in pixels, a multiple of 8; None: 128 (smoke: 64)
+preset = None        # "sd" (Stable Diffusion's KL-f8, 83.7 M parameters), "small" or "tiny"; None: sd (smoke: tiny)
+recipe = None        # "default" or "seed" (the original project's loss; needs VGG16 weights); None: default
+epochs = None        # None: 600, the reference run (smoke: 50, cut short by max_minutes)
+device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
+smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
+max_minutes = None   # checkpoint and stop before this many minutes of training; None: 690 (11.5 h) (smoke: 2)
+max_steps = None     # stop after this many optimiser steps; None: no limit
+batch_size = None    # None: the recipe's (16) (smoke: 8)
+lr = None            # None: the recipe's (2e-3 default, 1e-3 seed) (smoke: 1e-3)
+perceptual_weight = None  # None: the recipe's (0 default, 0.1 seed); > 0 needs the VGG16 weights
+plot_every = 100     # redraw the live loss plot (or print a line) every this many logged steps
+interactive = True   # False (papermill): progress lines instead of a progress bar and a live plot
+gpus = None          # training processes: None = one per visible GPU (Kaggle T4x2: 2), 1 = this kernel only
+install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart
+
+# %% [markdown]
+# ## Step 0: Set up
+#
+# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); on your
+# machine `pip install -e ".[notebooks]"` has already installed it, and this cell does nothing.
+
+# %%
+# On Kaggle: install vaehelpers from the attached dataset vaehelpers-src; Kaggle's own torch is kept.
+import glob, importlib.util, runpy
+if importlib.util.find_spec("vaehelpers") is None:
+    installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
+    runpy.run_path(installers[0], run_name="__main__")  # IndexError: attach vaehelpers-src, or `pip install -e .`
+
+# %% [markdown]
+# Imports, and the settings.
+
+# %%
+# %matplotlib inline
+from IPython.display import Image
+from vaehelpers import kaggle, notebook, viz, widgets
+from vaehelpers.config import to_dict
+from vaehelpers.launch import launch
+
+# %% [markdown]
+# The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
+# Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
+# P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
+# installs PyTorch 2.5.1 (which still has them) and asks you to restart the kernel.
+
+# %%
+settings = notebook.setup(
+    smoke, data_source=data_source, data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir,
+    image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
+    check_gpu=True, install_legacy_torch=install_legacy_torch)
+device = settings.torch_device
+
+# %% [markdown]
+# ## Step 1: The run's settings
+#
+# Preset, then recipe, then the parameters above: every setting of the run, saved as `config.json` in the run
+# directory and inside every checkpoint. Resuming with different settings is refused, naming them, because it
+# would not be the same run (time limits, device and data location may change).
+
+# %%
+cfg = settings.train_config()
+to_dict(cfg)
+
+# %% [markdown]
+# ## Step 2: Pick up an earlier session
+#
+# On Kaggle each session starts with an empty `/kaggle/working`. To continue a run, add this notebook's own
+# output as an input (Add Input > Your Work) before running: its run directory is copied back here and
+# training resumes from its checkpoint. On your machine the run directory simply stays where it is.
+
+# %%
+print(kaggle.restore_run(settings.run_dir))
+
+# %% [markdown]
+# ## Step 3: Train
+#
+# Training resumes from `checkpoints/last.pt` when it exists, logs every step to `log.csv` and TensorBoard, and
+# calls back with each row: here a live loss plot, redrawn in place every `plot_every` steps (printed lines
+# under papermill). `launch` runs one process per visible GPU (data-parallel, as `torchrun` would; on one GPU
+# or the CPU it simply trains here). It returns how it ended: finished, or stopped for the time limit or a signal.
+
+# %%
+live_plot = widgets.LiveLossPlot(every=plot_every, interactive=interactive)
+result = launch(cfg, gpus, resume=True, progress=interactive, on_log=live_plot)
+result
+
+# %% [markdown]
+# ## Step 4: The loss curve of the whole run
+#
+# From `log.csv`, so it covers earlier sessions too: positive terms on a log scale, smoothed over the faint raw
+# values. Saved as `loss_curve.png`.
+
+# %%
+fig = viz.loss_curve_figure(settings.run_dir / "log.csv", smooth=max(1, plot_every // 4))
+viz.save_figure(fig, settings.figures_dir / "loss_curve.png")
+fig
+
+# %% [markdown]
+# ## Step 5: How it reconstructs now
+#
+# At every checkpoint, and at the end, training draws the same few held-out images and their reconstructions
+# (posterior mean), with the error map; this is the last one.
+
+# %%
+Image(filename=str(settings.run_dir / "figures" / "reconstructions.png"))
+
+# %% [markdown]
+# ## Several GPUs, and the command line
+#
+# This notebook trains on one GPU. On a Kaggle T4 x2, or any multi-GPU machine, the same run goes faster from a
+# terminal or a `!` cell with torchrun (one process per GPU; the batch is split between them):
+#
+# ```
+# torchrun --nproc_per_node 2 -m vaehelpers train --data DATA --run RUN --preset sd --image-size 128 --epochs 600 --max-minutes 690 --resume
+# ```
+#
+# ## Now it's your turn
+#
+# - Run this notebook again: it resumes from the checkpoint instead of starting over.
+# - Watch the held-out PSNR in TensorBoard: `tensorboard --logdir <run_dir>/tensorboard`.
+# - Try `recipe="seed"` (on Kaggle, for the VGG16 weights) or `preset="small"` on a CPU.
+# - Next: **05_evaluation** measures the run on the held-out images and lets you explore its latents.

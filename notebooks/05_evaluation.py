@@ -1,0 +1,186 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Evaluation: how good are the reconstructions, and what is in the latents?
+#
+# Numbers first: MAE, MSE and PSNR on pixels in [0, 1], SSIM and (where its weights load) LPIPS, on the
+# held-out split that training never saw. Then pictures: reconstructions with their error, any image of yours,
+# the four latent channels, a walk between two images in latent space, samples from the prior, and sliders to
+# edit latents and watch the decoder respond.
+
+# %% tags=["parameters"]
+# Parameters (papermill: -p NAME VALUE). None means the default for the scale: the reference run
+# (flickr8k, the sd model, 128 px, 600 epochs), or toy scale when smoke is True.
+data_source = None   # "flickr8k" (attached Kaggle input, else the kaggle API), "folder" (your images, data_dir) or "synthetic"
+data_dir = None      # the image folder; None: <workspace>/data/<data_source> (workspace: /kaggle/working, or the repository)
+run_dir = None       # the training run; None: <workspace>/runs/<data_source>-<preset>-<image_size>
+figures_dir = None   # where this notebook saves its PNGs; None: <run_dir>/figures
+image_size = None    # square side in pixels, a multiple of 8; None: 128 (smoke: 64)
+preset = None        # "sd" (Stable Diffusion's KL-f8, 83.7 M parameters), "small" or "tiny"; None: sd (smoke: tiny)
+recipe = None        # "default" or "seed" (the original project's loss; needs VGG16 weights); None: default
+epochs = None        # None: 600, the reference run (smoke: 50, cut short by max_minutes)
+device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
+smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
+image_path = None    # any image file to reconstruct, of any size; None: the first held-out image
+n_show = 6           # held-out images in the figures and the explorer
+interactive = True   # False (papermill, `make demo`): static figures in place of the widgets
+install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart
+
+# %% [markdown]
+# ## Step 0: Set up
+#
+# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); on your
+# machine `pip install -e ".[notebooks]"` has already installed it, and this cell does nothing.
+
+# %%
+# On Kaggle: install vaehelpers from the attached dataset vaehelpers-src; Kaggle's own torch is kept.
+import glob, importlib.util, runpy
+if importlib.util.find_spec("vaehelpers") is None:
+    installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
+    runpy.run_path(installers[0], run_name="__main__")  # IndexError: attach vaehelpers-src, or `pip install -e .`
+
+# %% [markdown]
+# Imports, and the settings.
+
+# %%
+# %matplotlib inline
+import torch
+from IPython.display import Image
+from vaehelpers import kaggle, latents, metrics, notebook, viz, widgets
+from vaehelpers.model import AutoencoderKL
+from vaehelpers.reconstruct import format_rows, reconstruct_files
+
+# %% [markdown]
+# The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
+# Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
+# P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
+# installs PyTorch 2.5.1 (which still has them) and asks you to restart the kernel.
+
+# %%
+settings = notebook.setup(
+    smoke, data_source=data_source, data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir,
+    image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device,
+    check_gpu=True, install_legacy_torch=install_legacy_torch)
+device = settings.torch_device
+
+# %% [markdown]
+# ## Step 1: Load the trained model
+#
+# From the run directory of **04_training** (`model.safetensors`, the final or EMA weights). On Kaggle, attach
+# that notebook's output as an input; it is copied here first.
+
+# %%
+print(kaggle.restore_run(settings.run_dir))
+model = AutoencoderKL.load(settings.run_dir).to(device).eval()
+print(f"{sum(p.numel() for p in model.parameters()):,} parameters, scaling_factor {model.config.scaling_factor}")
+
+# %% [markdown]
+# ## Step 2: Metrics on the held-out split
+#
+# Every held-out image, preprocessed like evaluation everywhere (shorter side to `image_size`, centre crop),
+# reconstructed from the posterior mean. PSNR is the mean of per-image values. The numbers are also written to
+# `evaluation.json` in the run directory.
+
+# %%
+test_set = settings.dataset("test")
+summary = metrics.evaluate(model, test_set, progress=interactive)
+metrics.write_json(summary, settings.run_dir / "evaluation.json")
+print(metrics.format_table(summary))
+
+# %% [markdown]
+# ## Step 3: Original, reconstruction, error
+#
+# The error map is the mean absolute error over channels on [0, 1]: fine texture and small text are what an
+# 8x-downsampling autoencoder loses first. Saved as `reconstructions.png`.
+
+# %%
+images = torch.stack([test_set[i] for i in range(min(n_show, len(test_set)))])
+reconstructions = latents.reconstruct(model, images)
+fig = viz.reconstruction_figure(images, reconstructions, titles=[test_set.get_path(i).name for i in range(len(images))])
+viz.save_figure(fig, settings.figures_dir / "reconstructions.png")
+fig
+
+# %% [markdown]
+# ## Step 4: Your own image
+#
+# Any file, at its own size: it is padded to a multiple of 8 for the model and the reconstruction cropped back.
+# Set `image_path` to try one of yours.
+
+# %%
+rows = reconstruct_files(model, [image_path or test_set.get_path(0)], settings.figures_dir / "custom", device=device)
+print(format_rows(rows))
+Image(filename=rows[0]["reconstruction_png"])
+
+# %% [markdown]
+# ## Step 5: The four latent channels
+#
+# Each image becomes 4 channels at 1/8 of its side. Pictured on a diverging scale around 0, they still look like
+# the image: the KL-f8 latent is a compressed picture, not an abstract code. Saved as `latent_channels.png`.
+
+# %%
+fig = viz.latent_channels_figure(latents.encode(model, images[:2]), titles=["image 0", "image 1"])
+viz.save_figure(fig, settings.figures_dir / "latent_channels.png")
+fig
+
+# %% [markdown]
+# ## Step 6: Between two images
+#
+# Decode the straight line from one image's latents to another's. Midway is a cross-fade of the two, not a new
+# object: the latent space of an autoencoder is smooth, but it is not semantic. Saved as `interpolation.png`.
+
+# %%
+fig = viz.interpolation_figure(latents.interpolate(model, images[0], images[1]))
+viz.save_figure(fig, settings.figures_dir / "interpolation.png")
+fig
+
+# %% [markdown]
+# ## Step 7: Samples from the prior
+#
+# Latents drawn from N(0, I), divided by the scaling factor (real latents have a std of about 1/scaling_factor),
+# then decoded. Expect colourful texture rather than scenes: with a KL weight of 1e-6 the latents are far from
+# N(0, I), which is why Stable Diffusion trains a diffusion model to produce them. (`vaehelpers scale` measures
+# this run's own scaling factor.) Saved as `prior_samples.png`.
+
+# %%
+samples = latents.prior_samples(model, 8, settings.image_size, generator=torch.Generator().manual_seed(0))
+fig = viz.prior_samples_figure(samples)
+viz.save_figure(fig, settings.figures_dir / "prior_samples.png")
+fig
+
+# %% [markdown]
+# ## Step 8: Edit the latents
+#
+# Pick an image, then move each channel's offset (in units of that channel's typical deviation) or scale, and
+# the decoder redraws at once. Under papermill (`interactive=False`) the static stand-in shows each channel
+# moved by -2, 0 and +2 deviations.
+
+# %%
+explorer = widgets.LatentExplorer(model, images)
+explorer if interactive else explorer.channel_figure()
+
+# %% [markdown]
+# And a slider that walks between the first two images.
+
+# %%
+walk = widgets.InterpolationExplorer(model, images[0], images[1])
+walk if interactive else walk.figure()
+
+# %% [markdown]
+# ## Now it's your turn
+#
+# - Evaluate on a different folder: `vaehelpers evaluate --run RUN --data DIR --split all`.
+# - Compare runs: a `small` model, the `seed` recipe, a perceptual weight, a longer run.
+# - Export the weights for diffusers: `vaehelpers convert RUN out/ --to diffusers`.

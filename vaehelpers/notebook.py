@@ -1,0 +1,132 @@
+"""The notebooks' one-call opening: `settings = notebook.setup(smoke, **parameters)`.
+
+Each notebook opens with a papermill `parameters` cell whose None values mean "the default for the scale";
+setup() fills them in from config.py's reference run (or its smoke run when smoke is True), derives the
+folders, prints the settings and, for the notebooks that compute on a GPU, checks that this PyTorch can run
+on it. Installing the package on Kaggle stays a cell of its own: it runs before this module can be imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaehelpers import kaggle, sources
+from vaehelpers.config import build_config, run_settings
+from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.images import list_images
+from vaehelpers.kaggle import workspace
+from vaehelpers.rundir import RunDir
+from vaehelpers.runtime import resolve_device
+
+
+@dataclass
+class NotebookSettings:
+    """Every setting the notebooks share, resolved: no None left except where the recipe decides."""
+
+    data_source: str  # flickr8k | folder | synthetic
+    data_dir: Path  # where the images are (flickr8k: where they are downloaded to, unless attached on Kaggle)
+    run_dir: Path  # the training run (config.json, checkpoints/, model.safetensors, log.csv, figures/)
+    figures_dir: Path  # where the notebooks save their PNGs
+    image_size: int  # square side in pixels, a multiple of 8
+    preset: str  # tiny | small | sd
+    recipe: str  # default | seed
+    epochs: int
+    device: str  # auto | cpu | cuda | cuda:N
+    smoke: bool
+    synthetic_count: int  # images made when data_source is synthetic
+    max_minutes: float  # training stops (with a checkpoint) before this; 0: no limit
+    max_steps: int  # 0: no limit
+    batch_size: int | None  # None: the recipe's
+    lr: float | None  # None: the recipe's
+    perceptual_weight: float | None  # None: the recipe's
+
+    def image_folder(self) -> Path:
+        """The folder of images to use, made or fetched when needed (idempotent).
+
+        synthetic: data_dir, filled with `synthetic_count` procedural PNGs when it holds no image;
+        flickr8k: the attached Kaggle input, else data_dir/Images (downloaded with the kaggle API once);
+        folder: data_dir as it is.
+        """
+        if self.data_source == "synthetic":
+            if not self.data_dir.is_dir() or not list_images(self.data_dir):
+                sources.make_synthetic(self.data_dir, count=self.synthetic_count, size=self.image_size, seed=0)
+            return self.data_dir
+        if self.data_source == "flickr8k":
+            return sources.get_flickr8k(self.data_dir)
+        if self.data_source == "folder":
+            if not self.data_dir.is_dir():
+                raise FileNotFoundError(f"data_source 'folder': {self.data_dir} is not a folder; set data_dir")
+            return self.data_dir
+        raise ValueError(f"unknown data_source {self.data_source!r}: choose flickr8k, folder or synthetic")
+
+    def cache_dir(self, images: Path) -> Path | None:
+        """Where the decoded-image cache goes: beside the images, or in the workspace when they are read-only
+        (an attached Kaggle input); None means beside the images."""
+        return None if os.access(images, os.W_OK) else workspace() / "cache"
+
+    def dataset(self, split: str = "train", augment: bool = False) -> Any:
+        """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
+        images = self.image_folder()
+        return ImageFolderDataset(images, split=split, image_size=self.image_size, augment=augment,
+                                  cache_dir=self.cache_dir(images))
+
+    def train_config(self, **overrides: Any) -> Any:
+        """The TrainConfig of this run: preset, then recipe, then these settings, then `overrides` (dotted keys)."""
+        images = self.image_folder()
+        cache_dir = self.cache_dir(images)
+        settings: dict[str, Any] = {
+            "run_dir": str(self.run_dir), "epochs": self.epochs, "device": self.device,
+            "max_minutes": self.max_minutes, "max_steps": self.max_steps, "data.data_dir": str(images),
+            "data.image_size": self.image_size, "data.cache_dir": str(cache_dir) if cache_dir else "",
+        }
+        optional = {"batch_size": self.batch_size, "lr": self.lr, "loss.perceptual_weight": self.perceptual_weight}
+        settings.update({key: value for key, value in optional.items() if value is not None})
+        return build_config(self.preset, self.recipe, **{**settings, **overrides})
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device to compute on: `device` resolved (auto: CUDA when there is one, after the build check)."""
+        return resolve_device(self.device)
+
+    def __str__(self) -> str:
+        width = max(len(field.name) for field in dataclasses.fields(self))
+        return "\n".join(f"{field.name:<{width}}  {getattr(self, field.name)}" for field in dataclasses.fields(self))
+
+
+def settings(smoke: bool = False, *, data_dir: str | Path | None = None, run_dir: str | Path | None = None,
+                      figures_dir: str | Path | None = None, **given: Any) -> NotebookSettings:
+    """The notebooks' settings from their parameters: None takes the reference run's value (config.REFERENCE_RUN;
+    config.SMOKE_RUN when smoke).
+
+    Folders default to <workspace>/data/<data_source>, <workspace>/runs/<data_source>-<preset>-<image_size> and
+    <run_dir>/figures, where the workspace is /kaggle/working on Kaggle and the repository root locally.
+    Unknown names raise, so that a misspelt papermill parameter is not silently ignored.
+    """
+    defaults = run_settings(smoke)
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown notebook parameter(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    values = {name: default if given.get(name) is None else given[name] for name, default in defaults.items()}
+    root = workspace()
+    data_dir = Path(data_dir) if data_dir else root / "data" / values["data_source"]
+    run_dir = Path(run_dir) if run_dir else root / "runs" / f"{values['data_source']}-{values['preset']}-{values['image_size']}"
+    figures_dir = Path(figures_dir) if figures_dir else RunDir(run_dir).figures
+    return NotebookSettings(data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir, smoke=bool(smoke), **values)
+
+
+def setup(smoke: bool = False, *, check_gpu: bool = False, install_legacy_torch: bool = False,
+          **parameters: Any) -> NotebookSettings:
+    """settings(smoke, **parameters), printed; with check_gpu, the GPU check first (kaggle.ensure_gpu_supported:
+    on a GPU this PyTorch has no kernels for, it stops with what to do, or installs a build that has them when
+    install_legacy_torch is True and asks for a restart). Returns the settings (settings.torch_device: where to compute).
+    """
+    resolved = settings(smoke, **parameters)
+    print(resolved)
+    if check_gpu:
+        print(kaggle.ensure_gpu_supported(install_legacy_torch))
+    return resolved
