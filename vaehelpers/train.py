@@ -23,6 +23,7 @@ from vaehelpers.distributed import init_distributed
 from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
+from vaehelpers.runlock import holds_run_dir
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything
 
 # Why a run stops, least to most urgent: with several processes every rank takes the most urgent one any rank saw.
@@ -203,6 +204,7 @@ def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) 
 
 # ----------------------------------------------------------------------------- the loop
 
+@holds_run_dir  # one training per run directory: a second one is refused, naming the holder (runlock.py)
 def train(
     cfg: TrainConfig,
     *,
