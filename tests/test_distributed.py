@@ -121,6 +121,33 @@ def test_two_processes_train_like_one(images, tmp_path):
             assert math.isclose(x, y, rel_tol=1e-4) or (math.isnan(x) and math.isnan(y)), (key, x, y)
 
 
+def test_launch_brings_rank_0s_log_rows_to_the_caller_in_order(images, tmp_path):
+    # a notebook's live loss plot: on_log runs here, in the calling process, with every row rank 0 logged
+    received = []
+
+    def on_log(row):  # a closure: it never travels to the spawned processes
+        received.append((os.getpid(), row))
+
+    result = launch(tiny(images, tmp_path / "run", max_steps=5, log_every=1, precision="fp32"), 2, progress=False,
+                    on_log=on_log)
+    assert result.step == 5
+    assert {pid for pid, _ in received} == {os.getpid()}
+    logged = rows(tmp_path / "run")
+    assert [row["step"] for _, row in received] == [1, 2, 3, 4, 5] == [int(row["step"]) for row in logged]
+    for (_, row), written in zip(received, logged, strict=True):  # the same values log.csv holds
+        for key in ("train/total_loss", "train/rec_loss", "lr", "epoch"):
+            assert math.isclose(row[key], float(written[key]), rel_tol=1e-6), key
+
+
+def test_launch_refuses_a_run_directory_in_use(images, tmp_path):
+    from vaehelpers.runlock import RunDirInUse, RunLock
+
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunDirInUse, match=f"pid {os.getpid()}"):
+            launch(tiny(images, tmp_path / "run", max_steps=1), 2, progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before any process started
+
+
 def _torchrun(images: Path, run: Path, *extra: str, size: int = 16) -> list[str]:
     # "--" after the module: torchrun's own parser would reject "--run" as an abbreviation of its "--run-path"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
