@@ -323,7 +323,12 @@ def test_installer_pins_the_installed_torch(tmp_path, capsys):
     installer = load_installer()
     wheel = fake_wheel(ROOT, tmp_path)
     commands = []
-    installer.main(str(tmp_path), run=lambda command, check: commands.append(command))
+
+    def pip(command, **kwargs):  # pip's place: the network and the site-packages are not ours to change
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    installer.main(str(tmp_path), run=pip)
     (command,) = commands
     assert command[:4] == [sys.executable, "-m", "pip", "install"] and command[-1] == str(wheel)
     assert "--no-deps" not in command  # missing light dependencies do get installed ...
@@ -335,6 +340,75 @@ def test_installer_pins_the_installed_torch(tmp_path, capsys):
 def test_installer_without_a_wheel_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="kaggle push"):
         load_installer().main(str(tmp_path), run=lambda *a, **k: None)
+
+
+def wheel_needing(folder: Path, dependency: str) -> Path:
+    """A real, minimal wheel of a package named vaehelpers that requires `dependency`."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "vaehelpers-0.0.1-py3-none-any.whl"
+    info = "vaehelpers-0.0.1.dist-info"
+    files = {
+        "vaehelpers_stub.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: vaehelpers\nVersion: 0.0.1\nRequires-Dist: {dependency}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return wheel
+
+
+@pytest.mark.timeout(180)
+def test_installer_offline_names_the_missing_dependency_and_the_fix(tmp_path, monkeypatch):
+    # real pip, as with the internet off: no index (PIP_NO_INDEX); --dry-run so nothing is ever installed here
+    wheel_needing(tmp_path / "dataset", "vaehelpers-test-absent-dependency")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    installer = load_installer()
+    with pytest.raises(installer.InstallError) as failed:
+        installer.main(str(tmp_path / "dataset"), pip_args=["--dry-run"])
+    message = str(failed.value)
+    assert "it needs vaehelpers-test-absent-dependency, which this Kaggle image does not have" in message
+    assert "Turn the internet on (Settings > Internet on" in message and "CalledProcessError" not in message
+
+
+def run_install_cell(monkeypatch, kaggle_input: Path, vaehelpers_source=None):
+    """Run the notebooks' install cell as on a Kaggle machine where vaehelpers is not installed yet."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "vaehelpers" else real_find_spec(name, *args))
+    assert '"/kaggle/input/**/vaehelpers_install.py"' in kaggle.INSTALL_CELL
+    cell = kaggle.INSTALL_CELL.replace("/kaggle/input", str(kaggle_input))
+    exec(compile(cell, "install cell", "exec"), {"vaehelpers_source": vaehelpers_source})
+
+
+def test_install_cell_without_the_dataset_names_both_fixes(tmp_path, monkeypatch):
+    (tmp_path / "input" / "datasets" / "adityajn105" / "flickr8k").mkdir(parents=True)  # other inputs only
+    with pytest.raises(ModuleNotFoundError) as missing:
+        run_install_cell(monkeypatch, tmp_path / "input")
+    message = str(missing.value)
+    assert "dataset vaehelpers-src is not attached" in message and "'+ Add Input' > 'Your Work' > 'Datasets'" in message
+    assert "turn the internet on (Settings > Internet) and set vaehelpers_source" in message
+
+
+def test_install_cell_installs_from_the_attached_dataset(tmp_path, monkeypatch):
+    dataset = tmp_path / "input" / "datasets" / "bob" / "vaehelpers-src"  # Kaggle's current mount layout
+    dataset.mkdir(parents=True)
+    (dataset / kaggle.INSTALLER_NAME).write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write(__name__)\n")
+    run_install_cell(monkeypatch, tmp_path / "input")
+    assert (tmp_path / "ran").read_text() == "__main__"
+
+
+def test_install_cell_installs_from_the_repository_keeping_torch(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda command, check: commands.append(command))  # pip and the network
+    run_install_cell(monkeypatch, tmp_path / "input", vaehelpers_source="git+https://example.test/vaehelpers")
+    (command,) = commands
+    assert command[:4] == [sys.executable, "-m", "pip", "install"] and "git+https://example.test/vaehelpers" in command
+    assert f"torch=={importlib.metadata.version('torch')}" in command
+    assert f"torchvision=={importlib.metadata.version('torchvision')}" in command
 
 
 # ----------------------------------------------------------------------------- where things are

@@ -37,6 +37,27 @@ STAGE_DIR = Path("build") / "kaggle"  # where `kaggle push` assembles the upload
 # versions (and everything built against them) stay as they are. vaehelpers itself needs torch >= 2.1.
 LEGACY_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
 
+# The install cell every notebook opens with (after its parameters, which declare vaehelpers_source). It runs
+# before vaehelpers can be imported, so it stands alone; notebooks/build.py takes its text from here. Without the
+# dataset (a "Copy & Edit" copy keeps no inputs) it names both ways on instead of failing with an IndexError.
+INSTALL_CELL = '''\
+# Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
+# from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
+import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
+if importlib.util.find_spec("vaehelpers") is None:
+    installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
+    if installers:  # the wheel and its installer, from `vaehelpers kaggle push`
+        runpy.run_path(installers[0], run_name="__main__")
+    elif vaehelpers_source:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", vaehelpers_source, *pins], check=True)
+    else:
+        raise ModuleNotFoundError(
+            "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
+            "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
+            "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")'''
+
 Installer = Callable[[Sequence[str]], Any]  # pip arguments -> anything; raises on failure
 
 
