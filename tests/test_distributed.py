@@ -258,3 +258,26 @@ def test_a_rank_that_died_without_a_traceback_is_named():
     message = _failure_message(context, error, 2)
     assert "failed, rank 1 first" in message and "rank 0: signal SIGTERM\n" in message
     assert "rank 1: signal SIGKILL, without a Python error: killed (e.g. out of memory)" in message
+
+
+@pytest.mark.slow
+def test_notebook_04_with_two_processes_draws_the_live_plot_in_its_kernel(tmp_path):
+    # notebook 04's training cell as a user runs it on a T4 x2, here with gpus=2 on CPU (gloo): the live plot
+    # (LiveLossPlot; under papermill, interactive=False, its progress lines) is fed in the notebook's kernel
+    import nbformat
+    import papermill
+
+    from vaehelpers import demo
+
+    parameters = {"smoke": True, "interactive": False, "gpus": 2, "plot_every": 1, "max_steps": 4, "image_size": 32,
+                  "synthetic_count": 32, "data_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"),
+                  "figures_dir": str(tmp_path / "figures")}
+    executed = tmp_path / "04_training.ipynb"
+    papermill.execute_notebook(str(demo.NOTEBOOK_DIR / "04_training.ipynb"), str(executed), parameters=parameters,
+                               kernel_name=demo.notebook_kernel(), cwd=str(demo.NOTEBOOK_DIR), progress_bar=False)
+    cell = next(c for c in nbformat.read(executed, as_version=4).cells if "launch(" in c.source)
+    printed = "".join(output.get("text", "") for output in cell.outputs if output.output_type == "stream")
+    plotted = [int(line.split()[1]) for line in printed.splitlines() if line.startswith("step ") and "total_loss" in line]
+    assert plotted == [1, 2, 3, 4], printed
+    assert "no live loss plot" not in printed
+    assert [int(row["step"]) for row in rows(tmp_path / "run")] == [1, 2, 3, 4]
