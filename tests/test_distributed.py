@@ -139,6 +139,20 @@ def test_launch_brings_rank_0s_log_rows_to_the_caller_in_order(images, tmp_path)
             assert math.isclose(row[key], float(written[key]), rel_tol=1e-6), key
 
 
+def test_a_failing_on_log_stops_the_processes_with_a_checkpoint(images, tmp_path):
+    from vaehelpers.runlock import RunLock
+
+    def on_log(row):
+        if row["step"] == 2:
+            raise ValueError("the plot broke")
+
+    with pytest.raises(ValueError, match="the plot broke"):
+        launch(tiny(images, tmp_path / "run", max_steps=100_000, log_every=1), 2, progress=False, on_log=on_log)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] >= 2  # stopped as by the stop button
+    with RunLock(tmp_path / "run"):  # every process has ended: the lock is free
+        pass
+
+
 def test_launch_refuses_a_run_directory_in_use(images, tmp_path):
     from vaehelpers.runlock import RunDirInUse, RunLock
 

@@ -76,6 +76,11 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
                     raise
         except ProcessException as error:
             raise TrainingProcessError(_failure_message(context, error, nproc)) from None
+        except Exception:  # on_log failed here: stop the run (with a checkpoint) before its lock is let go
+            on_log = _discard  # forward_rows keeps draining, so that rank 0 can flush its queue and exit
+            _signal(context, signal.SIGTERM)
+            _join(context, forward_rows)
+            raise
     return results.get() if not results.empty() else None
 
 
@@ -101,6 +106,10 @@ def _join(context: Any, while_waiting: Callable[[], None]) -> None:
             while_waiting()
     finally:
         while_waiting()  # what the processes sent before they ended
+
+
+def _discard(row: Any) -> None:
+    pass
 
 
 def _signal(context: Any, signum: int) -> None:

@@ -62,8 +62,11 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock now, or raise RunDirInUse naming the holder (pid, host, since when)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's details stay readable
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's details stay readable
+        except OSError as error:  # the same words as train's own check of the run directory
+            raise PermissionError(f"run directory {self.run_dir} is not writable: {error}") from error
         if not _try_lock(fd):
             holder = holder_of(self.path)
             os.close(fd)
