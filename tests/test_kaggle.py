@@ -464,7 +464,7 @@ def test_evaluation_without_a_trained_run_says_04_must_finish_first(tmp_path):
 
 
 def test_the_full_scale_run_is_refused_on_a_cpu_unless_asked_for(tmp_path):
-    from vaehelpers.demo import notebook_settings
+    from vaehelpers.notebook import settings as notebook_settings
 
     reference = notebook_settings(False, run_dir=tmp_path / "run")  # what "Run all" with the accelerator off gets
     with pytest.raises(kaggle.FullScaleOnCPU) as refused:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vaehelpers.data import make_synthetic
+from vaehelpers.sources import make_synthetic
 from vaehelpers.runlock import LOCK_NAME, RunDirInUse, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
