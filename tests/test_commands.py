@@ -28,15 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("vaehelpers", "python -m vaehelpers", "torchrun", "python -m torch.distributed.run", "papermill")
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
-# Notebook text another change owns (notebooks/ are being moved to Jupytext pairs): the fix is listed in
-# issue 18's report. strict: the test fails as soon as the notebook is fixed, so this list cannot go stale.
-KNOWN_NOTEBOOK_FAULTS = {
-    "04_training.ipynb: torchrun --nproc_per_node 2 -m vaehelpers train --data DATA --run RUN --preset sd "
-    "--image-size 128 --epochs 600 --max-minutes 690 --resume": "torchrun's parser reads --run as its --run-path",
-}
-KNOWN_PARAMETER_FAULTS = {"04_training.ipynb": "papermill cannot parse the `gpus` line ('=' inside its comment)"}
-
-
 @dataclass(frozen=True)
 class Shown:
     where: str  # file (and cell)
@@ -194,15 +185,10 @@ def check(shown: Shown) -> None:
         check_papermill(tokens[1:], shown.complete)
 
 
-def _params(shown: list[Shown]) -> list:
-    return [pytest.param(item, id=str(item)[:120], marks=pytest.mark.xfail(strict=True, reason=KNOWN_NOTEBOOK_FAULTS[str(item)]))
-            if str(item) in KNOWN_NOTEBOOK_FAULTS else pytest.param(item, id=str(item)[:120]) for item in shown]
-
-
 SHOWN = shown_commands()
 
 
-@pytest.mark.parametrize("shown", _params(SHOWN))
+@pytest.mark.parametrize("shown", [pytest.param(item, id=str(item)[:120]) for item in SHOWN])
 def test_shown_command_parses(shown):
     check(shown)
 
@@ -229,9 +215,7 @@ def test_a_wrong_command_fails(wrong):
         check(wrong)
 
 
-@pytest.mark.parametrize("notebook", [
-    pytest.param(path, id=path.name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_PARAMETER_FAULTS[path.name])]
-                 if path.name in KNOWN_PARAMETER_FAULTS else []) for path in NOTEBOOKS])
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
 def test_papermill_reads_every_parameter(notebook):
     # papermill skips a line it cannot parse (with a warning), and then -p NAME for it is "unknown"
     import papermill

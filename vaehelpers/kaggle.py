@@ -38,8 +38,8 @@ STAGE_DIR = Path("build") / "kaggle"  # where `kaggle push` assembles the upload
 LEGACY_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
 
 # The install cell every notebook opens with (after its parameters, which declare vaehelpers_source). It runs
-# before vaehelpers can be imported, so it stands alone; notebooks/build.py takes its text from here. Without the
-# dataset (a "Copy & Edit" copy keeps no inputs) it names both ways on instead of failing with an IndexError.
+# before vaehelpers can be imported, so it stands alone in each notebook as this text, word for word
+# (tests/test_notebooks.py checks that every notebook's copy equals it). Without the dataset (a "Copy & Edit" copy keeps no inputs) it names both ways on instead of failing with an IndexError.
 INSTALL_CELL = '''\
 # Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
 # from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
