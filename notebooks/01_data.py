@@ -38,19 +38,34 @@ epochs = None        # None: 600, the reference run (smoke: 50, cut short by max
 device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
 smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
 synthetic_count = None   # images made when data_source is "synthetic"; None: 256 (smoke: 128)
+interactive = True   # False (papermill, make demo): no widgets; declared so that a batch run can pass it to all five
+vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
 
 # %% [markdown]
 # ## Step 0: Set up
 #
-# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); on your
-# machine `pip install -e ".[notebooks]"` has already installed it, and this cell does nothing.
+# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); without it
+# (e.g. after Copy & Edit) this cell says how to attach it, or, with the internet on, installs from
+# `vaehelpers_source`. On your machine `pip install -e ".[notebooks]"` has already installed it, and this cell
+# does nothing.
 
 # %%
-# On Kaggle: install vaehelpers from the attached dataset vaehelpers-src; Kaggle's own torch is kept.
-import glob, importlib.util, runpy
+# Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
+# from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
+import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
 if importlib.util.find_spec("vaehelpers") is None:
     installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
-    runpy.run_path(installers[0], run_name="__main__")  # IndexError: attach vaehelpers-src, or `pip install -e .`
+    if installers:  # the wheel and its installer, from `vaehelpers kaggle push`
+        runpy.run_path(installers[0], run_name="__main__")
+    elif vaehelpers_source:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", vaehelpers_source, *pins], check=True)
+    else:
+        raise ModuleNotFoundError(
+            "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
+            "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
+            "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")
 
 # %% [markdown]
 # The notebooks call the package for all real work, so the same code runs here, in the tests and on the command line.

@@ -34,20 +34,35 @@ recipe = None        # "default" or "seed" (the original project's loss; needs V
 epochs = None        # None: 600, the reference run (smoke: 50, cut short by max_minutes)
 device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
 smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
-install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart
+install_legacy_torch = False  # P100: reinstall Kaggle's torch version from its CUDA 12.6 build (sm_60), then restart
+interactive = True   # False (papermill, make demo): no widgets; declared so that a batch run can pass it to all five
+vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
 
 # %% [markdown]
 # ## Step 0: Set up
 #
-# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); on your
-# machine `pip install -e ".[notebooks]"` has already installed it, and this cell does nothing.
+# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); without it
+# (e.g. after Copy & Edit) this cell says how to attach it, or, with the internet on, installs from
+# `vaehelpers_source`. On your machine `pip install -e ".[notebooks]"` has already installed it, and this cell
+# does nothing.
 
 # %%
-# On Kaggle: install vaehelpers from the attached dataset vaehelpers-src; Kaggle's own torch is kept.
-import glob, importlib.util, runpy
+# Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
+# from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
+import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
 if importlib.util.find_spec("vaehelpers") is None:
     installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
-    runpy.run_path(installers[0], run_name="__main__")  # IndexError: attach vaehelpers-src, or `pip install -e .`
+    if installers:  # the wheel and its installer, from `vaehelpers kaggle push`
+        runpy.run_path(installers[0], run_name="__main__")
+    elif vaehelpers_source:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", vaehelpers_source, *pins], check=True)
+    else:
+        raise ModuleNotFoundError(
+            "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
+            "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
+            "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")
 
 # %% [markdown]
 # Imports, and the settings.
@@ -64,7 +79,8 @@ from vaehelpers.model import AutoencoderKL
 # The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
 # Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
 # P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
-# installs PyTorch 2.5.1 (which still has them) and asks you to restart the kernel.
+# reinstalls Kaggle's own PyTorch version from its CUDA 12.6 build (which still has them) and asks you to
+# restart the kernel.
 
 # %%
 settings = notebook.setup(
@@ -136,11 +152,12 @@ fig
 #
 # LPIPS compares images by the features of a pretrained VGG16 at five depths: early layers see edges and
 # colour, deep ones textures and parts. Bright areas below are where the reconstruction's features differ
-# most. It needs the pretrained VGG16 weights (downloaded on Kaggle with internet on); without them the figure
-# says so, and training works without this term (`perceptual_weight=0`, the default recipe's value).
+# most. It needs the pretrained VGG16 weights (downloaded on Kaggle with internet on; at smoke scale never
+# downloaded, only used if already on disk); without them the figure says so, and training works without this
+# term (`perceptual_weight=0`, the default recipe's value).
 
 # %%
-viz.perceptual_figure(images, reconstructions)
+viz.perceptual_figure(images, reconstructions, download=not settings.smoke)
 
 # %% [markdown]
 # The PatchGAN term (`loss.disc_weight > 0`) is off by default: LDM turns it on only after 50,001 steps, once

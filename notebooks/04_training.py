@@ -42,21 +42,37 @@ lr = None            # None: the recipe's (2e-3 default, 1e-3 seed) (smoke: 1e-3
 perceptual_weight = None  # None: the recipe's (0 default, 0.1 seed); > 0 needs the VGG16 weights
 plot_every = 100     # redraw the live loss plot (or print a line) every this many logged steps
 interactive = True   # False (papermill): progress lines instead of a progress bar and a live plot
-gpus = None          # training processes: None = one per visible GPU (Kaggle T4x2: 2), 1 = this kernel only
-install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart
+gpus = None          # training processes; None: one per visible GPU (Kaggle T4 x2: 2); 1: this kernel only
+allow_cpu = False    # True: run the full-scale training even on a CPU (days); otherwise it is refused there
+run_doctor = True    # a one-minute check of this GPU (precision, a few train steps, checkpoint, speed, batch that fits) before training
+install_legacy_torch = False  # P100: reinstall Kaggle's torch version from its CUDA 12.6 build (sm_60), then restart
+vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
 
 # %% [markdown]
 # ## Step 0: Set up
 #
-# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); on your
-# machine `pip install -e ".[notebooks]"` has already installed it, and this cell does nothing.
+# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); without it
+# (e.g. after Copy & Edit) this cell says how to attach it, or, with the internet on, installs from
+# `vaehelpers_source`. On your machine `pip install -e ".[notebooks]"` has already installed it, and this cell
+# does nothing.
 
 # %%
-# On Kaggle: install vaehelpers from the attached dataset vaehelpers-src; Kaggle's own torch is kept.
-import glob, importlib.util, runpy
+# Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
+# from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
+import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
 if importlib.util.find_spec("vaehelpers") is None:
     installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
-    runpy.run_path(installers[0], run_name="__main__")  # IndexError: attach vaehelpers-src, or `pip install -e .`
+    if installers:  # the wheel and its installer, from `vaehelpers kaggle push`
+        runpy.run_path(installers[0], run_name="__main__")
+    elif vaehelpers_source:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", vaehelpers_source, *pins], check=True)
+    else:
+        raise ModuleNotFoundError(
+            "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
+            "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
+            "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")
 
 # %% [markdown]
 # Imports, and the settings.
@@ -72,7 +88,9 @@ from vaehelpers.launch import launch
 # The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
 # Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
 # P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
-# installs PyTorch 2.5.1 (which still has them) and asks you to restart the kernel.
+# reinstalls Kaggle's own PyTorch version from its CUDA 12.6 build (which still has them) and asks you to
+# restart the kernel. A full-scale run on a CPU (the accelerator off) is refused here, before any work, unless
+# `allow_cpu=True`.
 
 # %%
 settings = notebook.setup(
@@ -80,6 +98,7 @@ settings = notebook.setup(
     image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
     check_gpu=True, install_legacy_torch=install_legacy_torch)
 device = settings.torch_device
+print(kaggle.check_scale_fits_device(settings, device, allow_cpu))
 
 # %% [markdown]
 # ## Step 1: The run's settings
@@ -95,9 +114,11 @@ to_dict(cfg)
 # %% [markdown]
 # ## Step 2: Pick up an earlier session
 #
-# On Kaggle each session starts with an empty `/kaggle/working`. To continue a run, add this notebook's own
-# output as an input (Add Input > Your Work) before running: its run directory is copied back here and
-# training resumes from its checkpoint. On your machine the run directory simply stays where it is.
+# On Kaggle each session starts with an empty `/kaggle/working`. To continue a run, this notebook's own output
+# must be an input: its run directory is copied back here and training resumes from its checkpoint.
+# `vaehelpers kaggle push` attaches this notebook's last finished output for you; in the editor, add it
+# yourself: the cell below prints which buttons when it finds no checkpoint. On your machine the run directory
+# simply stays where it is.
 
 # %%
 print(kaggle.restore_run(settings.run_dir))
@@ -105,6 +126,16 @@ print(kaggle.restore_run(settings.run_dir))
 # %% [markdown]
 # ## Step 3: Train
 #
+# Before hours of training, a one-minute check of this machine: the precision `auto` picks and why, a few real
+# train steps, a checkpoint written and resumed, speed, and the largest batch that fits. (`run_doctor=False`
+# skips it; at smoke scale it is skipped too, since the whole run takes minutes.)
+
+# %%
+if run_doctor and not settings.smoke:
+    from vaehelpers import doctor
+    doctor.run(device=settings.device, preset=settings.preset, image_size=settings.image_size, batch_size=settings.batch_size).raise_for_failure()
+
+# %% [markdown]
 # Training resumes from `checkpoints/last.pt` when it exists, logs every step to `log.csv` and TensorBoard, and
 # calls back with each row: here a live loss plot, redrawn in place every `plot_every` steps (printed lines
 # under papermill). `launch` runs one process per visible GPU (data-parallel, as `torchrun` would; on one GPU
@@ -138,11 +169,11 @@ Image(filename=str(settings.run_dir / "figures" / "reconstructions.png"))
 # %% [markdown]
 # ## Several GPUs, and the command line
 #
-# This notebook trains on one GPU. On a Kaggle T4 x2, or any multi-GPU machine, the same run goes faster from a
-# terminal or a `!` cell with torchrun (one process per GPU; the batch is split between them):
+# This notebook trains with one process per visible GPU (`gpus`; two on a Kaggle T4 x2), the live plot fed by
+# process 0. The same run from a terminal or a `!` cell with torchrun:
 #
 # ```
-# torchrun --nproc_per_node 2 -m vaehelpers train --data DATA --run RUN --preset sd --image-size 128 --epochs 600 --max-minutes 690 --resume
+# torchrun --standalone --nproc_per_node 2 -m vaehelpers train --data DATA --run-dir RUN --preset sd --image-size 128 --epochs 600 --max-minutes 690 --resume
 # ```
 #
 # ## Now it's your turn

@@ -37,20 +37,34 @@ smoke = False        # True: a quick check at toy scale (synthetic images, tiny 
 image_path = None    # any image file to reconstruct, of any size; None: the first held-out image
 n_show = 6           # held-out images in the figures and the explorer
 interactive = True   # False (papermill, `make demo`): static figures in place of the widgets
-install_legacy_torch = False  # P100 with Kaggle's default PyTorch: install torch 2.5.1 (sm_60), then restart
+install_legacy_torch = False  # P100: reinstall Kaggle's torch version from its CUDA 12.6 build (sm_60), then restart
+vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
 
 # %% [markdown]
 # ## Step 0: Set up
 #
-# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); on your
-# machine `pip install -e ".[notebooks]"` has already installed it, and this cell does nothing.
+# On Kaggle the package comes from the dataset `vaehelpers-src` (attached by `vaehelpers kaggle push`); without it
+# (e.g. after Copy & Edit) this cell says how to attach it, or, with the internet on, installs from
+# `vaehelpers_source`. On your machine `pip install -e ".[notebooks]"` has already installed it, and this cell
+# does nothing.
 
 # %%
-# On Kaggle: install vaehelpers from the attached dataset vaehelpers-src; Kaggle's own torch is kept.
-import glob, importlib.util, runpy
+# Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
+# from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
+import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
 if importlib.util.find_spec("vaehelpers") is None:
     installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
-    runpy.run_path(installers[0], run_name="__main__")  # IndexError: attach vaehelpers-src, or `pip install -e .`
+    if installers:  # the wheel and its installer, from `vaehelpers kaggle push`
+        runpy.run_path(installers[0], run_name="__main__")
+    elif vaehelpers_source:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", vaehelpers_source, *pins], check=True)
+    else:
+        raise ModuleNotFoundError(
+            "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
+            "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
+            "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")
 
 # %% [markdown]
 # Imports, and the settings.
@@ -67,7 +81,8 @@ from vaehelpers.reconstruct import format_rows, reconstruct_files
 # The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
 # Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
 # P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
-# installs PyTorch 2.5.1 (which still has them) and asks you to restart the kernel.
+# reinstalls Kaggle's own PyTorch version from its CUDA 12.6 build (which still has them) and asks you to
+# restart the kernel.
 
 # %%
 settings = notebook.setup(
@@ -80,10 +95,10 @@ device = settings.torch_device
 # ## Step 1: Load the trained model
 #
 # From the run directory of **04_training** (`model.safetensors`, the final or EMA weights). On Kaggle, attach
-# that notebook's output as an input; it is copied here first.
+# that notebook's output as an input (this cell says how when none is found); it is copied here first.
 
 # %%
-print(kaggle.restore_run(settings.run_dir))
+print(kaggle.require_run(settings.run_dir))
 model = AutoencoderKL.load(settings.run_dir).to(device).eval()
 print(f"{sum(p.numel() for p in model.parameters()):,} parameters, scaling_factor {model.config.scaling_factor}")
 
@@ -96,7 +111,7 @@ print(f"{sum(p.numel() for p in model.parameters()):,} parameters, scaling_facto
 
 # %%
 test_set = settings.dataset("test")
-summary = metrics.evaluate(model, test_set, progress=interactive)
+summary = metrics.evaluate(model, test_set, progress=interactive, download=not settings.smoke)
 metrics.write_json(summary, settings.run_dir / "evaluation.json")
 print(metrics.format_table(summary))
 

@@ -121,6 +121,47 @@ def test_two_processes_train_like_one(images, tmp_path):
             assert math.isclose(x, y, rel_tol=1e-4) or (math.isnan(x) and math.isnan(y)), (key, x, y)
 
 
+def test_launch_brings_rank_0s_log_rows_to_the_caller_in_order(images, tmp_path):
+    # a notebook's live loss plot: on_log runs here, in the calling process, with every row rank 0 logged
+    received = []
+
+    def on_log(row):  # a closure: it never travels to the spawned processes
+        received.append((os.getpid(), row))
+
+    result = launch(tiny(images, tmp_path / "run", max_steps=5, log_every=1, precision="fp32"), 2, progress=False,
+                    on_log=on_log)
+    assert result.step == 5
+    assert {pid for pid, _ in received} == {os.getpid()}
+    logged = rows(tmp_path / "run")
+    assert [row["step"] for _, row in received] == [1, 2, 3, 4, 5] == [int(row["step"]) for row in logged]
+    for (_, row), written in zip(received, logged, strict=True):  # the same values log.csv holds
+        for key in ("train/total_loss", "train/rec_loss", "lr", "epoch"):
+            assert math.isclose(row[key], float(written[key]), rel_tol=1e-6), key
+
+
+def test_a_failing_on_log_stops_the_processes_with_a_checkpoint(images, tmp_path):
+    from vaehelpers.runlock import RunLock
+
+    def on_log(row):
+        if row["step"] == 2:
+            raise ValueError("the plot broke")
+
+    with pytest.raises(ValueError, match="the plot broke"):
+        launch(tiny(images, tmp_path / "run", max_steps=100_000, log_every=1), 2, progress=False, on_log=on_log)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] >= 2  # stopped as by the stop button
+    with RunLock(tmp_path / "run"):  # every process has ended: the lock is free
+        pass
+
+
+def test_launch_refuses_a_run_directory_in_use(images, tmp_path):
+    from vaehelpers.runlock import RunDirInUse, RunLock
+
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunDirInUse, match=f"pid {os.getpid()}"):
+            launch(tiny(images, tmp_path / "run", max_steps=1), 2, progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before any process started
+
+
 def _torchrun(images: Path, run: Path, *extra: str, size: int = 16) -> list[str]:
     # "--" after the module: torchrun's own parser would reject "--run" as an abbreviation of its "--run-path"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -231,3 +272,26 @@ def test_a_rank_that_died_without_a_traceback_is_named():
     message = _failure_message(context, error, 2)
     assert "failed, rank 1 first" in message and "rank 0: signal SIGTERM\n" in message
     assert "rank 1: signal SIGKILL, without a Python error: killed (e.g. out of memory)" in message
+
+
+@pytest.mark.slow
+def test_notebook_04_with_two_processes_draws_the_live_plot_in_its_kernel(tmp_path):
+    # notebook 04's training cell as a user runs it on a T4 x2, here with gpus=2 on CPU (gloo): the live plot
+    # (LiveLossPlot; under papermill, interactive=False, its progress lines) is fed in the notebook's kernel
+    import nbformat
+    import papermill
+
+    from vaehelpers import demo
+
+    parameters = {"smoke": True, "interactive": False, "gpus": 2, "plot_every": 1, "max_steps": 4, "image_size": 32,
+                  "synthetic_count": 32, "data_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"),
+                  "figures_dir": str(tmp_path / "figures")}
+    executed = tmp_path / "04_training.ipynb"
+    papermill.execute_notebook(str(demo.NOTEBOOK_DIR / "04_training.ipynb"), str(executed), parameters=parameters,
+                               kernel_name=demo.notebook_kernel(), cwd=str(demo.NOTEBOOK_DIR), progress_bar=False)
+    cell = next(c for c in nbformat.read(executed, as_version=4).cells if "launch(" in c.source)
+    printed = "".join(output.get("text", "") for output in cell.outputs if output.output_type == "stream")
+    plotted = [int(line.split()[1]) for line in printed.splitlines() if line.startswith("step ") and "total_loss" in line]
+    assert plotted == [1, 2, 3, 4], printed
+    assert "no live loss plot" not in printed
+    assert [int(row["step"]) for row in rows(tmp_path / "run")] == [1, 2, 3, 4]

@@ -191,6 +191,28 @@ def test_missing_vgg_weights_raise_a_clear_error(cls, tmp_path, monkeypatch):
     assert attempts and attempts[0].endswith("vgg16-397923af.pth")  # the normal torchvision path was taken
 
 
+def test_with_downloads_off_the_vgg_weights_on_disk_are_used_and_none_are_fetched(tmp_path, monkeypatch):
+    # the notebooks at smoke scale: never start the 528 MB download; a file already there is still used
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # undo any torch.hub.set_dir elsewhere
+    fetched = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: fetched.append(url))
+    with pytest.raises(RuntimeError) as error:
+        LPIPS(download=False)
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in str(error.value)
+    assert "downloads are off" in str(error.value) and fetched == []
+
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    stand_in = vgg16().state_dict()  # the real file's name, format and keys
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(stand_in, tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth")
+    features = losses.load_vgg16_features(download=False)
+    torch.testing.assert_close(features[28].weight, stand_in["features.28.weight"])
+    assert fetched == []
+
+
 def test_no_perceptual_network_is_built_at_weight_zero(monkeypatch):
     def fail():
         raise AssertionError("load_vgg16_features called")

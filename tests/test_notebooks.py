@@ -12,7 +12,7 @@ import jupytext
 import nbformat
 import pytest
 
-from vaehelpers import demo, notebook
+from vaehelpers import demo, kaggle, notebook
 from vaehelpers.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,17 @@ def test_committed_clean_and_paired_with_its_py(name):
         f"{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py` (or save it in Jupyter)"
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_is_the_tested_one_with_its_parameter(name):
+    # the cell that installs the package on Kaggle is kaggle.INSTALL_CELL word for word (test_kaggle runs that
+    # text), right after the parameters, which declare the vaehelpers_source it reads
+    notebook = read(name)
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code_cells[1].source == kaggle.INSTALL_CELL, f"{name}: the install cell is not kaggle.INSTALL_CELL"
+    assert "vaehelpers_source" in assigned_names(code_cells[0].source)
+    assert sum(cell.source == kaggle.INSTALL_CELL for cell in code_cells) == 1
+
+
 def test_sync_check_sees_an_edit(tmp_path):
     """An edit made on one side only is caught (the check above can fail)."""
     edited = jupytext.read(ROOT / "notebooks" / "01_data.py")
@@ -66,6 +77,8 @@ def test_notebook_tells_a_story(name):
     assert assigned_names(first.source)[: len(COMMON)] == COMMON
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     for cell in code_cells[1:]:
+        if cell.source == kaggle.INSTALL_CELL:  # runs before the package can be imported: its text, tested in test_kaggle
+            continue
         tree = ast.parse(python_source(cell))
         imports_only = all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in tree.body)
         assert imports_only or len(cell.source.splitlines()) <= 6, f"{name}: a cell of more than ~5 lines:\n{cell.source}"

@@ -18,6 +18,9 @@ def test_environment_yml_matches_pip_requirements():
     assert any(re.fullmatch(r"-e \.\[.*notebooks.*\]", item) for item in pip_section)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "notebooks" in extras
+    # the kaggle client honours kernel-metadata's machine_shape (GPU T4 x2) from 1.8.4 on
+    assert "kaggle>=1.8.4" in pip_section
+    assert "kaggle>=1.8.4" in extras["kaggle"] and "kaggle>=1.8.4" in extras["notebooks"]
 
 
 def test_setup_pins_the_torch_pair_everywhere():

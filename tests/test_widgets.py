@@ -141,12 +141,23 @@ def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
     assert len(figure.axes) == 7
     assert [ax.get_title().split("\n")[0] for ax in figure.axes[2:]] == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]
 
-    def offline():
+    def offline(download=True):
         raise RuntimeError("could not load the pretrained VGG16 weights vgg16-397923af.pth")
 
     monkeypatch.setattr(losses, "load_vgg16_features", offline)
     figure = viz.perceptual_figure(images, images)
     assert "could not load the pretrained VGG16 weights" in figure.axes[0].texts[0].get_text()
+
+
+def test_perceptual_figure_with_downloads_off_fetches_nothing(monkeypatch, tmp_path, images):
+    # 03_loss at smoke scale: the figure says why it is empty instead of starting a 528 MB download
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    fetched = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: fetched.append(url))
+    figure = viz.perceptual_figure(images, images, download=False)
+    text = " ".join(figure.axes[0].texts[0].get_text().split())
+    assert "vgg16-397923af.pth" in text and "downloads are off" in text and fetched == []
 
 
 def test_png_bytes_scales_each_panel(images):

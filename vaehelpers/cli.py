@@ -173,7 +173,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_kaggle(args: argparse.Namespace) -> int:
     from vaehelpers import kaggle
 
-    kaggle.push(args.root, args.user, only=args.only, dataset=not args.no_dataset)
+    kaggle.push(args.root, args.user, only=args.only, dataset=not args.no_dataset, pin=not args.no_pin,
+                wait_s=args.wait_minutes * 60)
     return 0
 
 
@@ -338,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME, else your kaggle credentials')")
     push.add_argument("--only", nargs="+", default=[], metavar="PREFIX", help="only these kernels, e.g. --only 04 05")
     push.add_argument("--no-dataset", action="store_true", help="push the kernels without uploading the package again")
+    push.add_argument("--no-pin", action="store_true",
+                      help="attach the latest vaehelpers-src instead of the version just uploaded")
+    push.add_argument("--wait-minutes", type=float, default=10.0,
+                      help="how long to wait for Kaggle to process the uploaded package before giving up")
     push.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
                       help="the repository (holds kaggle/ and notebooks/)")
     kaggle.set_defaults(func=cmd_kaggle)

@@ -10,10 +10,10 @@ Distributed.average_gradients). With the GAN on, LDM's adaptive weight and the d
 statistics come from each rank's own share of the batch, as in LDM's multi-GPU training, so there N ranks
 train like one process only approximately.
 
-    torchrun --nproc_per_node 2 -m vaehelpers -- train --data DIR --run DIR ...   # a script, one machine
-    vaehelpers.launch.launch(cfg, nproc=2)                                        # a notebook (Kaggle T4x2)
+    torchrun --standalone --nproc_per_node 2 -m vaehelpers train --data DIR --run-dir DIR ...  # a script
+    vaehelpers.launch.launch(cfg, nproc=2)                                             # a notebook (Kaggle T4x2)
 
-(The "--" keeps torchrun's own parser from reading "--run" as an abbreviation of its "--run-path".)
+(--run-dir, not --run: torchrun's own parser reads "--run" as an abbreviation of its "--run-path".)
 """
 from __future__ import annotations
 

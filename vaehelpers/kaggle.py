@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -31,9 +32,31 @@ SOURCE_DATASET = "vaehelpers-src"  # the dataset that carries the package's whee
 INSTALLER_NAME = "vaehelpers_install.py"  # kaggle/install.py as it is uploaded (the notebooks glob for this name)
 STAGE_DIR = Path("build") / "kaggle"  # where `kaggle push` assembles the uploads, under the repository
 
-# The last PyPI-index PyTorch pair whose CUDA build still ships sm_60 kernels (P100): the cu121 wheels of 2.5.1.
-LEGACY_TORCH = ("torch==2.5.1", "torchvision==0.20.1")
-LEGACY_TORCH_INDEX = "https://download.pytorch.org/whl/cu121"
+# PyTorch's CUDA 12.6 builds still ship sm_60 kernels (P100); its cu128 builds, Kaggle's default, do not. For a
+# P100, install_legacy_torch reinstalls Kaggle's own torch and torchvision versions from this index, so the
+# versions (and everything built against them) stay as they are. vaehelpers itself needs torch >= 2.1.
+LEGACY_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
+
+# The install cell every notebook opens with (after its parameters, which declare vaehelpers_source). It runs
+# before vaehelpers can be imported, so it stands alone in each notebook as this text, word for word
+# (tests/test_notebooks.py checks that every notebook's copy equals it). Without the dataset (a "Copy & Edit" copy keeps no inputs) it names both ways on instead of failing with an IndexError.
+INSTALL_CELL = '''\
+# Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
+# from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
+import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
+if importlib.util.find_spec("vaehelpers") is None:
+    installers = glob.glob("/kaggle/input/**/vaehelpers_install.py", recursive=True)
+    if installers:  # the wheel and its installer, from `vaehelpers kaggle push`
+        runpy.run_path(installers[0], run_name="__main__")
+    elif vaehelpers_source:
+        pins = [f"{name}=={importlib.metadata.version(name)}" for name in ("torch", "torchvision")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", vaehelpers_source, *pins], check=True)
+    else:
+        raise ModuleNotFoundError(
+            "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
+            "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
+            "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")'''
 
 Installer = Callable[[Sequence[str]], Any]  # pip arguments -> anything; raises on failure
 
@@ -143,10 +166,10 @@ def ensure_gpu_supported(install_legacy_torch: bool = False, *, installer: Insta
 
     Kaggle's default PyTorch (cu128) has no sm_60 kernels, so on a P100 the first real operation would fail
     with "no kernel image is available" (runtime.check_cuda_arch explains). Then:
-    install_legacy_torch=False: raise UnsupportedGPUError saying what to do (T4 accelerator, or this option);
-    install_legacy_torch=True (needs internet): pip-install torch 2.5.1 + torchvision 0.20.1 (cu121, which
-    still carry sm_60) with `installer` (default: pip in this interpreter) and raise RestartRequired, because
-    the running kernel keeps the old torch until it is restarted.
+    install_legacy_torch=False: raise UnsupportedGPUError saying what to do (T4 x2 accelerator, or this option);
+    install_legacy_torch=True (needs internet): pip-install the same torch and torchvision versions built for
+    CUDA 12.6 (legacy_torch_requirements; they still carry sm_60) with `installer` (default: pip in this
+    interpreter) and raise RestartRequired, because the running kernel keeps the old torch until restarted.
     """
     if not torch.cuda.is_available():
         return f"no CUDA GPU: running on the CPU (torch {torch.__version__})"
@@ -163,10 +186,26 @@ def ensure_gpu_supported(install_legacy_torch: bool = False, *, installer: Insta
     if not install_legacy_torch:
         raise UnsupportedGPUError(f"{errors[0]} In the notebooks: set install_legacy_torch=True (internet on) "
                                   "to install that build, then restart the kernel.")
-    (installer or pip_install)([*LEGACY_TORCH, "--index-url", LEGACY_TORCH_INDEX])
+    requirements = legacy_torch_requirements()
+    (installer or pip_install)([*requirements, "--index-url", LEGACY_TORCH_INDEX])
     raise RestartRequired(
-        f"installed {' and '.join(LEGACY_TORCH)} (with sm_60 kernels) for {', '.join(names)}; the running kernel "
-        "still has the old torch: restart it (Run > Restart & clear cell outputs) and run all cells again.")
+        f"installed {' and '.join(requirements)} built for CUDA 12.6 (with sm_60 kernels) for {', '.join(names)}; "
+        "the running kernel still has the old torch: restart it (Run > Restart & clear cell outputs) and run all "
+        "cells again.")
+
+
+def legacy_torch_requirements() -> list[str]:
+    """This environment's torch and torchvision versions without their local build tag, e.g. ["torch==2.10.0",
+    "torchvision==0.25.0"] for Kaggle's 2.10.0+cu128: the same versions, to be fetched from the cu126 index."""
+    import importlib.metadata
+
+    requirements = []
+    for name in ("torch", "torchvision"):
+        try:
+            requirements.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return requirements
 
 
 # ----------------------------------------------------------------------------- runs from earlier sessions
@@ -182,15 +221,56 @@ def find_attached_run(name: str, kaggle_input: str | Path = KAGGLE_INPUT, max_de
 
 def restore_run(run_dir: str | Path, kaggle_input: str | Path = KAGGLE_INPUT) -> str:
     """Copy an attached earlier run into run_dir when run_dir has none yet (Kaggle inputs are read-only, and a
-    resumed run must write); returns what happened, in one line."""
+    resumed run must write); returns what happened, in one line (for 04: where none is found, how to attach one)."""
     run_dir = Path(run_dir)
     if RunDir(run_dir).has_weights():
         return f"{run_dir} already holds a run: using it"
     found = find_attached_run(run_dir.name, kaggle_input)
     if found is None:
-        return f"no earlier run named {run_dir.name!r} attached: {run_dir} starts fresh"
+        return f"no earlier run named {run_dir.name!r} attached: {run_dir} starts fresh. {attach_hint('continue it')}"
     shutil.copytree(found, run_dir, dirs_exist_ok=True)
     return f"copied the attached run {found} to {run_dir}"
+
+
+def require_run(run_dir: str | Path, kaggle_input: str | Path = KAGGLE_INPUT) -> str:
+    """For 05_evaluation: restore_run, but a missing run is an error that says what to do (FileNotFoundError),
+    not a fresh start: 05 evaluates the trained weights of 04_training."""
+    run_dir = Path(run_dir)
+    if not RunDir(run_dir).has_weights() and find_attached_run(run_dir.name, kaggle_input) is None:
+        raise FileNotFoundError(
+            f"no trained run named {run_dir.name!r}: {run_dir} holds none and no attached input has one. This "
+            f"notebook evaluates the output of {TRAINING_TITLE}: let that notebook finish first (locally: run it "
+            f"with the same settings), or {attach_hint('evaluate it')}")
+    return restore_run(run_dir, kaggle_input)
+
+
+TRAINING_TITLE = "vaehelpers 04 training"  # kaggle/04_training/kernel-metadata.json's title
+
+
+def attach_hint(purpose: str) -> str:
+    """The buttons that attach 04_training's output of an earlier session to the notebook open in Kaggle's editor."""
+    return (f"On Kaggle, to {purpose} from an earlier session's output: in the editor's right-hand panel, under "
+            f"Input, click \"+ Add Input\", choose \"Your Work\", then \"Notebooks\", click the + beside "
+            f"\"{TRAINING_TITLE}\" (its latest finished version), and run all cells again.")
+
+
+class FullScaleOnCPU(RuntimeError):
+    """The reference run would train on a CPU (for days): refused unless asked for explicitly."""
+
+
+def check_scale_fits_device(settings: Any, device: Any, allow_cpu: bool = False) -> str:
+    """Refuse, before any work, to start the full-scale run (not smoke, the sd model) on a CPU unless allow_cpu.
+
+    settings: the notebooks' NotebookSettings (smoke, preset, epochs, max_minutes); device: the torch.device the
+    run would use. Returns a one-line status; raises FullScaleOnCPU saying the three ways on.
+    """
+    if getattr(device, "type", str(device)) != "cpu" or settings.smoke or settings.preset != "sd" or allow_cpu:
+        return f"training {settings.preset} for {settings.epochs} epochs on {device}"
+    raise FullScaleOnCPU(
+        f"the full-scale run ({settings.preset} model, {settings.epochs} epochs, up to {settings.max_minutes:g} "
+        "minutes a session) would train on the CPU, where it makes almost no progress. Turn the GPU on (Kaggle: "
+        "Settings > Accelerator > GPU T4 x2, then run all again), or set smoke=True for a quick check at toy "
+        "scale, or set allow_cpu=True to train on the CPU anyway.")
 
 
 # ----------------------------------------------------------------------------- `vaehelpers kaggle push`
@@ -258,34 +338,123 @@ def kaggle_client() -> Any:
         raise RuntimeError(f"kaggle push: {error}") from None
 
 
+# The sources a kernel push can drop: the kernel version is saved without them, and the client says so only in
+# these fields of its response (ApiSaveKernelResponse; older clients spell them in camelCase).
+DROPPABLE_SOURCES = {"dataset": "invalid_dataset_sources", "kernel": "invalid_kernel_sources",
+                     "competition": "invalid_competition_sources", "model": "invalid_model_sources"}
+TRAINING_KERNEL, EVALUATION_KERNEL = "04", "05"  # folder prefixes: 05 evaluates 04's output
+
+
+def _field(response: Any, name: str) -> Any:
+    """A response field by its snake_case name, or by the camelCase name older kaggle clients used."""
+    camel = name.split("_")[0] + "".join(part.title() for part in name.split("_")[1:])
+    value = getattr(response, name, None)
+    return value if value not in (None, "", []) else getattr(response, camel, None)
+
+
 def _check(response: Any, what: str) -> str:
-    """The URL from a kaggle API response, or a RuntimeError with its error."""
-    error = getattr(response, "error", None)
+    """The URL from a kaggle API response, or a RuntimeError with its error or the sources Kaggle dropped."""
+    error = _field(response, "error")
     if error:
         raise RuntimeError(f"{what}: {error}")
-    return str(getattr(response, "url", "") or what)
+    for kind, name in DROPPABLE_SOURCES.items():
+        dropped = _field(response, name)
+        if dropped:
+            raise RuntimeError(
+                f"{what}: Kaggle dropped the {kind} source(s) {', '.join(map(str, dropped))} ({name}), so the version "
+                f"it saved runs without them. Check that each exists and that you can read it, then push again.")
+    return str(_field(response, "url") or what)
+
+
+def _status_name(status: Any) -> str:
+    """'complete', 'running', 'ready', ...: a kaggle status enum (KernelWorkerStatus, DatabundleVersionStatus) or
+    the string older clients return, lowercased."""
+    return str(getattr(status, "name", status)).lower()
+
+
+def _dataset_state(client: Any, ref: str) -> tuple[str, int | None]:
+    """(status, current version number) of a dataset, e.g. ("ready", 3); the version is None where the kaggle
+    client cannot report it (dataset_status without `format`, before kaggle 2.x)."""
+    try:
+        payload = json.loads(client.dataset_status(ref, format="json(status,current_version_number)"))
+        return _status_name(payload["status"]), payload.get("current_version_number")
+    except TypeError:
+        return _status_name(client.dataset_status(ref)), None
+
+
+def wait_for_dataset(client: Any, ref: str, *, newer_than: int | None = None, timeout_s: float = 600.0,
+                     poll_s: float = 10.0, sleep: Callable[[float], Any] = time.sleep,
+                     say: Callable[[str], Any] = print) -> int | None:
+    """Wait until Kaggle has processed the dataset's new version (status "ready", version > newer_than); returns
+    that version number (None if the client cannot tell). Raises RuntimeError if processing failed, TimeoutError
+    after timeout_s: a kernel pushed before then would start without its files."""
+    started = time.monotonic()
+    while True:
+        status, version = _dataset_state(client, ref)
+        fresh = newer_than is None or version is None or version > newer_than
+        if status == "ready" and fresh:
+            return version
+        if status in ("failed", "deleted") and fresh:
+            raise RuntimeError(f"Kaggle could not process {ref} (status {status}): see https://www.kaggle.com/datasets/{ref}")
+        waited = time.monotonic() - started
+        if waited >= timeout_s:
+            raise TimeoutError(
+                f"{ref} is still being processed by Kaggle after {waited:.0f} s (status {status}, version {version}); "
+                f"no kernel was pushed, since it would start without the package. When "
+                f"https://www.kaggle.com/datasets/{ref} shows the new version, run `vaehelpers kaggle push --no-dataset`.")
+        say(f"waiting for Kaggle to process {ref} (status {status})")
+        sleep(poll_s)
+
+
+def kernel_status(client: Any, ref: str) -> tuple[str, str]:
+    """(status, failure message) of a kernel's latest version: 'complete', 'running', 'queued', 'error', ... or
+    'missing' when Kaggle has no such kernel (never pushed) or will not show it."""
+    try:
+        response = client.kernels_status(ref)
+    except Exception as error:  # kaggle raises HTTPError (404) or ValueError (403) for a kernel it cannot find
+        return "missing", str(error)
+    return _status_name(_field(response, "status")), str(_field(response, "failure_message") or "")
+
+
+def _kernel_ref(folder: Path) -> str:
+    return json.loads((folder / "kernel-metadata.json").read_text())["id"]
+
+
+def _edit_metadata(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = folder / "kernel-metadata.json"
+    metadata = json.loads(path.read_text())
+    change(metadata)
+    path.write_text(json.dumps(metadata, indent=2) + "\n")
 
 
 def push(root: str | Path, user: str | None = None, *, client: Any = None, only: Sequence[str] = (),
-         dataset: bool = True, dest: str | Path | None = None,
+         dataset: bool = True, pin: bool = True, wait_s: float = 600.0, poll_s: float = 10.0,
+         sleep: Callable[[float], Any] = time.sleep, dest: str | Path | None = None,
          wheel_builder: Callable[[Path, Path], Path] | None = None, say: Callable[[str], Any] = print) -> list[str]:
-    """Upload the package dataset, then push each kernel (all, or those whose folder name starts with one of
-    `only`, e.g. "04"); returns the URLs. client: the kaggle API object (default: the real, authenticated one);
-    dest: the staging folder (default root/build/kaggle); wheel_builder: default build_wheel."""
+    """Upload the package dataset, wait until Kaggle has processed it, then push the kernels (all, or those whose
+    folder name starts with one of `only`, e.g. "04"); returns the URLs.
+
+    Kernels attach the dataset version just made (pin: "<user>/vaehelpers-src/<version>"). 04 attaches its own
+    output when its latest version finished, so the run resumes; it is not pushed while a version of it runs.
+    05 is pushed only when 04's latest version finished (it evaluates 04's output); otherwise it is skipped,
+    saying so. A push whose response names dropped sources raises, naming them.
+    client: the kaggle API object (default: the real, authenticated one); dest: the staging folder (default
+    root/build/kaggle); wheel_builder: default build_wheel; wait_s, poll_s, sleep: waiting for the dataset.
+    """
     root = Path(root)
     client = kaggle_client() if client is None else client
     user = user or os.environ.get("KAGGLE_USERNAME") or client.get_config_value("username")
     if not user:
         raise RuntimeError("cannot tell your Kaggle user name: pass --user NAME")
     dataset_dir, kernels = stage(root, user, dest or root / STAGE_DIR, wheel_builder=wheel_builder or build_wheel)
-    urls = []
+    kernels = [folder for folder in kernels if not only or any(folder.name.startswith(prefix) for prefix in only)]
+    urls, ref = [], f"{user}/{SOURCE_DATASET}"
     if dataset:
-        ref = f"{user}/{SOURCE_DATASET}"
         try:
-            client.dataset_status(ref)
+            _, before = _dataset_state(client, ref)
             exists = True
         except Exception:  # kaggle raises an HTTP error for a dataset that does not exist yet
-            exists = False
+            exists, before = False, None
         if exists:
             response = client.dataset_create_version(str(dataset_dir), version_notes="vaehelpers kaggle push",
                                                      quiet=True, dir_mode="skip")
@@ -293,9 +462,40 @@ def push(root: str | Path, user: str | None = None, *, client: Any = None, only:
             response = client.dataset_create_new(str(dataset_dir), public=False, quiet=True, dir_mode="skip")
         urls.append(_check(response, f"uploading {ref}"))
         say(f"dataset {ref}: {urls[-1]}")
+        if kernels:
+            version = wait_for_dataset(client, ref, newer_than=before if exists else None, timeout_s=wait_s,
+                                       poll_s=poll_s, sleep=sleep, say=say)
+    elif kernels:
+        version = wait_for_dataset(client, ref, timeout_s=wait_s, poll_s=poll_s, sleep=sleep, say=say)
+    if kernels and pin and version is not None:
+        say(f"kernels attach {ref} version {version}")
+        for folder in kernels:
+            _edit_metadata(folder, lambda meta: meta.update(dataset_sources=[
+                f"{source}/{version}" if source == ref else source for source in meta["dataset_sources"]]))
+
     for folder in kernels:
-        if only and not any(folder.name.startswith(prefix) for prefix in only):
-            continue
-        urls.append(_check(client.kernels_push(str(folder)), f"pushing {folder.name}"))
-        say(f"kernel {folder.name}: {urls[-1]}")
+        kernel = _kernel_ref(folder)
+        if folder.name.startswith(TRAINING_KERNEL):
+            status, _ = kernel_status(client, kernel)
+            if status in ("queued", "running"):
+                say(f"kernel {folder.name} not pushed: its latest version is {status} on Kaggle (a new version would "
+                    "start a second run beside it); push it again when it has ended")
+                continue
+            if status == "complete":  # resume: this version reads the last one's run directory (restore_run)
+                _edit_metadata(folder, lambda meta: meta.update(kernel_sources=[*meta["kernel_sources"], kernel]))
+                say(f"kernel {folder.name} attaches the output of its finished version, and resumes that run")
+            else:
+                say(f"kernel {folder.name} starts a new run (no finished version of it yet: {status})")
+        if folder.name.startswith(EVALUATION_KERNEL):
+            training = next(_kernel_ref(f) for f in kernel_folders(folder.parent) if f.name.startswith(TRAINING_KERNEL))
+            status, failure = kernel_status(client, training)
+            if status != "complete":
+                say(f"kernel {folder.name} not pushed: it evaluates the output of {training}, whose latest version is "
+                    f"{status}{': ' + failure if failure else ''}; when it has finished, run "
+                    f"`vaehelpers kaggle push --no-dataset --only {EVALUATION_KERNEL}`")
+                continue
+        response = client.kernels_push(str(folder))
+        urls.append(_check(response, f"pushing {folder.name}"))
+        version_number = _field(response, "version_number")
+        say(f"kernel {folder.name}{f' version {version_number}' if version_number else ''}: {urls[-1]}")
     return urls

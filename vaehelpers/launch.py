@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import signal
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.multiprocessing.spawn import ProcessException
 
 from vaehelpers.config import TrainConfig
+from vaehelpers.runlock import LOCKED_BY_PARENT_ENV, RunLock
 from vaehelpers.train import TrainResult, train
 
 
@@ -30,7 +32,10 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
     For notebooks (Kaggle T4x2), where torchrun is awkward: it spawns fresh interpreters with
     torch.multiprocessing (the "spawn" method works even after the notebook has touched CUDA, unlike fork),
     sets MASTER_ADDR/MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE in each, and runs train(cfg) there.
-    train_kwargs go to train() and must be picklable (no lambdas; on_log cannot reach the notebook).
+    train_kwargs go to train() and must be picklable (no lambdas), except on_log: it is called here, in the
+    calling process, with each of rank 0's log.csv rows in order (a queue carries them over while this process
+    waits), so a notebook's live loss plot works as with one process. This process holds the run directory's
+    lock (runlock.py) until every process has ended.
     If a process fails, the others are stopped and TrainingProcessError says which rank and why.
     Interrupting the notebook asks every process to checkpoint and stop, as Ctrl-C does for one process.
     With nproc == 1 it simply calls train() here.
@@ -38,45 +43,73 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
     nproc = nproc or max(1, torch.cuda.device_count())
     if nproc == 1:
         return train(cfg, resume=resume, **train_kwargs)
-    if train_kwargs.pop("on_log", None) is not None:  # a callback cannot reach the notebook from other processes
-        print(f"{nproc} processes: no live loss plot (process 0 prints progress; draw the curve from log.csv afterwards)")
     if cfg.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ValueError(f"nproc={nproc} but only {torch.cuda.device_count()} GPU(s) are visible (one process per GPU)")
+    on_log = train_kwargs.pop("on_log", None)
     port = int(os.environ.get("MASTER_PORT") or _free_port())
-    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    context = torch.multiprocessing.start_processes(
-        _worker, args=(nproc, port, cfg, resume, train_kwargs, results), nprocs=nproc, join=False, start_method="spawn")
-    try:
-        try:
-            _join(context)
-        except KeyboardInterrupt:  # the notebook's stop button: every rank checkpoints at the same step, then stops
-            _signal(context, signal.SIGTERM)
+    spawn = torch.multiprocessing.get_context("spawn")
+    results = spawn.SimpleQueue()
+    rows = spawn.Queue() if on_log is not None else None  # rank 0's log rows, on their way to on_log here
+
+    def forward_rows() -> None:
+        """Call on_log with every row that has arrived (rank 0 is the only writer, so they come in step order)."""
+        while rows is not None:
             try:
-                _join(context)
-            except KeyboardInterrupt:  # pressed again: stop now, without a checkpoint
-                _signal(context, signal.SIGKILL)
-                raise
-    except ProcessException as error:
-        raise TrainingProcessError(_failure_message(context, error, nproc)) from None
+                row = rows.get_nowait()
+            except queue.Empty:
+                return
+            on_log(row)
+
+    with RunLock(cfg.run_dir):
+        context = torch.multiprocessing.start_processes(
+            _worker, args=(nproc, port, cfg, resume, train_kwargs, results, rows, os.getpid()), nprocs=nproc,
+            join=False, start_method="spawn")
+        try:
+            try:
+                _join(context, forward_rows)
+            except KeyboardInterrupt:  # the notebook's stop button: every rank checkpoints at the same step, then stops
+                _signal(context, signal.SIGTERM)
+                try:
+                    _join(context, forward_rows)
+                except KeyboardInterrupt:  # pressed again: stop now, without a checkpoint
+                    _signal(context, signal.SIGKILL)
+                    raise
+        except ProcessException as error:
+            raise TrainingProcessError(_failure_message(context, error, nproc)) from None
+        except Exception:  # on_log failed here: stop the run (with a checkpoint) before its lock is let go
+            on_log = _discard  # forward_rows keeps draining, so that rank 0 can flush its queue and exit
+            _signal(context, signal.SIGTERM)
+            _join(context, forward_rows)
+            raise
     return results.get() if not results.empty() else None
 
 
 def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, resume: bool, train_kwargs: dict[str, Any],
-            results: Any) -> None:
-    """One spawned process of launch(): torchrun's environment variables, then train()."""
+            results: Any, rows: Any, parent_pid: int) -> None:
+    """One spawned process of launch(): torchrun's environment variables, then train(); rank 0 sends its log rows."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ[LOCKED_BY_PARENT_ENV] = str(parent_pid)  # launch() holds the run directory's lock for us
     if "OMP_NUM_THREADS" not in os.environ:  # share the CPU cores instead of each rank taking all (torchrun does too)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    result = train(cfg, resume=resume, **train_kwargs)
+    on_log = rows.put if rows is not None and rank == 0 else None
+    result = train(cfg, resume=resume, on_log=on_log, **train_kwargs)
     if rank == 0:
         results.put(result)
 
 
-def _join(context: Any) -> None:
-    """Wait for every process; when one fails, give the others 10 s to exit, then SIGTERM, 10 s, SIGKILL."""
-    while not context.join(grace_period=10):
-        pass
+def _join(context: Any, while_waiting: Callable[[], None]) -> None:
+    """Wait for every process, calling while_waiting() about 4 times a second and once at the end; when one
+    fails, give the others 10 s to exit, then SIGTERM, 10 s, SIGKILL."""
+    try:
+        while not context.join(timeout=0.25, grace_period=10):
+            while_waiting()
+    finally:
+        while_waiting()  # what the processes sent before they ended
+
+
+def _discard(row: Any) -> None:
+    pass
 
 
 def _signal(context: Any, signum: int) -> None:

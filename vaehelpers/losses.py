@@ -79,19 +79,38 @@ def reconstruction_loss(
 
 # ----------------------------------------------------------------------------- perceptual
 
-def load_vgg16_features() -> nn.Sequential:
+def vgg16_weights_file() -> Path:
+    """Where torchvision keeps (or would download) its ImageNet VGG16 weights: the torch hub cache,
+    torch.hub.get_dir()/checkpoints/vgg16-397923af.pth."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def require_vgg16_weights_on_disk() -> None:
+    """Raise RuntimeError (naming the file) unless the VGG16 weights are already on disk: where downloads are
+    off (download=False; the notebooks at smoke scale), nothing may start the 528 MB download."""
+    weights = vgg16_weights_file()
+    if not weights.is_file():
+        raise RuntimeError(
+            f"the pretrained VGG16 weights {weights} are not on this machine, and downloads are off here "
+            f"(download=False, as in the notebooks at smoke scale), so the 528 MB file was not fetched. Copy "
+            f"{VGG16_URL} there, or run at full scale with internet on, to use them.")
+
+
+def load_vgg16_features(download: bool = True) -> nn.Sequential:
     """torchvision's ImageNet VGG16 `features` (conv part), loaded the normal torchvision way.
 
-    The weights come from the torch hub cache (torch.hub.get_dir()/checkpoints/vgg16-397923af.pth),
-    downloaded on first use where there is network (Kaggle). Without network and without the file
-    this raises a RuntimeError saying where to put the file and how to turn the term off.
+    The weights come from the torch hub cache (vgg16_weights_file()), downloaded on first use where there is
+    network (Kaggle) unless download is False (then only a file already there is used). Without network and
+    without the file this raises a RuntimeError saying where to put the file and how to turn the term off.
     """
     from torchvision.models import VGG16_Weights, vgg16
 
+    if not download:
+        require_vgg16_weights_on_disk()
     try:
         return vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features
     except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; a bad file a RuntimeError
-        checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+        checkpoints = vgg16_weights_file().parent
         raise RuntimeError(
             f"could not load the pretrained VGG16 weights {VGG16_FILE} ({type(error).__name__}: {error}). "
             f"The perceptual loss needs them: download {VGG16_URL} and put it in {checkpoints}/ "
@@ -161,9 +180,9 @@ class LPIPS(_FrozenModule):
     frozen. Matches torchmetrics' and the `lpips` package's VGG LPIPS for the same backbone.
     """
 
-    def __init__(self, vgg_features: nn.Sequential | None = None):
+    def __init__(self, vgg_features: nn.Sequential | None = None, *, download: bool = True):
         super().__init__()
-        vgg_features = load_vgg16_features() if vgg_features is None else vgg_features
+        vgg_features = load_vgg16_features(download) if vgg_features is None else vgg_features
         self.backbone = _frozen(vgg_features[: LPIPS_TAPS[-1] + 1])  # conv1_1 ... relu5_3
         self.linears = nn.ModuleList(nn.Conv2d(channels, 1, 1, bias=False) for channels in LPIPS_CHANNELS)
         for linear, weight in zip(self.linears, lpips_linear_weights()):

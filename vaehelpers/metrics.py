@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from vaehelpers.images import BadImageError
+from vaehelpers.losses import require_vgg16_weights_on_disk, vgg16_weights_file
 from vaehelpers.runtime import autocast, resolve_device, resolve_precision
 
 PSNR_CAP_DB = 100.0  # cap per image in the mean PSNR; see the module docstring
@@ -91,25 +91,21 @@ def image_psnr(image: Tensor, reconstruction: Tensor) -> float:
 
 # --------------------------------------------------------------------------- LPIPS and rFID backbones
 
-def _vgg16_weights_file() -> Path:
-    """Where torchvision keeps (or would download) its ImageNet VGG16 weights."""
-    from torchvision.models import VGG16_Weights
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGG16_Weights.DEFAULT.url)
-
-
-def build_lpips(device: torch.device | str = "cpu") -> LpipsFn:
+def build_lpips(device: torch.device | str = "cpu", download: bool = True) -> LpipsFn:
     """torchmetrics' LPIPS (VGG backbone, inputs in [0, 1]) as a per-image function.
 
     It needs torchvision's ImageNet VGG16 weights (downloaded on first use where there is a network,
-    e.g. Kaggle). Raises RuntimeError naming the missing file when they cannot be loaded.
+    e.g. Kaggle; with download False only a file already on disk is used). Raises RuntimeError naming the
+    missing file when they cannot be loaded.
     """
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
+    if not download:
+        require_vgg16_weights_on_disk()
     try:
         metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=True, reduction="none")
     except Exception as error:  # URLError offline, a corrupt file, ... : all mean "no LPIPS here"
-        weights = _vgg16_weights_file()
+        weights = vgg16_weights_file()
         raise RuntimeError(
             f"LPIPS needs torchvision's pretrained VGG16 weights, which could not be loaded: expected "
             f"{weights} ({'present but unreadable' if weights.exists() else 'missing'}; download failed: "
@@ -231,7 +227,8 @@ class Evaluator:
         }
 
 
-def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, notes: list[str]) -> LpipsFn | None:
+def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, notes: list[str],
+                   download: bool = True) -> LpipsFn | None:
     """lpips="auto": try, and on failure warn once and go on; True: must work; False/None: off; callable: use it."""
     if callable(lpips):
         return lpips
@@ -240,7 +237,7 @@ def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, not
     if lpips not in (True, "auto"):
         raise ValueError(f"lpips must be 'auto', True, False or a callable, got {lpips!r}")
     try:
-        return build_lpips(device)
+        return build_lpips(device, download)
     except RuntimeError as error:
         if lpips is True:
             raise
@@ -292,6 +289,7 @@ def evaluate(
     fid: bool | nn.Module = False,
     precision: str = "fp32",
     progress: bool = True,
+    download: bool = True,
 ) -> dict[str, Any]:
     """Reconstruct every image of `dataset` with `model` and measure how close the reconstructions are.
 
@@ -303,6 +301,8 @@ def evaluate(
         deterministic).
     lpips: "auto" (try torchmetrics' VGG LPIPS; without its weights warn once and report None), True (fail
         without them), False, or a callable (images, reconstructions) in [0, 1] -> (B,) scores.
+    download: False: LPIPS uses the VGG16 weights only if they are already on disk, never starting their
+        528 MB download (the notebooks at smoke scale); with lpips="auto" it is then reported as None, noted.
     fid: False, True (rFID of reconstructions against originals; InceptionV3 via torch-fidelity, None with a
         warning when unavailable) or an nn.Module feature extractor ((B,3,H,W) in [0, 1] -> (B, F)).
     precision: "fp32" (default; the VAE is sensitive to fp16), "bf16", "fp16" or "auto" (runtime.resolve_precision):
@@ -322,7 +322,7 @@ def evaluate(
         model.to(device)
     precision = resolve_precision(precision, device)
     notes: list[str] = []
-    evaluator = Evaluator(lpips=_resolve_lpips(lpips, device, notes), fid=_resolve_fid(fid, device, notes))
+    evaluator = Evaluator(lpips=_resolve_lpips(lpips, device, notes, download), fid=_resolve_fid(fid, device, notes))
     evaluator.notes.extend(notes)
     for path, reason in getattr(dataset, "bad_files", []):
         evaluator.skip(path, reason)

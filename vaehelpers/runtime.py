@@ -28,9 +28,10 @@ def check_cuda_arch(device_index: int = 0) -> None:
     raise UnsupportedGPUError(
         f"GPU {name} (compute capability sm_{capability}) is not supported by this PyTorch build "
         f"{torch.__version__} (kernels for: {', '.join(arch_list) or 'none'}). "
-        "On Kaggle choose a T4 or L4 accelerator (Settings > Accelerator), or, with internet on, install a "
-        "PyTorch build that still ships sm_60 (e.g. pip install torch==2.5.1 torchvision==0.20.1 --index-url "
-        "https://download.pytorch.org/whl/cu121), or run with --device cpu."
+        "On Kaggle choose the GPU T4 x2 accelerator (Settings > Accelerator), or, with internet on, install the "
+        f"same torch version built for CUDA 12.6, which still ships sm_60 (pip install torch=={torch.__version__.split('+')[0]} "
+        "and its torchvision --index-url https://download.pytorch.org/whl/cu126; vaehelpers needs torch >= 2.1), "
+        "or run with --device cpu."
     )
 
 

@@ -23,6 +23,7 @@ from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, preset_name
 from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
+from vaehelpers.runlock import holds_run_dir
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything, set_tf32
 
 # Why a run stops, least to most urgent: with several processes every rank takes the most urgent one any rank saw.
@@ -450,6 +451,7 @@ def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, 
 
 # ----------------------------------------------------------------------------- the loop
 
+@holds_run_dir  # one training per run directory: a second one is refused, naming the holder (runlock.py)
 def train(
     cfg: TrainConfig,
     *,

@@ -286,11 +286,13 @@ def loss_weights_figure(loss_configs: dict[str, Any], epochs: float) -> Figure:
     return fig
 
 
-def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = None) -> Figure:
+def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = None, *,
+                      download: bool = True) -> Figure:
     """What the LPIPS perceptual term compares, for the first image: where the VGG16 features of the
     reconstruction differ from the original's at each tap (relu1_2 ... relu5_3), weighted as LPIPS weighs them.
-    The panel titles give each layer's share of the distance. Without the pretrained VGG16 weights (offline),
-    a figure that says so and how to get them, instead of an error.
+    The panel titles give each layer's share of the distance. Without the pretrained VGG16 weights (offline,
+    or not on disk with download False: no 528 MB download at smoke scale), a figure that says so and how to
+    get them, instead of an error.
     """
     import textwrap
 
@@ -299,7 +301,7 @@ def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = N
     from vaehelpers.losses import LPIPS
 
     try:
-        lpips = LPIPS(backbone).to(images.device)
+        lpips = LPIPS(backbone, download=download).to(images.device)
     except RuntimeError as error:
         fig = Figure(figsize=(9, 2.2))
         ax = fig.subplots()
