@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaehelpers import losses
+from vaehelpers import losses, pretrained
 from vaehelpers.config import LossConfig, TrainConfig, apply_overrides, recipe_settings
 from vaehelpers.losses import (
     LPIPS,
@@ -174,21 +174,23 @@ def test_lpips_matches_the_lpips_package_with_the_same_backbone(vgg_features):
 @pytest.mark.parametrize("cls", [VGGFeatureLoss, LPIPS])
 def test_missing_vgg_weights_raise_a_clear_error(cls, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("VAEHELPERS_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # undo any torch.hub.set_dir elsewhere
     attempts = []
 
-    def no_network(url, *args, **kwargs):  # what an offline machine does, without waiting on a socket
-        attempts.append(url)
+    def no_network(request, *args, **kwargs):  # what an offline machine does, without waiting on a socket
+        attempts.append(request)
         raise urllib.error.URLError("no network (test)")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(RuntimeError) as error:
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    with pytest.raises(pretrained.MissingWeightsError) as error:
         cls()
     message = str(error.value)
-    assert "vgg16-397923af.pth" in message
+    assert "\n" not in message and "vgg16-397923af.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
-    assert "--perceptual-weight 0" in message
-    assert attempts and attempts[0].endswith("vgg16-397923af.pth")  # the normal torchvision path was taken
+    for way_out in ("vaehelpers weights download", "--weights-dir", "VAEHELPERS_WEIGHTS", "--recipe pixel"):
+        assert way_out in message
+    assert attempts == []  # nothing is downloaded behind the user's back
 
 
 def test_no_perceptual_network_is_built_at_weight_zero(monkeypatch):

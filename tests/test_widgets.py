@@ -125,7 +125,7 @@ def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
 
 
 def test_loss_weights_figure():
-    recipes = {"default": build_config("tiny").loss, "seed": build_config("tiny", "seed").loss}
+    recipes = {"pixel": build_config("tiny", "pixel").loss, "seed": build_config("tiny", "seed").loss}
     figure = viz.loss_weights_figure(recipes, epochs=40)
     default_ax, seed_ax = figure.axes
     assert len(default_ax.lines) == 2 and len(seed_ax.lines) == 3  # the seed recipe adds the perceptual term

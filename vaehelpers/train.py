@@ -21,7 +21,7 @@ from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.distributed import init_distributed
 from vaehelpers.latents import reconstruct
-from vaehelpers.losses import VAELoss
+from vaehelpers.losses import VAELoss, pretrained_files
 from vaehelpers.model import AutoencoderKL, preset_name
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything
 
@@ -203,6 +203,14 @@ def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) 
 
 # ----------------------------------------------------------------------------- the loop
 
+def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = None) -> None:
+    """Stop before any work when a pretrained file the run needs is missing (pretrained.MissingWeightsError)."""
+    from vaehelpers import pretrained
+
+    for name in pretrained_files(cfg.loss, perceptual_backbone):
+        pretrained.require(name, cfg.weights_dir or None)
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -221,6 +229,7 @@ def train(
     on_log: called on the main process with each log.csv row (e.g. a notebook's live loss plot).
     """
     # ---- setup
+    check_pretrained(cfg, perceptual_backbone)  # within seconds: before reading data, weights or building a model
     initial = AutoencoderKL.load(cfg.init_from) if cfg.init_from else None
     if initial is not None:  # the weights decide the architecture
         cfg = dataclasses.replace(cfg, model=initial.config, preset=preset_name(initial.config) or "custom")
@@ -258,7 +267,7 @@ def train(
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone).to(device)
+    loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone, weights_dir=cfg.weights_dir or None).to(device)
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device)
     disc_optimizer = None
     if loss_fn.discriminator is not None:
