@@ -356,3 +356,24 @@ def test_lpips_metric_uses_the_same_files_and_names_its_own_way_out(torch_home, 
     expected = LPIPS(weights_dir=folder).per_sample(images01 * 2 - 1, other01 * 2 - 1)
     torch.testing.assert_close(lpips(images01, other01), expected)
     assert float(lpips(images01, images01).abs().max()) < 1e-6 and float(expected.min()) > 0
+
+
+def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_home, served, monkeypatch):
+    from vaehelpers.train import check_pretrained
+
+    cfg = build_config("tiny", "ldm")
+    served["body"] = b"an error page"
+    with pytest.raises(pretrained.MissingWeightsError) as error:
+        check_pretrained(cfg, download=True)  # internet "on", but the bytes are wrong
+    assert "\n" not in str(error.value) and "invalid hash value" in str(error.value) and VGG16 in str(error.value)
+    assert list((torch_home / "hub" / "checkpoints").iterdir()) == []
+
+    served["body"] = payload = b"good bytes"
+    entry = pretrained.REGISTRY["vgg16"]
+    monkeypatch.setitem(pretrained.REGISTRY, "vgg16",
+                        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}))
+    check_pretrained(cfg, download=True)
+    assert (torch_home / "hub" / "checkpoints" / VGG16).read_bytes() == payload
+    assert [request.full_url for request in served["requests"]] == [entry.url, entry.url]  # lpips: the wheel's copy
+    check_pretrained(build_config("tiny", "pixel"), download=True)  # pixel needs nothing
+    assert len(served["requests"]) == 2

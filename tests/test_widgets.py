@@ -12,7 +12,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from vaehelpers import latents, losses, viz, widgets  # noqa: E402
+from vaehelpers import latents, viz, widgets  # noqa: E402
 from vaehelpers.config import build_config  # noqa: E402
 from vaehelpers.model import AutoencoderKL  # noqa: E402
 
@@ -133,7 +133,7 @@ def test_loss_weights_figure():
     assert kl[0] == 0 and kl[-1] == 1.0  # the seed's KL warm-up
 
 
-def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
+def test_perceptual_figure_with_and_without_weights(monkeypatch, images, tmp_path):
     from torchvision.models import vgg16
 
     torch.manual_seed(0)
@@ -141,12 +141,13 @@ def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
     assert len(figure.axes) == 7
     assert [ax.get_title().split("\n")[0] for ax in figure.axes[2:]] == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]
 
-    def offline():
-        raise RuntimeError("could not load the pretrained VGG16 weights vgg16-397923af.pth")
-
-    monkeypatch.setattr(losses, "load_vgg16_features", offline)
+    # offline, without the file: an empty torch hub cache and no weights folder
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.delenv("VAEHELPERS_WEIGHTS", raising=False)
     figure = viz.perceptual_figure(images, images)
-    assert "could not load the pretrained VGG16 weights" in figure.axes[0].texts[0].get_text()
+    text = figure.axes[0].texts[0].get_text().replace("\n", " ")
+    assert "missing pretrained file vgg16-397923af.pth" in text and "vaehelpers weights download" in text
 
 
 def test_png_bytes_scales_each_panel(images):

@@ -203,11 +203,20 @@ def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) 
 
 # ----------------------------------------------------------------------------- the loop
 
-def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = None) -> None:
-    """Stop before any work when a pretrained file the run needs is missing (pretrained.MissingWeightsError)."""
+def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = None, *, download: bool = False) -> None:
+    """Stop before any work when a pretrained file the run needs is missing (pretrained.MissingWeightsError).
+
+    download=True (a notebook with internet, e.g. Kaggle's) first fetches the missing ones into the torch hub cache
+    with pretrained.download; when that fails too, the one-line MissingWeightsError says what was tried.
+    """
     from vaehelpers import pretrained
 
     for name in pretrained_files(cfg.loss, perceptual_backbone):
+        if download and pretrained.find(name, cfg.weights_dir or None) is None:
+            try:
+                pretrained.download(names=[name])
+            except RuntimeError as error:
+                pretrained.require(name, cfg.weights_dir or None, instead=f"train with --recipe pixel ({error})")
         pretrained.require(name, cfg.weights_dir or None)
 
 
