@@ -377,3 +377,13 @@ def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_ho
     assert [request.full_url for request in served["requests"]] == [entry.url, entry.url]  # lpips: the wheel's copy
     check_pretrained(build_config("tiny", "pixel"), download=True)  # pixel needs nothing
     assert len(served["requests"]) == 2
+
+
+def test_launch_stops_before_spawning_when_a_file_is_missing(torch_home, images, tmp_path):
+    from vaehelpers.launch import launch
+
+    cfg = build_config("tiny", "ldm", device="cpu", max_steps=1, run_dir=str(tmp_path / "run"),
+                       **{"data.data_dir": str(images), "data.image_size": 16})
+    with pytest.raises(pretrained.MissingWeightsError, match=VGG16):
+        launch(cfg, 2)  # would start two processes that each fail the same way
+    assert not (tmp_path / "run").exists()
