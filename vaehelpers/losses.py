@@ -292,7 +292,8 @@ class VAELoss(nn.Module):
     total = nll + kl_weight_at(epoch) * KL + adaptive_weight * g_loss (from disc_start, if disc_weight > 0)
 
     The pixel recipe has seed_scale 1 and mean reduction; the ldm recipe sums over pixels per sample, as
-    latent-diffusion's LPIPSWithDiscriminator (rec = |x - x'| + LPIPS broadcast over the pixels); the seed recipe (recipe_settings("seed")) gives
+    latent-diffusion's LPIPSWithDiscriminator (rec = |x - x'| + LPIPS broadcast over the pixels, taming's LPIPS:
+    torchvision's VGG16 IMAGENET1K_V1 + the v0.1 linear layers, as here); the seed recipe gives
     500 * (BCE / B + 0.1 * VGG relu3_3 MSE) + min(1, epoch / 20) * KL(channel sum, mean over the rest).
     The perceptual network is built only when perceptual_weight > 0, the discriminator only when
     disc_weight > 0 (else `.discriminator` is None).
