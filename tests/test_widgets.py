@@ -133,6 +133,19 @@ def test_loss_weights_figure():
     assert kl[0] == 0 and kl[-1] == 1.0  # the seed's KL warm-up
 
 
+def test_loss_weights_figure_counts_the_ldm_pixel_sum():
+    # ldm sums L1 + LPIPS over 3 x H x W per image (VAELoss's nll_reduction "sum"): per pixel that is 3*H*W times
+    # the weight 1.0 the config holds, against a KL of 1e-6
+    recipes = {"ldm": build_config("tiny", "ldm").loss, "pixel": build_config("tiny", "pixel").loss}
+    ldm_ax, pixel_ax = viz.loss_weights_figure(recipes, epochs=10, image_size=32).axes
+    kl, reconstruction, perceptual = (line.get_ydata() for line in ldm_ax.lines)
+    assert set(reconstruction) == set(perceptual) == {3 * 32 * 32} and set(kl) == {1e-6}
+    assert "GAN x0.5 from step 50001" in ldm_ax.get_title()
+    assert set(pixel_ax.lines[1].get_ydata()) == {1.0}  # a per-pixel mean: the weight as configured
+    with pytest.raises(ValueError, match="image_size"):
+        viz.loss_weights_figure(recipes, epochs=10)
+
+
 def test_perceptual_figure_with_and_without_weights(monkeypatch, images, tmp_path):
     from torchvision.models import vgg16
 
