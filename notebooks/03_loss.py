@@ -30,7 +30,7 @@ run_dir = None       # the training run; None: <workspace>/runs/<data_source>-<p
 figures_dir = None   # where this notebook saves its PNGs; None: <run_dir>/figures
 image_size = None    # square side in pixels, a multiple of 8; None: 128 (smoke: 64)
 preset = None        # "sd" (Stable Diffusion's KL-f8, 83.7 M parameters), "small" or "tiny"; None: sd (smoke: tiny)
-recipe = None        # "default" or "seed" (the original project's loss; needs VGG16 weights); None: default
+recipe = None        # "ldm" (the SD VAE's own loss: L1 + LPIPS + KL + PatchGAN; needs the VGG16 weights), "pixel" (L1 + KL, no pretrained file) or "seed"; None: ldm (smoke: pixel)
 epochs = None        # None: 600, the reference run (smoke: 50, cut short by max_minutes)
 device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
 smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
@@ -74,6 +74,7 @@ from vaehelpers import notebook, viz
 from vaehelpers.config import build_config
 from vaehelpers.losses import VAELoss, kl_loss, reconstruction_loss
 from vaehelpers.model import AutoencoderKL
+from vaehelpers.train import check_pretrained
 
 # %% [markdown]
 # The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
@@ -116,7 +117,8 @@ viz.reconstruction_figure(images[:2], reconstructions[:2])
 
 # %%
 cfg = settings.train_config()
-loss, logs = VAELoss(cfg.loss).to(device)(images, reconstructions, posterior, step=0, epoch=0.0)
+check_pretrained(cfg, download=True)  # the ldm loss (reference scale) needs VGG16: fetched once, or one line saying how
+loss, logs = VAELoss(cfg.loss, weights_dir=cfg.weights_dir or None).to(device)(images, reconstructions, posterior, step=0, epoch=0.0)
 for name, value in logs.items():
     print(f"{name:<24}{value:>14.6g}")
 
@@ -139,11 +141,13 @@ for reduction in ("sum", "seed"):
 #
 # Each recipe weighs the terms differently; the `seed` recipe scales pixels and features by 500 and ramps the
 # KL weight up over its first 20 epochs, so that the autoencoder learns to reconstruct before it is pulled
-# towards the prior. The figure is saved as `loss_weights.png`.
+# towards the prior. The `ldm` recipe sums L1 and LPIPS over the 3 x H x W values of each image, as LDM does, so
+# per pixel they weigh 3 x H x W times their setting of 1.0 against a KL weight of 1e-6: the figure shows that
+# per-pixel weight. It is saved as `loss_weights.png`.
 
 # %%
-recipes = {"default": cfg.loss, "seed": build_config(settings.preset, "seed").loss}
-fig = viz.loss_weights_figure(recipes, epochs=settings.epochs)
+recipes = {settings.recipe: cfg.loss, "seed": build_config(settings.preset, "seed").loss}
+fig = viz.loss_weights_figure(recipes, epochs=settings.epochs, image_size=settings.image_size)
 viz.save_figure(fig, settings.figures_dir / "loss_weights.png")
 fig
 
@@ -152,20 +156,19 @@ fig
 #
 # LPIPS compares images by the features of a pretrained VGG16 at five depths: early layers see edges and
 # colour, deep ones textures and parts. Bright areas below are where the reconstruction's features differ
-# most. It needs the pretrained VGG16 weights (downloaded on Kaggle with internet on; at smoke scale never
-# downloaded, only used if already on disk); without them the figure says so, and training works without this
-# term (`perceptual_weight=0`, the default recipe's value).
+# most. It needs the pretrained VGG16 weights (fetched in Step 2 at full scale, where the `ldm` recipe trains with
+# this term; at smoke scale never downloaded); without them the figure says so, and the `pixel` recipe trains
+# without this term (`perceptual_weight=0`).
 
 # %%
-viz.perceptual_figure(images, reconstructions, download=not settings.smoke)
+viz.perceptual_figure(images, reconstructions)
 
 # %% [markdown]
-# The PatchGAN term (`loss.disc_weight > 0`) is off by default: LDM turns it on only after 50,001 steps, once
-# reconstructions are good, and weighs it adaptively against the reconstruction gradient at the decoder's last
-# layer.
+# The PatchGAN term (`loss.disc_weight > 0`): in the `ldm` recipe it starts at step 50,001 (weight 0.5), as in
+# LDM, once reconstructions are good, and is weighed adaptively against the reconstruction gradient at the
+# decoder's last layer; the `pixel` and `seed` recipes leave it off.
 #
 # ## Now it's your turn
 #
-# - Compare `recipe="seed"` with the default: which terms dominate at epoch 0 and at epoch 20?
-# - Set `perceptual_weight` in **04_training** (e.g. 0.1) on Kaggle, where the VGG16 weights download.
+# - Compare `recipe="seed"` with `ldm`: which terms dominate at epoch 0 and at epoch 20?
 # - Next: **04_training**, putting the loss to work.

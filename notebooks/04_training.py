@@ -31,15 +31,15 @@ run_dir = None       # the training run; None: <workspace>/runs/<data_source>-<p
 figures_dir = None   # where this notebook saves its PNGs; None: <run_dir>/figures
 image_size = None    # square side in pixels, a multiple of 8; None: 128 (smoke: 64)
 preset = None        # "sd" (Stable Diffusion's KL-f8, 83.7 M parameters), "small" or "tiny"; None: sd (smoke: tiny)
-recipe = None        # "default" or "seed" (the original project's loss; needs VGG16 weights); None: default
+recipe = None        # "ldm" (the SD VAE's own loss: L1 + LPIPS + KL + PatchGAN; needs the VGG16 weights), "pixel" (L1 + KL, no pretrained file) or "seed"; None: ldm (smoke: pixel)
 epochs = None        # None: 600, the reference run (smoke: 50, cut short by max_minutes)
 device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
 smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
 max_minutes = None   # checkpoint and stop before this many minutes of training; None: 690 (11.5 h) (smoke: 2)
 max_steps = None     # stop after this many optimiser steps; None: no limit
 batch_size = None    # None: the recipe's (16) (smoke: 8)
-lr = None            # None: the recipe's (2e-3 default, 1e-3 seed) (smoke: 1e-3)
-perceptual_weight = None  # None: the recipe's (0 default, 0.1 seed); > 0 needs the VGG16 weights
+lr = None            # None: the recipe's (ldm: 4.5e-6 x batch size; pixel: 2e-3; seed: 1e-3) (smoke: 1e-3)
+perceptual_weight = None  # None: the recipe's (ldm 1.0, pixel 0, seed 0.1); > 0 needs the VGG16 weights
 plot_every = 100     # redraw the live loss plot (or print a line) every this many logged steps
 interactive = True   # False (papermill): progress lines instead of a progress bar and a live plot
 gpus = None          # training processes; None: one per visible GPU (Kaggle T4 x2: 2); 1: this kernel only
@@ -112,6 +112,17 @@ cfg = settings.train_config()
 to_dict(cfg)
 
 # %% [markdown]
+# ## Step 1b: The pretrained weights
+#
+# The `ldm` recipe's perceptual term (LPIPS) stands on torchvision's ImageNet VGG16 (`vgg16-397923af.pth`, 528 MB). With internet on this fetches it once into the torch hub cache; offline, attach a dataset holding it and set `os.environ["VAEHELPERS_WEIGHTS"]` to its folder first. Without it the run stops here with one line saying what to do; `recipe="pixel"` needs no file.
+
+# %%
+from vaehelpers import pretrained
+from vaehelpers.train import check_pretrained
+check_pretrained(cfg, download=True)
+print(pretrained.format_status(pretrained.status(cfg.weights_dir or None)))
+
+# %% [markdown]
 # ## Step 2: Pick up an earlier session
 #
 # On Kaggle each session starts with an empty `/kaggle/working`. To continue a run, this notebook's own output
@@ -180,5 +191,5 @@ Image(filename=str(settings.run_dir / "figures" / "reconstructions.png"))
 #
 # - Run this notebook again: it resumes from the checkpoint instead of starting over.
 # - Watch the held-out PSNR in TensorBoard: `tensorboard --logdir <run_dir>/tensorboard`.
-# - Try `recipe="seed"` (on Kaggle, for the VGG16 weights) or `preset="small"` on a CPU.
+# - Try `recipe="pixel"` (no pretrained file: a CPU, an offline kernel), `recipe="seed"`, or `preset="small"` on a CPU.
 # - Next: **05_evaluation** measures the run on the held-out images and lets you explore its latents.

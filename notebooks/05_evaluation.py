@@ -30,7 +30,7 @@ run_dir = None       # the training run; None: <workspace>/runs/<data_source>-<p
 figures_dir = None   # where this notebook saves its PNGs; None: <run_dir>/figures
 image_size = None    # square side in pixels, a multiple of 8; None: 128 (smoke: 64)
 preset = None        # "sd" (Stable Diffusion's KL-f8, 83.7 M parameters), "small" or "tiny"; None: sd (smoke: tiny)
-recipe = None        # "default" or "seed" (the original project's loss; needs VGG16 weights); None: default
+recipe = None        # "ldm" (the SD VAE's own loss: L1 + LPIPS + KL + PatchGAN; needs the VGG16 weights), "pixel" (L1 + KL, no pretrained file) or "seed"; None: ldm (smoke: pixel)
 epochs = None        # None: 600, the reference run (smoke: 50, cut short by max_minutes)
 device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu)
 smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
@@ -108,10 +108,13 @@ print(f"{sum(p.numel() for p in model.parameters()):,} parameters, scaling_facto
 # Every held-out image, preprocessed like evaluation everywhere (shorter side to `image_size`, centre crop),
 # reconstructed from the posterior mean. PSNR is the mean of per-image values. The numbers are also written to
 # `evaluation.json` in the run directory.
+# At full scale LPIPS's pretrained VGG16 is fetched first (once, into the torch hub cache); at smoke scale nothing
+# is downloaded and LPIPS reads n/a.
 
 # %%
 test_set = settings.dataset("test")
-summary = metrics.evaluate(model, test_set, progress=interactive, download=not settings.smoke)
+settings.fetch_pretrained("vgg16", "lpips")  # LPIPS; at smoke scale nothing is downloaded
+summary = metrics.evaluate(model, test_set, progress=interactive)
 metrics.write_json(summary, settings.run_dir / "evaluation.json")
 print(metrics.format_table(summary))
 

@@ -93,7 +93,7 @@ def served_notebook(tmp_path_factory, playwright_api):
     phase("training a tiny run")
     root = tmp_path_factory.mktemp("browser")
     sources.make_synthetic(root / "data", count=32, size=IMAGE_SIZE, seed=0)  # 3 of them fall in the test split
-    cfg = build_config("tiny", run_dir=str(root / "run"), device="cpu", epochs=100, max_steps=TRAIN_STEPS,
+    cfg = build_config("tiny", "pixel", run_dir=str(root / "run"), device="cpu", epochs=100, max_steps=TRAIN_STEPS,
                        batch_size=8, lr=1e-3, **{"data.data_dir": str(root / "data"), "data.image_size": IMAGE_SIZE,
                                                  "loss.perceptual_weight": 0.0})
     train(cfg, progress=False)

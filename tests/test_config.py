@@ -18,7 +18,7 @@ def test_flags_override_recipe_and_unknown_keys_raise():
     cfg = build_config("tiny", "seed", lr=3e-4, **{"loss.perceptual_weight": 0})
     assert cfg.lr == 3e-4 and cfg.loss.perceptual_weight == 0.0  # int widened to float
     with pytest.raises(KeyError, match="lossx"):
-        build_config("tiny", "default", **{"lossx.kl_weight": 1.0})
+        build_config("tiny", "pixel", **{"lossx.kl_weight": 1.0})
     with pytest.raises(TypeError, match="batch_size"):
         apply_overrides(TrainConfig(), {"batch_size": "big"})
     with pytest.raises(ValueError, match="recipe"):
@@ -46,9 +46,11 @@ def test_train_config_default_names_its_model():
 
 def test_cli_choices_come_from_config():
     from vaehelpers.cli import build_parser
-    from vaehelpers.config import PRECISIONS, PRESETS, RECIPES
+    from vaehelpers.config import PRECISIONS, PRESETS, RECIPE_CHOICES
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     choices = {action.dest: action.choices for action in train._actions if action.choices}
     assert list(choices["preset"]) == list(PRESETS) == ["tiny", "small", "sd"]
-    assert list(choices["recipe"]) == list(RECIPES) and list(choices["precision"]) == list(PRECISIONS)
+    # today's recipes, then the deprecated alias that old commands still use
+    assert list(choices["recipe"]) == list(RECIPE_CHOICES) == ["ldm", "pixel", "seed", "default"]
+    assert list(choices["precision"]) == list(PRECISIONS)

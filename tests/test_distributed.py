@@ -46,7 +46,7 @@ def tiny(images: Path, run: Path, **overrides):
     settings = {"device": "cpu", "batch_size": 4, "lr": 1e-3, "data.data_dir": str(images), "data.image_size": 16,
                 "data.cache": False, "run_dir": str(run), "checkpoint_every": 1000}
     settings.update(overrides)
-    return build_config("tiny", "default", **settings)
+    return build_config("tiny", "pixel", **settings)
 
 
 def rows(run: Path) -> list[dict]:
@@ -166,7 +166,7 @@ def _torchrun(images: Path, run: Path, *extra: str, size: int = 16) -> list[str]
     # "--" after the module: torchrun's own parser would reject "--run" as an abbreviation of its "--run-path"
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "vaehelpers", "--", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
-            "--image-size", str(size), "--batch-size", "4", "--device", "cpu", "--no-progress", *extra]
+            "--image-size", str(size), "--batch-size", "4", "--device", "cpu", "--no-progress", "--recipe", "pixel", *extra]
 
 
 def _children(pid: int) -> list[int]:

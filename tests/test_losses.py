@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaehelpers import losses
+from vaehelpers import losses, pretrained
 from vaehelpers.config import LossConfig, TrainConfig, apply_overrides, recipe_settings
 from vaehelpers.losses import (
     LPIPS,
@@ -174,41 +174,39 @@ def test_lpips_matches_the_lpips_package_with_the_same_backbone(vgg_features):
 @pytest.mark.parametrize("cls", [VGGFeatureLoss, LPIPS])
 def test_missing_vgg_weights_raise_a_clear_error(cls, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("VAEHELPERS_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # undo any torch.hub.set_dir elsewhere
     attempts = []
 
-    def no_network(url, *args, **kwargs):  # what an offline machine does, without waiting on a socket
-        attempts.append(url)
+    def no_network(request, *args, **kwargs):  # what an offline machine does, without waiting on a socket
+        attempts.append(request)
         raise urllib.error.URLError("no network (test)")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    with pytest.raises(RuntimeError) as error:
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    with pytest.raises(pretrained.MissingWeightsError) as error:
         cls()
     message = str(error.value)
-    assert "vgg16-397923af.pth" in message
+    assert "\n" not in message and "vgg16-397923af.pth" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
-    assert "--perceptual-weight 0" in message
-    assert attempts and attempts[0].endswith("vgg16-397923af.pth")  # the normal torchvision path was taken
+    for way_out in ("vaehelpers weights download", "--weights-dir", "VAEHELPERS_WEIGHTS", "--recipe pixel"):
+        assert way_out in message
+    assert attempts == []  # nothing is downloaded behind the user's back
 
 
-def test_with_downloads_off_the_vgg_weights_on_disk_are_used_and_none_are_fetched(tmp_path, monkeypatch):
-    # the notebooks at smoke scale: never start the 528 MB download; a file already there is still used
+def test_vgg_weights_on_disk_are_used_and_none_are_fetched(tmp_path, monkeypatch):
+    # the notebooks at smoke scale: never start the 528 MB download; a file already there is used
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)  # undo any torch.hub.set_dir elsewhere
+    monkeypatch.delenv("VAEHELPERS_WEIGHTS", raising=False)
     fetched = []
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: fetched.append(url))
-    with pytest.raises(RuntimeError) as error:
-        LPIPS(download=False)
-    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in str(error.value)
-    assert "downloads are off" in str(error.value) and fetched == []
-
     from torchvision.models import vgg16
 
     torch.manual_seed(0)
     stand_in = vgg16().state_dict()  # the real file's name, format and keys
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(stand_in, tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth")
-    features = losses.load_vgg16_features(download=False)
+    features = losses.load_vgg16_features()
     torch.testing.assert_close(features[28].weight, stand_in["features.28.weight"])
     assert fetched == []
 

@@ -160,17 +160,18 @@ def test_lpips_true_fails_with_the_missing_file_named(tiny_model, image_folder, 
         metrics.evaluate(tiny_model, dataset, lpips=True, progress=False)
 
 
-def test_evaluate_with_downloads_off_never_fetches_the_lpips_weights(tiny_model, image_folder, monkeypatch, tmp_path):
+def test_evaluate_without_the_weights_never_fetches_them(tiny_model, image_folder, monkeypatch, tmp_path):
     # 05_evaluation at smoke scale: no 528 MB VGG16 download; LPIPS is reported as None, with the reason noted
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.delenv("VAEHELPERS_WEIGHTS", raising=False)
     fetched = []
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: fetched.append(url))
     dataset = ImageFolderDataset(image_folder, split="all", image_size=32, cache=False)
-    with pytest.warns(RuntimeWarning, match="downloads are off"):
-        summary = metrics.evaluate(tiny_model, dataset, batch_size=4, progress=False, download=False)
+    with pytest.warns(RuntimeWarning, match="missing pretrained file vgg16-397923af.pth"):
+        summary = metrics.evaluate(tiny_model, dataset, batch_size=4, progress=False)
     assert fetched == [] and summary["lpips"] is None and summary["n_images"] == 6
-    assert any("vgg16-397923af.pth" in note and "downloads are off" in note for note in summary["notes"])
+    assert any("vgg16-397923af.pth" in note and "--no-lpips" in note for note in summary["notes"])
 
 
 def test_injected_lpips_and_fid_features_are_used(tiny_model, image_folder, recwarn):

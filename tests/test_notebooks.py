@@ -123,7 +123,9 @@ def test_settings_make_data_and_a_train_config(tmp_path):
     assert (cfg.batch_size, cfg.lr, cfg.loss.perceptual_weight, cfg.max_steps) == (8, 1e-3, 0.0, 2)
     full = notebook.settings(False, data_source="folder", data_dir=tmp_path / "images", run_dir=tmp_path / "run")
     cfg = full.train_config()
-    assert (cfg.batch_size, cfg.lr, cfg.epochs) == (16, build_config("sd", "default").lr, 600)  # None: the recipe's
+    # the reference run trains the ldm recipe; None: the recipe's lr, 4.5e-6 x the batch of 16 (LDM's scale_lr)
+    assert (cfg.recipe, cfg.batch_size, cfg.lr, cfg.epochs) == ("ldm", 16, build_config("sd", "ldm").lr, 600)
+    assert cfg.lr == pytest.approx(4.5e-6 * 16) and cfg.loss.perceptual_weight == 1.0
     with pytest.raises(FileNotFoundError, match="set data_dir"):
         notebook.settings(data_source="folder", data_dir=tmp_path / "missing").image_folder()
 

@@ -111,7 +111,7 @@ def test_train_evaluate_reconstruct_report_each_bad_file_once_and_go_on(corpus, 
     run = tmp_path / "run"
     base = [sys.executable, "-m", "vaehelpers"]
     trained = subprocess.run(base + ["train", "--data", str(folder), "--run", str(run), "--preset", "tiny", "--image-size", "16",
-                                     "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--no-progress"],
+                                     "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--no-progress", "--recipe", "pixel"],
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
     output = trained.stdout + trained.stderr
     assert trained.returncode == EXIT_SKIPPED_FILES, output
@@ -137,7 +137,7 @@ def test_train_evaluate_reconstruct_report_each_bad_file_once_and_go_on(corpus, 
 def test_folder_without_usable_images_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "zero.jpg").write_bytes(b"")
     (tmp_path / "notes.png").write_text("no")
-    assert cli(["train", "--data", str(tmp_path), "--run", str(tmp_path / "run"), "--device", "cpu"]) == 1
+    assert cli(["train", "--data", str(tmp_path), "--run", str(tmp_path / "run"), "--device", "cpu", "--recipe", "pixel"]) == 1
     error = capsys.readouterr().err
     assert str(tmp_path) in error and "Traceback" not in error
 
@@ -149,7 +149,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path):
     run, total = tmp_path / "run", 40
     command = [sys.executable, "-m", "vaehelpers", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
                "--image-size", "16", "--batch-size", "4", "--max-steps", str(total), "--checkpoint-every", "1",
-               "--device", "cpu", "--no-progress", "--resume"]
+               "--device", "cpu", "--no-progress", "--resume", "--recipe", "pixel"]
     chooser = random.Random(0)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     for kill in range(4):
@@ -200,7 +200,7 @@ def test_resume_from_a_malicious_checkpoint_fails_cleanly(tmp_path, capsys):
     make_synthetic(images, count=12, size=16)
     run = tmp_path / "run"
     args = ["train", "--data", str(images), "--run", str(run), "--image-size", "16", "--batch-size", "4", "--device", "cpu",
-            "--max-steps", "1", "--no-progress"]
+            "--max-steps", "1", "--no-progress", "--recipe", "pixel"]
     assert cli(args) == 0
     marker = tmp_path / "pwned"
     torch.save({"model": _RunsCode(marker)}, run / "checkpoints" / "last.pt")
@@ -223,7 +223,7 @@ def test_unwritable_run_directory_fails_before_training(tmp_path):
     make_synthetic(images, count=12, size=16)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    cfg = build_config("tiny", device="cpu", max_steps=1, run_dir=str(blocker / "run"),
+    cfg = build_config("tiny", "pixel", device="cpu", max_steps=1, run_dir=str(blocker / "run"),
                        **{"data.data_dir": str(images), "data.image_size": 16})
     with pytest.raises(PermissionError, match="not writable"):
         train(cfg, progress=False)
@@ -232,7 +232,7 @@ def test_unwritable_run_directory_fails_before_training(tmp_path):
 def test_failing_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     images = tmp_path / "images"
     make_synthetic(images, count=12, size=16)
-    cfg = build_config("tiny", device="cpu", max_steps=2, batch_size=4, run_dir=str(tmp_path / "run"),
+    cfg = build_config("tiny", "pixel", device="cpu", max_steps=2, batch_size=4, run_dir=str(tmp_path / "run"),
                        **{"data.data_dir": str(images), "data.image_size": 16})
     train(cfg, progress=False)
     path = tmp_path / "run" / "checkpoints" / "last.pt"
@@ -244,7 +244,7 @@ def test_failing_disk_at_save_time_keeps_the_previous_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(rundir.torch, "save", disk_full)
     with pytest.raises(CheckpointError, match="No space left"):
-        train(build_config("tiny", device="cpu", max_steps=4, batch_size=4, run_dir=str(tmp_path / "run"),
+        train(build_config("tiny", "pixel", device="cpu", max_steps=4, batch_size=4, run_dir=str(tmp_path / "run"),
                            **{"data.data_dir": str(images), "data.image_size": 16}), resume=True, progress=False)
     after = load_checkpoint(path)
     assert after["step"] == before["step"] == 2

@@ -34,7 +34,7 @@ def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 def train_command(images: Path, run: Path, max_steps: int) -> list[str]:
     return [sys.executable, "-m", "vaehelpers", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
             "--image-size", "16", "--batch-size", "4", "--max-steps", str(max_steps), "--checkpoint-every", "1000",
-            "--device", "cpu", "--precision", "fp32", "--no-progress", "--resume"]
+            "--device", "cpu", "--precision", "fp32", "--no-progress", "--resume", "--recipe", "pixel"]
 
 
 @pytest.mark.slow

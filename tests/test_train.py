@@ -34,7 +34,7 @@ def tiny(images: Path, run: Path, **overrides):
     settings = {"device": "cpu", "batch_size": 4, "lr": 1e-3, "data.data_dir": str(images), "data.image_size": 16,
                 "data.cache": False, "run_dir": str(run), "checkpoint_every": 1000}
     settings.update(overrides)
-    return build_config("tiny", "default", **settings)
+    return build_config("tiny", "pixel", **settings)
 
 
 def held_out(model: AutoencoderKL, images: Path, size: int) -> dict:
@@ -154,7 +154,7 @@ def test_many_non_finite_steps_stop_and_keep_last_good_checkpoint(images, tmp_pa
 
 def _train_command(images: Path, run: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vaehelpers", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
-            "--image-size", "16", "--batch-size", "4", "--device", "cpu", "--no-progress", *extra]
+            "--image-size", "16", "--batch-size", "4", "--device", "cpu", "--no-progress", "--recipe", "pixel", *extra]
 
 
 @pytest.mark.slow
@@ -189,7 +189,8 @@ def test_cli_evaluate_json_has_every_design_key(images, tmp_path, capsys):
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    assert cli(["train", "--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--device", "cpu"]) == 1
+    assert cli(["train", "--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--device", "cpu",
+                "--recipe", "pixel"]) == 1
     error = capsys.readouterr().err
     assert "missing" in error and "Traceback" not in error
     assert cli(["train", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--set", "nonsense.key=1"]) == 1

@@ -12,7 +12,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from vaehelpers import latents, losses, viz, widgets  # noqa: E402
+from vaehelpers import latents, viz, widgets  # noqa: E402
 from vaehelpers.config import build_config  # noqa: E402
 from vaehelpers.model import AutoencoderKL  # noqa: E402
 
@@ -125,7 +125,7 @@ def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
 
 
 def test_loss_weights_figure():
-    recipes = {"default": build_config("tiny").loss, "seed": build_config("tiny", "seed").loss}
+    recipes = {"pixel": build_config("tiny", "pixel").loss, "seed": build_config("tiny", "seed").loss}
     figure = viz.loss_weights_figure(recipes, epochs=40)
     default_ax, seed_ax = figure.axes
     assert len(default_ax.lines) == 2 and len(seed_ax.lines) == 3  # the seed recipe adds the perceptual term
@@ -133,7 +133,20 @@ def test_loss_weights_figure():
     assert kl[0] == 0 and kl[-1] == 1.0  # the seed's KL warm-up
 
 
-def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
+def test_loss_weights_figure_counts_the_ldm_pixel_sum():
+    # ldm sums L1 + LPIPS over 3 x H x W per image (VAELoss's nll_reduction "sum"): per pixel that is 3*H*W times
+    # the weight 1.0 the config holds, against a KL of 1e-6
+    recipes = {"ldm": build_config("tiny", "ldm").loss, "pixel": build_config("tiny", "pixel").loss}
+    ldm_ax, pixel_ax = viz.loss_weights_figure(recipes, epochs=10, image_size=32).axes
+    kl, reconstruction, perceptual = (line.get_ydata() for line in ldm_ax.lines)
+    assert set(reconstruction) == set(perceptual) == {3 * 32 * 32} and set(kl) == {1e-6}
+    assert "GAN x0.5 from step 50001" in ldm_ax.get_title()
+    assert set(pixel_ax.lines[1].get_ydata()) == {1.0}  # a per-pixel mean: the weight as configured
+    with pytest.raises(ValueError, match="image_size"):
+        viz.loss_weights_figure(recipes, epochs=10)
+
+
+def test_perceptual_figure_with_and_without_weights(monkeypatch, images, tmp_path):
     from torchvision.models import vgg16
 
     torch.manual_seed(0)
@@ -141,23 +154,16 @@ def test_perceptual_figure_with_and_without_weights(monkeypatch, images):
     assert len(figure.axes) == 7
     assert [ax.get_title().split("\n")[0] for ax in figure.axes[2:]] == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]
 
-    def offline(download=True):
-        raise RuntimeError("could not load the pretrained VGG16 weights vgg16-397923af.pth")
-
-    monkeypatch.setattr(losses, "load_vgg16_features", offline)
-    figure = viz.perceptual_figure(images, images)
-    assert "could not load the pretrained VGG16 weights" in figure.axes[0].texts[0].get_text()
-
-
-def test_perceptual_figure_with_downloads_off_fetches_nothing(monkeypatch, tmp_path, images):
-    # 03_loss at smoke scale: the figure says why it is empty instead of starting a 528 MB download
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # offline, without the file: an empty torch hub cache and no weights folder
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    fetched = []
+    monkeypatch.delenv("VAEHELPERS_WEIGHTS", raising=False)
+    fetched = []  # 03_loss at smoke scale must never start the 528 MB download
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, *args, **kwargs: fetched.append(url))
-    figure = viz.perceptual_figure(images, images, download=False)
-    text = " ".join(figure.axes[0].texts[0].get_text().split())
-    assert "vgg16-397923af.pth" in text and "downloads are off" in text and fetched == []
+    figure = viz.perceptual_figure(images, images)
+    text = figure.axes[0].texts[0].get_text().replace("\n", " ")
+    assert "missing pretrained file vgg16-397923af.pth" in text and "vaehelpers weights download" in text
+    assert fetched == []
 
 
 def test_png_bytes_scales_each_panel(images):

@@ -1,7 +1,7 @@
 """Speed: our AutoencoderKL against diffusers' on the same weights and inputs, and the data path.
 
 `vaehelpers bench` times, in one process, the training step (forward with posterior sampling, the
-default recipe's loss L1 + kl_weight * KL from vaehelpers.losses, backward, AdamW step), `encode` and
+pixel recipe's loss L1 + kl_weight * KL from vaehelpers.losses, backward, AdamW step), `encode` and
 `decode` (under inference_mode), for each preset x image size x batch size asked for: ours as train.py
 runs it (the resolved --precision), diffusers as shipped (fp32), and diffusers at our precision (see
 build_contenders). The models run in turn, A B A B ..., on the same weights and inputs, so that a
@@ -297,7 +297,7 @@ def build_contenders(config: ModelConfig, device: torch.device, precision: str, 
 def make_calls(contender: Contender, images: torch.Tensor, latents: torch.Tensor, device: torch.device,
                seed: int = 0) -> dict[str, Callable[[], Any]]:
     """The three timed operations of one contender, as argument-free calls."""
-    loss_fn = VAELoss(LossConfig()).to(device)  # the default recipe: L1 + 1e-6 * KL, no perceptual, no GAN
+    loss_fn = VAELoss(LossConfig()).to(device)  # the pixel recipe: L1 + 1e-6 * KL, no perceptual, no GAN
     precision = contender.precision
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     generator = torch.Generator(device)

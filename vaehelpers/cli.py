@@ -1,4 +1,4 @@
-"""The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, convert, scale, ..."""
+"""The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, convert, weights, ..."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from vaehelpers.config import DEMO_MINUTES, INFO_PRESET, PRECISIONS, PRESETS, RECIPES, RECONSTRUCTIONS
+from vaehelpers.config import DEMO_MINUTES, INFO_PRESET, PRECISIONS, PRESETS, RECIPE_CHOICES, RECONSTRUCTIONS
 
 # flag -> dotted TrainConfig key; a flag left unset keeps the recipe's value
 TRAIN_FLAGS = {
@@ -18,7 +18,7 @@ TRAIN_FLAGS = {
     "perceptual_weight": "loss.perceptual_weight", "kl_weight": "loss.kl_weight", "seed": "seed",
     "device": "device", "precision": "precision", "ema_decay": "ema_decay", "num_workers": "data.num_workers",
     "checkpoint_every": "checkpoint_every", "reconstruction": "loss.reconstruction",
-    "init": "init_from", "freeze_encoder": "freeze_encoder", "compile": "compile",
+    "init": "init_from", "freeze_encoder": "freeze_encoder", "compile": "compile", "weights_dir": "weights_dir",
 }
 
 
@@ -37,14 +37,19 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
-    """Preset, then recipe, then the flags the user gave, then --set: later wins."""
-    from vaehelpers.config import DEFAULT_PRESET, build_config
+    """Preset, then recipe, then the flags the user gave, then --set: later wins.
 
-    overrides = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()
-                 if getattr(args, flag) is not None and flag not in ("preset", "recipe")}
+    Without --recipe: a resumed run keeps the recipe its config.json was started with, else DEFAULT_RECIPE (ldm).
+    """
+    from vaehelpers.config import DEFAULT_PRESET, DEFAULT_RECIPE, build_config
+    from vaehelpers.rundir import saved_recipe
+
+    overrides = {key: str(value) if isinstance(value, Path) else value for flag, key in TRAIN_FLAGS.items()
+                 if (value := getattr(args, flag)) is not None and flag not in ("preset", "recipe")}
     overrides.update({"data.data_dir": str(args.data), "run_dir": str(args.run)})
     overrides.update(_parse_set(args.set))
-    return build_config(args.preset or DEFAULT_PRESET, args.recipe or "default", **overrides)
+    recipe = args.recipe or (saved_recipe(args.run) if args.resume else None) or DEFAULT_RECIPE
+    return build_config(args.preset or DEFAULT_PRESET, recipe, **overrides)
 
 
 # Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
@@ -106,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=_run_image_size(args.run, args.image_size),
                                  resize="crop", augment=False)
     summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=not args.no_progress,
-                               lpips=False if args.no_lpips else "auto")
+                               lpips=False if args.no_lpips else "auto", weights_dir=args.weights_dir)
     print(metrics.format_table(summary))
     if args.json:
         metrics.write_json(summary, args.json)
@@ -160,6 +165,16 @@ def cmd_scale(args: argparse.Namespace) -> int:
     print(f"latent std {stats.std:.6g} (mean {stats.mean:.4g}) over {stats.n_values:,} values of {stats.latents} "
           f"from {stats.n_images} images")
     print(f"scaling_factor {stats.scaling_factor:.6g} stored in {config_path} (was {model.config.scaling_factor})")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from vaehelpers import pretrained
+
+    if args.action == "status":
+        print(pretrained.format_status(pretrained.status(args.weights_dir, args.only or None)))
+    else:
+        pretrained.download(args.dest, args.only or None)
     return 0
 
 
@@ -241,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
                        help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)")
     train.add_argument("--preset", choices=PRESETS)
-    train.add_argument("--recipe", choices=list(RECIPES))
+    train.add_argument("--recipe", choices=RECIPE_CHOICES,
+                       help="ldm (default): latent-diffusion's kl-f8 loss, needs VGG16 weights; pixel: L1 + KL, no "
+                            "pretrained files; seed: the original project's; default: old name of pixel. "
+                            "--resume keeps the run's own")
+    train.add_argument("--weights-dir", type=Path, help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, "
+                                                        "then the torch hub cache); see `vaehelpers weights status`")
     train.add_argument("--image-size", type=int)
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int)
@@ -279,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--csv", type=Path, help="per-image rows")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    evaluate.add_argument("--weights-dir", type=Path, help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, "
+                                                           "then the torch hub cache)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -292,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--device", default="auto")
     reconstruct.set_defaults(func=cmd_reconstruct)
 
-    convert = verbs.add_parser("convert", help="convert weights between vaehelpers, diffusers and LDM/SD layouts")
+    convert = verbs.add_parser("convert", help="convert the autoencoder's weights between vaehelpers, diffusers and "
+                                                 "LDM/SD layouts (pretrained helper files: see `weights`)")
     convert.add_argument("src", help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (owner/name)")
     convert.add_argument("dest", type=Path, help="a folder (diffusers, vaehelpers) or a .safetensors file (ldm)")
     convert.add_argument("--to", choices=["diffusers", "ldm", "vaehelpers"], required=True)
@@ -327,6 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training precision (evaluation is always fp32)")
     study.add_argument("--seed", type=int, default=0)
     study.set_defaults(func=cmd_study)
+
+    # `weights` manages the pretrained files of the helper networks (VGG16, LPIPS, InceptionV3: pretrained.py);
+    # `convert` (weights.py) reads and writes the autoencoder's own weights. Different files, different verbs.
+    weights = verbs.add_parser(
+        "weights", help="pretrained helper-network files (VGG16 and LPIPS layers for the perceptual loss and metric, "
+                        "InceptionV3 for FID): status, download. Not the autoencoder's weights: see `convert`",
+        description="Pretrained files of the helper networks the losses and metrics use (VGG16, the LPIPS linear "
+                    "layers, InceptionV3): where each is looked for, whether it loads, and downloading them. The "
+                    "autoencoder's own weights (run dirs, diffusers, LDM/SD files) are `vaehelpers convert`'s.")
+    weights_actions = weights.add_subparsers(dest="action", required=True)
+    weights_status = weights_actions.add_parser("status", help="each file: where it is looked for, found, loads")
+    weights_status.add_argument("--weights-dir", type=Path, help="also look here (else $VAEHELPERS_WEIGHTS)")
+    weights_status.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], default=[])
+    weights_download = weights_actions.add_parser("download", help="fetch them with torch's downloader, hash-checked")
+    weights_download.add_argument("--dest", type=Path, help="folder to fill (default: the torch hub cache, "
+                                                            "torch.hub.get_dir()/checkpoints)")
+    weights_download.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], default=[])
+    weights.set_defaults(func=cmd_weights)
 
     demo = verbs.add_parser("demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -63,6 +64,10 @@ class LossConfig:
 
     reconstruction: Reconstruction = "l1"
     reconstruction_weight: float = 1.0
+    # how reconstruction + perceptual are reduced: mean over pixels, or (ldm) the per-sample sum over (C, H, W)
+    # then the batch mean, as latent-diffusion's contperceptual.py does (nll_loss = sum(nll_loss) / B). It sets
+    # what kl_weight means: the KL is always a per-sample sum, so 1e-6 weighs it 3*H*W times less with "sum"
+    nll_reduction: Literal["mean", "sum"] = "mean"
     perceptual: Literal["lpips", "vgg"] = "lpips"  # lpips: VGG + published linear weights; vgg: seed's relu3_3 MSE
     perceptual_weight: float = 0.0  # 0 turns the term off (no backbone is loaded)
     kl_weight: float = 1e-6  # LDM kl-f8 used 1e-6
@@ -79,18 +84,20 @@ class LossConfig:
 class TrainConfig:
     """One training run; everything here is saved with every checkpoint.
 
-    TrainConfig() is the `sd` preset with the default recipe (its `model` is ModelConfig(), SD's shape);
+    TrainConfig() is the `sd` preset with the `pixel` recipe (its `model` is ModelConfig(), SD's shape);
     build_config(preset, recipe) gives any other combination.
     """
 
     run_dir: str = "runs/default"
     preset: str = "sd"  # names `model` (build_config keeps them in step); "custom" for weights of another shape
-    recipe: Literal["default", "seed"] = "default"
+    recipe: str = "pixel"  # the recipe these settings started from (RECIPES); the field defaults are `pixel`
     epochs: int = 600  # the reference recipe's length
     max_steps: int = 0  # 0: no step limit
     max_minutes: float = 0.0  # 0: no time limit; else checkpoint and stop before it runs out
     batch_size: int = 16
-    lr: float = 2e-3  # default recipe: chosen by the CPU study (results/quality.md)
+    lr: float = 2e-3  # pixel recipe: chosen by the CPU study (results/quality.md)
+    # > 0: lr = lr_per_image x batch_size (the global batch), LDM's --scale_lr; an lr given explicitly wins
+    lr_per_image: float = 0.0
     optimizer: Literal["adam", "adamw"] = "adamw"
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -113,16 +120,40 @@ class TrainConfig:
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA sm_80+ (off for exactness checks)
     # torch.compile the training forward: a GPU option (on a CPU, compiling takes minutes)
     compile: bool = False
+    # a folder holding pretrained files (VGG16 for LPIPS, ...), searched before the torch hub cache; see pretrained.py.
+    # Empty: $VAEHELPERS_WEIGHTS if set. A location, not a setting: it may change when a run is resumed
+    weights_dir: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # ours = the TrainConfig defaults: AdamW (no weight decay) lr 2e-3 constant, L1 + 1e-6 KL, no EMA; it beat
-    # the seed recipe by 2.9 dB PSNR (mean of 2 seeds) at equal images seen on held-out BSDS500 photos
-    # (results/quality.md; measured with the tiny preset at 64 px on CPU)
-    "default": {},
+    # latent-diffusion's kl-f8 autoencoder (the SD VAE), CompVis/latent-diffusion @a506df5:
+    # - configs/autoencoder/autoencoder_kl_32x32x4.yaml: base_learning_rate 4.5e-6; lossconfig
+    #   LPIPSWithDiscriminator with disc_start 50001, kl_weight 0.000001, disc_weight 0.5.
+    # - main.py (--scale_lr, on by default): lr = accumulate_grad_batches * ngpu * batch_size * base_lr, i.e.
+    #   4.5e-6 x the global batch (the YAML's 12 per GPU x accumulate 2 x GPUs). Here: x batch_size, global.
+    # - ldm/modules/losses/contperceptual.py LPIPSWithDiscriminator defaults: pixelloss_weight 1.0,
+    #   perceptual_weight 1.0 (LPIPS, taming's VGG16 + v0.1 linear layers), disc_factor 1.0, disc_num_layers 3,
+    #   disc_loss "hinge"; rec = |x - x'| + 1.0 * LPIPS, nll = sum(rec) / B and KL = sum(kl) / B; the GAN
+    #   term d_weight * g_loss with the adaptive d_weight from global_step >= disc_start (adopt_weight).
+    #   Its learnable logvar (init 0) is in no optimiser (models/autoencoder.py configure_optimizers lists
+    #   encoder, decoder, quant_conv, post_quant_conv), so it stays 0 and nll = rec: left out here.
+    # - ldm/models/autoencoder.py configure_optimizers: Adam, betas (0.5, 0.9), the same lr for the
+    #   discriminator; no weight decay, no schedule, no clipping, no EMA; training decodes a posterior sample.
+    "ldm": {
+        "optimizer": "adam", "betas": (0.5, 0.9), "weight_decay": 0.0, "lr_per_image": 4.5e-6,
+        "schedule": "constant", "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.0, "sample_posterior": True,
+        "loss.reconstruction": "l1", "loss.reconstruction_weight": 1.0, "loss.nll_reduction": "sum",
+        "loss.perceptual": "lpips", "loss.perceptual_weight": 1.0,
+        "loss.kl_weight": 1e-6, "loss.kl_reduction": "sum", "loss.kl_warmup_epochs": 0.0,
+        "loss.disc_weight": 0.5, "loss.disc_start": 50001, "loss.disc_lr": 0.0,
+    },
+    # = the TrainConfig defaults: AdamW (no weight decay) lr 2e-3 constant, L1 + 1e-6 KL, no EMA, no pretrained
+    # file needed; it beat the seed recipe by 2.9 dB PSNR (mean of 2 seeds) at equal images seen on held-out
+    # BSDS500 photos (results/quality.md; measured with the tiny preset at 64 px on CPU, as `default`)
+    "pixel": {},
     # The original project's loss and optimiser (DESIGN.md): 500*(BCE/B + 0.1*VGG relu3_3 MSE)
     # + min(1, epoch/20) * KL (channel sum, mean over the rest), Adam lr 1e-3, batch 16, squash resize.
     "seed": {
@@ -133,12 +164,25 @@ RECIPES: dict[str, dict[str, Any]] = {
         "loss.kl_reduction": "seed", "loss.kl_warmup_epochs": 20.0, "loss.disc_weight": 0.0,
     },
 }
+DEFAULT_RECIPE = "ldm"  # of `vaehelpers train` and build_config (the reference run's is REFERENCE_RUN["recipe"])
+RECIPE_ALIASES = {"default": "pixel"}  # deprecated names -> today's (old commands and run directories still work)
+
+
+def canonical_recipe(name: str, *, notice: bool = True) -> str:
+    """A recipe name with deprecated aliases resolved; prints a one-line notice (to stderr) for an alias."""
+    if name in RECIPE_ALIASES:
+        if notice:
+            print(f"note: recipe {name!r} is deprecated, it is now called {RECIPE_ALIASES[name]!r} "
+                  f"(same settings)", file=sys.stderr)
+        return RECIPE_ALIASES[name]
+    return name
 
 
 def recipe_settings(name: str) -> dict[str, Any]:
     """Overrides that a named recipe applies to TrainConfig (nested keys as "loss.kl_weight")."""
+    name = canonical_recipe(name, notice=False)
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}: choose {' or '.join(RECIPES)}")
+        raise ValueError(f"unknown recipe {name!r}: choose {', '.join(RECIPES)}")
     return dict(RECIPES[name])
 
 
@@ -148,20 +192,21 @@ def recipe_settings(name: str) -> dict[str, Any]:
 PRESETS = tuple(MODEL_PRESETS)  # tiny, small, sd
 PRECISIONS = get_args(Precision)  # auto, fp32, bf16, fp16
 RECONSTRUCTIONS = get_args(Reconstruction)
+RECIPE_CHOICES = (*RECIPES, *RECIPE_ALIASES)  # the CLI's --recipe: today's names, then the deprecated ones
 DEFAULT_PRESET = "tiny"  # `vaehelpers train` without --preset: minutes on a CPU
 INFO_PRESET = "sd"  # `vaehelpers info` without --preset
 
 # The reference run: flickr8k, the Stable Diffusion KL-f8 model at 128 px, 600 epochs, stopping (with a
 # checkpoint) before Kaggle's 12-hour session limit. None: the recipe's value.
 REFERENCE_RUN: dict[str, Any] = {
-    "data_source": "flickr8k", "image_size": 128, "preset": "sd", "recipe": "default", "epochs": 600,
+    "data_source": "flickr8k", "image_size": 128, "preset": "sd", "recipe": "ldm", "epochs": 600,
     "device": "auto", "synthetic_count": 256, "max_minutes": 690.0, "max_steps": 0, "batch_size": None,
     "lr": None, "perceptual_weight": None,
 }
 # Toy scale (`make demo`, the tests): seconds per notebook on a laptop CPU, nothing to download. The tiny
-# model learns faster with a larger step; the perceptual term is off because it needs pretrained VGG16 weights.
+# model learns faster with a larger step; the `pixel` recipe and no perceptual term: no pretrained file needed.
 SMOKE_RUN: dict[str, Any] = {
-    "data_source": "synthetic", "image_size": 64, "preset": "tiny", "recipe": "default", "epochs": 50,
+    "data_source": "synthetic", "image_size": 64, "preset": "tiny", "recipe": "pixel", "epochs": 50,
     "device": "cpu", "synthetic_count": 128, "max_minutes": 2.0, "max_steps": 0, "batch_size": 8,
     "lr": 1e-3, "perceptual_weight": 0.0,
 }
@@ -245,8 +290,19 @@ def model_config(preset: str) -> ModelConfig:
     return dataclasses.replace(MODEL_PRESETS[preset])
 
 
-def build_config(preset: str = DEFAULT_PRESET, recipe: str = "default", **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a model preset, then a recipe, then explicit overrides (dotted keys allowed)."""
+def build_config(preset: str = DEFAULT_PRESET, recipe: str = DEFAULT_RECIPE, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a model preset, then a recipe, then explicit overrides (dotted keys allowed).
+
+    A recipe with lr_per_image > 0 (ldm) sets lr = lr_per_image x batch_size after the overrides, so that
+    --batch-size scales it; an "lr" among the overrides wins (and lr_per_image is set to 0, as config.json says).
+    """
+    recipe = canonical_recipe(recipe)
     cfg = TrainConfig(preset=preset, recipe=recipe, model=model_config(preset))
     cfg = apply_overrides(cfg, recipe_settings(recipe))
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if "lr" in overrides:
+        cfg.lr_per_image = 0.0
+    elif cfg.lr_per_image > 0:
+        cfg.lr = cfg.lr_per_image * cfg.batch_size
+    return cfg
+

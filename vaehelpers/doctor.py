@@ -139,6 +139,12 @@ def environment(report: DoctorReport, log: Callable[[str], None]) -> None:
     facts["cpu_threads"], facts["cpu_native_bf16"] = torch.get_num_threads(), cpu_has_native_bf16()
     add("CPU", f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, native bf16: "
                f"{'yes' if facts['cpu_native_bf16'] else 'no'}")
+    from vaehelpers import pretrained  # the ldm recipe (the default) needs VGG16 and the LPIPS layers
+
+    found = {row["name"]: row["found"] for row in pretrained.status()}
+    facts["pretrained"] = found
+    add("pretrained files", ", ".join(f"{name} {'yes' if ok else 'MISSING'}" for name, ok in found.items())
+        + ("" if all(found.values()) else " (`vaehelpers weights download`; --recipe pixel needs none)"))
     facts["gpus"] = []
     if not torch.cuda.is_available():
         add("GPUs", "none visible")
@@ -239,7 +245,8 @@ def live_check(report: DoctorReport, add: Callable[[str, str], None], device: to
         images, run_dir = Path(workdir) / "images", Path(workdir) / "run"
         # enough images that the hashed ~90% train split holds a full batch (train() trims a smaller one)
         make_synthetic(images, count=max(16, 2 * batch_size), size=image_size, seed=0)
-        cfg = build_config(preset, "default", device=str(device), precision=precision, batch_size=batch_size,
+        # the pixel recipe: this checks the runtime, not the pretrained files (their row above says what is there)
+        cfg = build_config(preset, "pixel", device=str(device), precision=precision, batch_size=batch_size,
                            max_steps=steps + 1, run_dir=str(run_dir), checkpoint_every=10_000, log_every=1,
                            **{"data.data_dir": str(images), "data.image_size": image_size, "data.cache": False})
         rows: list[dict[str, Any]] = []

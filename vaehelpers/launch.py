@@ -19,7 +19,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from vaehelpers.config import TrainConfig
 from vaehelpers.runlock import LOCKED_BY_PARENT_ENV, RunLock
-from vaehelpers.train import TrainResult, train
+from vaehelpers.train import TrainResult, check_pretrained, train
 
 
 class TrainingProcessError(RuntimeError):
@@ -40,6 +40,7 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
     Interrupting the notebook asks every process to checkpoint and stop, as Ctrl-C does for one process.
     With nproc == 1 it simply calls train() here.
     """
+    check_pretrained(cfg, train_kwargs.get("perceptual_backbone"))  # a missing file stops here, not in N processes
     nproc = nproc or max(1, torch.cuda.device_count())
     if nproc == 1:
         return train(cfg, resume=resume, **train_kwargs)

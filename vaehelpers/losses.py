@@ -9,8 +9,8 @@ Sources for the constants below:
 - LPIPS scaling layer shift (-.030, -.088, -.188) and scale (.458, .448, .450), the VGG16 taps
   (relu1_2 ... relu5_3), channel unit-normalisation with eps 1e-10 and the 1x1 linear weights
   ("v0.1"): Zhang et al. 2018, richzhang/PerceptualSimilarity lpips/lpips.py and
-  lpips/pretrained_networks.py; the same weights ship in torchmetrics as
-  torchmetrics/functional/image/lpips_models/vgg.pth, which is the copy loaded here.
+  lpips/pretrained_networks.py; the same file ships in the torchmetrics and lpips wheels, and is the
+  one latent-diffusion trains with (taming-transformers' MD5); pretrained.py finds it ("lpips").
 - ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225): torchvision's VGG16_Weights
   transforms, which those weights were trained with.
 - Adaptive weight ||grad nll|| / (||grad g|| + 1e-4), clamped to [0, 1e4] and detached, and the
@@ -23,7 +23,6 @@ Sources for the constants below:
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -33,8 +32,6 @@ from torch import Tensor, nn
 
 from vaehelpers.config import LossConfig
 
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1 file name
-VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 RELU3_3 = 15  # index of relu3_3 in torchvision's vgg16().features
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16().features
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)  # widths at those taps
@@ -79,44 +76,23 @@ def reconstruction_loss(
 
 # ----------------------------------------------------------------------------- perceptual
 
-def vgg16_weights_file() -> Path:
-    """Where torchvision keeps (or would download) its ImageNet VGG16 weights: the torch hub cache,
-    torch.hub.get_dir()/checkpoints/vgg16-397923af.pth."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+def load_vgg16_features(weights_dir: str | Path | None = None) -> nn.Sequential:
+    """torchvision's ImageNet VGG16 `features` (conv part) with the pretrained weights (pretrained.py finds them).
 
-
-def require_vgg16_weights_on_disk() -> None:
-    """Raise RuntimeError (naming the file) unless the VGG16 weights are already on disk: where downloads are
-    off (download=False; the notebooks at smoke scale), nothing may start the 528 MB download."""
-    weights = vgg16_weights_file()
-    if not weights.is_file():
-        raise RuntimeError(
-            f"the pretrained VGG16 weights {weights} are not on this machine, and downloads are off here "
-            f"(download=False, as in the notebooks at smoke scale), so the 528 MB file was not fetched. Copy "
-            f"{VGG16_URL} there, or run at full scale with internet on, to use them.")
-
-
-def load_vgg16_features(download: bool = True) -> nn.Sequential:
-    """torchvision's ImageNet VGG16 `features` (conv part), loaded the normal torchvision way.
-
-    The weights come from the torch hub cache (vgg16_weights_file()), downloaded on first use where there is
-    network (Kaggle) unless download is False (then only a file already there is used). Without network and
-    without the file this raises a RuntimeError saying where to put the file and how to turn the term off.
+    The file vgg16-397923af.pth is looked for in weights_dir (else $VAEHELPERS_WEIGHTS) and the torch hub cache;
+    nothing is downloaded here. Raises pretrained.MissingWeightsError (one line: the file, the folders searched,
+    the ways out) when it is nowhere, BadWeightsError when it does not load.
     """
-    from torchvision.models import VGG16_Weights, vgg16
+    from torchvision.models import vgg16
 
-    if not download:
-        require_vgg16_weights_on_disk()
-    try:
-        return vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features
-    except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError; a bad file a RuntimeError
-        checkpoints = vgg16_weights_file().parent
-        raise RuntimeError(
-            f"could not load the pretrained VGG16 weights {VGG16_FILE} ({type(error).__name__}: {error}). "
-            f"The perceptual loss needs them: download {VGG16_URL} and put it in {checkpoints}/ "
-            f"(torch.hub.get_dir()/checkpoints/, set by $TORCH_HOME), or train with "
-            f"--perceptual-weight 0 to turn the perceptual term off."
-        ) from error
+    from vaehelpers import pretrained
+
+    state = pretrained.load_state_dict("vgg16", weights_dir)
+    with torch.device("meta"):  # the classifier (102 M weights) is never used: build no memory, no random init
+        model = vgg16()
+    features = model.features.to_empty(device="cpu")
+    features.load_state_dict({key[len("features."):]: value for key, value in state.items() if key.startswith("features.")})
+    return features
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -139,9 +115,9 @@ class VGGFeatureLoss(_FrozenModule):
     reconstructions carry gradients; the target branch runs under no_grad; the backbone is frozen.
     """
 
-    def __init__(self, vgg_features: nn.Sequential | None = None):
+    def __init__(self, vgg_features: nn.Sequential | None = None, weights_dir: str | Path | None = None):
         super().__init__()
-        vgg_features = load_vgg16_features() if vgg_features is None else vgg_features
+        vgg_features = load_vgg16_features(weights_dir) if vgg_features is None else vgg_features
         self.backbone = _frozen(vgg_features[: RELU3_3 + 1])  # conv1_1 ... relu3_3
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -158,16 +134,14 @@ class VGGFeatureLoss(_FrozenModule):
         return F.mse_loss(self.features(reconstructions).float(), target_features.float())
 
 
-def lpips_linear_weights() -> list[Tensor]:
+def lpips_linear_weights(weights_dir: str | Path | None = None) -> list[Tensor]:
     """The published LPIPS v0.1 VGG linear-layer weights [(1, C, 1, 1) for C in 64, 128, 256, 512, 512].
 
-    Read from the copy inside torchmetrics (a core dependency), found without importing torchmetrics.
+    pretrained.py finds them: weights_dir, the torch hub cache, else the copy shipped in the torchmetrics wheel.
     """
-    spec = importlib.util.find_spec("torchmetrics")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("LPIPS needs torchmetrics (its wheel ships the linear weights): pip install torchmetrics")
-    path = Path(spec.submodule_search_locations[0]) / "functional" / "image" / "lpips_models" / "vgg.pth"
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from vaehelpers import pretrained
+
+    state = pretrained.load_state_dict("lpips", weights_dir)
     return [state[f"lin{index}.model.1.weight"] for index in range(len(LPIPS_TAPS))]  # .1: after Dropout
 
 
@@ -180,12 +154,13 @@ class LPIPS(_FrozenModule):
     frozen. Matches torchmetrics' and the `lpips` package's VGG LPIPS for the same backbone.
     """
 
-    def __init__(self, vgg_features: nn.Sequential | None = None, *, download: bool = True):
+    def __init__(self, vgg_features: nn.Sequential | None = None, weights_dir: str | Path | None = None):
         super().__init__()
-        vgg_features = load_vgg16_features(download) if vgg_features is None else vgg_features
+        linear_weights = lpips_linear_weights(weights_dir)  # first: the small file says "missing" before VGG loads
+        vgg_features = load_vgg16_features(weights_dir) if vgg_features is None else vgg_features
         self.backbone = _frozen(vgg_features[: LPIPS_TAPS[-1] + 1])  # conv1_1 ... relu5_3
         self.linears = nn.ModuleList(nn.Conv2d(channels, 1, 1, bias=False) for channels in LPIPS_CHANNELS)
-        for linear, weight in zip(self.linears, lpips_linear_weights()):
+        for linear, weight in zip(self.linears, linear_weights):
             linear.weight.data.copy_(weight)
         _frozen(self.linears)
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
@@ -302,27 +277,38 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_w
 
 # ----------------------------------------------------------------------------- the whole loss
 
+def pretrained_files(cfg: LossConfig, perceptual_backbone: nn.Module | None = None) -> list[str]:
+    """Names (pretrained.REGISTRY) of the files VAELoss(cfg) will load; none when a backbone is passed in."""
+    if cfg.perceptual_weight <= 0:
+        return []
+    names = [] if perceptual_backbone is not None else ["vgg16"]
+    return names + (["lpips"] if cfg.perceptual == "lpips" else [])
+
+
 class VAELoss(nn.Module):
     """The autoencoder's loss, configured by LossConfig; one code path for every recipe.
 
-    total = seed_scale * (reconstruction_weight * rec + perceptual_weight * perceptual)
-            + kl_weight_at(epoch) * KL + adaptive_weight * g_loss (from disc_start, if disc_weight > 0)
+    nll = seed_scale * (reconstruction_weight * rec + perceptual_weight * perceptual)   [x C*H*W if nll_reduction "sum"]
+    total = nll + kl_weight_at(epoch) * KL + adaptive_weight * g_loss (from disc_start, if disc_weight > 0)
 
-    The default recipe has seed_scale 1; the seed recipe (recipe_settings("seed")) gives
+    The pixel recipe has seed_scale 1 and mean reduction; the ldm recipe sums over pixels per sample, as
+    latent-diffusion's LPIPSWithDiscriminator (rec = |x - x'| + LPIPS broadcast over the pixels, taming's LPIPS:
+    torchvision's VGG16 IMAGENET1K_V1 + the v0.1 linear layers, as here); the seed recipe gives
     500 * (BCE / B + 0.1 * VGG relu3_3 MSE) + min(1, epoch / 20) * KL(channel sum, mean over the rest).
     The perceptual network is built only when perceptual_weight > 0, the discriminator only when
     disc_weight > 0 (else `.discriminator` is None).
     """
 
-    def __init__(self, cfg: LossConfig, perceptual_backbone: nn.Module | None = None):
+    def __init__(self, cfg: LossConfig, perceptual_backbone: nn.Module | None = None,
+                 weights_dir: str | Path | None = None):
         super().__init__()
         self.cfg = cfg
         self.perceptual: nn.Module | None = None
         if cfg.perceptual_weight > 0:
             if cfg.perceptual == "lpips":
-                self.perceptual = LPIPS(perceptual_backbone)
+                self.perceptual = LPIPS(perceptual_backbone, weights_dir)
             elif cfg.perceptual == "vgg":
-                self.perceptual = VGGFeatureLoss(perceptual_backbone)
+                self.perceptual = VGGFeatureLoss(perceptual_backbone, weights_dir)
             else:
                 raise ValueError(f"unknown perceptual loss {cfg.perceptual!r}: choose lpips or vgg")
         self.discriminator = NLayerDiscriminator() if cfg.disc_weight > 0 else None
@@ -364,6 +350,10 @@ class VAELoss(nn.Module):
             self.perceptual(images, reconstructions).float() if self.perceptual is not None else rec_loss.new_zeros(())
         )
         nll_loss = cfg.seed_scale * (cfg.reconstruction_weight * rec_loss + cfg.perceptual_weight * perceptual_loss)
+        if cfg.nll_reduction == "sum":  # LDM: per-sample sum over (C, H, W), batch mean = the pixel mean x C*H*W
+            nll_loss = nll_loss * images[0].numel()
+        elif cfg.nll_reduction != "mean":
+            raise ValueError(f"unknown nll_reduction {cfg.nll_reduction!r}: choose mean or sum")
         kl = kl_loss(posterior, cfg.kl_reduction)
         kl_weight = self.kl_weight_at(epoch)
         total_loss = nll_loss + kl_weight * kl

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from vaehelpers.images import BadImageError
-from vaehelpers.losses import require_vgg16_weights_on_disk, vgg16_weights_file
 from vaehelpers.runtime import autocast, resolve_device, resolve_precision
 
 PSNR_CAP_DB = 100.0  # cap per image in the mean PSNR; see the module docstring
@@ -91,32 +90,23 @@ def image_psnr(image: Tensor, reconstruction: Tensor) -> float:
 
 # --------------------------------------------------------------------------- LPIPS and rFID backbones
 
-def build_lpips(device: torch.device | str = "cpu", download: bool = True) -> LpipsFn:
-    """torchmetrics' LPIPS (VGG backbone, inputs in [0, 1]) as a per-image function.
+def build_lpips(device: torch.device | str = "cpu", weights_dir: str | Path | None = None) -> LpipsFn:
+    """VGG LPIPS (v0.1, as torchmetrics' and the lpips package's) as a per-image function of images in [0, 1].
 
-    It needs torchvision's ImageNet VGG16 weights (downloaded on first use where there is a network,
-    e.g. Kaggle; with download False only a file already on disk is used). Raises RuntimeError naming the
-    missing file when they cannot be loaded.
+    The same module as the LPIPS loss (losses.LPIPS), with its files found by pretrained.py: torchvision's
+    ImageNet VGG16 (weights_dir, $VAEHELPERS_WEIGHTS or the torch hub cache; never downloaded here) and the
+    linear layers. Raises pretrained.MissingWeightsError / BadWeightsError (RuntimeErrors, one line) naming the file.
     """
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+    from vaehelpers import pretrained
+    from vaehelpers.losses import LPIPS
 
-    if not download:
-        require_vgg16_weights_on_disk()
-    try:
-        metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=True, reduction="none")
-    except Exception as error:  # URLError offline, a corrupt file, ... : all mean "no LPIPS here"
-        weights = vgg16_weights_file()
-        raise RuntimeError(
-            f"LPIPS needs torchvision's pretrained VGG16 weights, which could not be loaded: expected "
-            f"{weights} ({'present but unreadable' if weights.exists() else 'missing'}; download failed: "
-            f"{type(error).__name__}: {error}). Copy the file there (on Kaggle, with internet on, it "
-            f"downloads by itself) or turn LPIPS off (lpips=False)."
-        ) from error
-    metric = metric.to(device).eval()
+    for name in ("lpips", "vgg16"):  # missing: one line with the way out that fits evaluation
+        pretrained.require(name, weights_dir, instead="turn LPIPS off (evaluate --no-lpips; lpips=False)")
+    module = LPIPS(weights_dir=weights_dir).to(device).eval()
 
+    @torch.no_grad()
     def lpips(images01: Tensor, reconstructions01: Tensor) -> Tensor:
-        metric.reset()  # its running state is not used; keep it from growing
-        return metric(reconstructions01, images01).reshape(-1)
+        return module.per_sample(images01 * 2 - 1, reconstructions01 * 2 - 1).reshape(-1)  # LPIPS takes [-1, 1]
 
     return lpips
 
@@ -228,7 +218,7 @@ class Evaluator:
 
 
 def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, notes: list[str],
-                   download: bool = True) -> LpipsFn | None:
+                   weights_dir: str | Path | None = None) -> LpipsFn | None:
     """lpips="auto": try, and on failure warn once and go on; True: must work; False/None: off; callable: use it."""
     if callable(lpips):
         return lpips
@@ -237,7 +227,7 @@ def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, not
     if lpips not in (True, "auto"):
         raise ValueError(f"lpips must be 'auto', True, False or a callable, got {lpips!r}")
     try:
-        return build_lpips(device, download)
+        return build_lpips(device, weights_dir)
     except RuntimeError as error:
         if lpips is True:
             raise
@@ -289,7 +279,7 @@ def evaluate(
     fid: bool | nn.Module = False,
     precision: str = "fp32",
     progress: bool = True,
-    download: bool = True,
+    weights_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every image of `dataset` with `model` and measure how close the reconstructions are.
 
@@ -299,10 +289,9 @@ def evaluate(
     device: where to run: None (default) is where the model's parameters are; given, the model is moved there.
     sample_posterior: decode a sample of the posterior (with `generator`) instead of its mode (the default,
         deterministic).
-    lpips: "auto" (try torchmetrics' VGG LPIPS; without its weights warn once and report None), True (fail
-        without them), False, or a callable (images, reconstructions) in [0, 1] -> (B,) scores.
-    download: False: LPIPS uses the VGG16 weights only if they are already on disk, never starting their
-        528 MB download (the notebooks at smoke scale); with lpips="auto" it is then reported as None, noted.
+    lpips: "auto" (VGG LPIPS; without its weights warn once and report None), True (fail without them), False,
+        or a callable (images, reconstructions) in [0, 1] -> (B,) scores.
+    weights_dir: a folder holding the pretrained files (else $VAEHELPERS_WEIGHTS, then the torch hub cache).
     fid: False, True (rFID of reconstructions against originals; InceptionV3 via torch-fidelity, None with a
         warning when unavailable) or an nn.Module feature extractor ((B,3,H,W) in [0, 1] -> (B, F)).
     precision: "fp32" (default; the VAE is sensitive to fp16), "bf16", "fp16" or "auto" (runtime.resolve_precision):
@@ -322,7 +311,7 @@ def evaluate(
         model.to(device)
     precision = resolve_precision(precision, device)
     notes: list[str] = []
-    evaluator = Evaluator(lpips=_resolve_lpips(lpips, device, notes, download), fid=_resolve_fid(fid, device, notes))
+    evaluator = Evaluator(lpips=_resolve_lpips(lpips, device, notes, weights_dir), fid=_resolve_fid(fid, device, notes))
     evaluator.notes.extend(notes)
     for path, reason in getattr(dataset, "bad_files", []):
         evaluator.skip(path, reason)

@@ -20,7 +20,7 @@ from vaehelpers.config import build_config, run_settings
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.images import list_images
 from vaehelpers.kaggle import workspace
-from vaehelpers.rundir import RunDir
+from vaehelpers.rundir import RunDir, saved_recipe
 from vaehelpers.runtime import resolve_device
 
 
@@ -34,7 +34,7 @@ class NotebookSettings:
     figures_dir: Path  # where the notebooks save their PNGs
     image_size: int  # square side in pixels, a multiple of 8
     preset: str  # tiny | small | sd
-    recipe: str  # default | seed
+    recipe: str  # ldm | pixel | seed
     epochs: int
     device: str  # auto | cpu | cuda | cuda:N
     smoke: bool
@@ -88,6 +88,19 @@ class NotebookSettings:
         settings.update({key: value for key, value in optional.items() if value is not None})
         return build_config(self.preset, self.recipe, **{**settings, **overrides})
 
+    def fetch_pretrained(self, *names: str) -> None:
+        """Download the named pretrained files (pretrained.py: vgg16, lpips, inception) where missing, at full
+        scale only: at smoke scale nothing is fetched (the figures and metrics then say what is missing). A failed
+        download (internet off) prints its one-line reason instead of stopping the notebook."""
+        from vaehelpers import pretrained
+
+        if self.smoke:
+            return
+        try:
+            pretrained.download(names=names, progress=False)
+        except RuntimeError as error:
+            print(f"not fetched: {error}")
+
     @property
     def torch_device(self) -> torch.device:
         """The device to compute on: `device` resolved (auto: CUDA when there is one, after the build check)."""
@@ -115,6 +128,8 @@ def settings(smoke: bool = False, *, data_dir: str | Path | None = None, run_dir
     root = workspace()
     data_dir = Path(data_dir) if data_dir else root / "data" / values["data_source"]
     run_dir = Path(run_dir) if run_dir else root / "runs" / f"{values['data_source']}-{values['preset']}-{values['image_size']}"
+    if given.get("recipe") is None:  # a run already in run_dir keeps the recipe it was started with (it resumes)
+        values["recipe"] = saved_recipe(run_dir) or values["recipe"]
     figures_dir = Path(figures_dir) if figures_dir else RunDir(run_dir).figures
     return NotebookSettings(data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir, smoke=bool(smoke), **values)
 

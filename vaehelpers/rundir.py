@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from vaehelpers.config import TrainConfig, save_json, to_dict
+from vaehelpers.config import RECIPE_ALIASES, TrainConfig, canonical_recipe, save_json, to_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = {
     "epochs", "max_steps", "max_minutes", "device", "precision", "tf32", "compile", "checkpoint_every", "log_every",
     "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
     "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
+    "weights_dir",  # where the pretrained files are: a location, not a setting
 }
 
 
@@ -154,6 +155,15 @@ def image_size(run_dir: str | Path, default: int = 128) -> int:
     return int(read_config(run_dir).get("data", {}).get("image_size", default))
 
 
+def saved_recipe(run_dir: str | Path) -> str | None:
+    """The recipe a run directory's config.json was started with (aliases resolved, no notice), or None."""
+    try:
+        recipe = read_config(run_dir).get("recipe")
+    except (OSError, ValueError, AttributeError):  # unreadable: resuming it reports the problem itself
+        return None
+    return canonical_recipe(recipe, notice=False) if isinstance(recipe, str) else None
+
+
 def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
     """Create the run directory, check it is writable, and check a resumed run's settings match.
 
@@ -165,6 +175,7 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
     if resume and run.checkpoint.exists() and run.config.exists():
         # a setting added to vaehelpers after the run was saved counts as its default
         saved = {**_flatten(to_dict(TrainConfig())), **_flatten(read_config(run.root))}
+        saved["recipe"] = RECIPE_ALIASES.get(saved["recipe"], saved["recipe"])  # a run saved as "default" is `pixel`
         current = _flatten(to_dict(cfg))
         differing = sorted(k for k in saved.keys() | current.keys()
                            if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k)))

@@ -13,23 +13,23 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     # the original project's recipe; its VGG term needs ImageNet weights, so it is off where they cannot load
     "seed": ("seed", {}),
     # the seed's optimiser with our loss: isolates the effect of the loss
-    "seed-opt+l1": ("default", {"optimizer": "adam", "lr": 1e-3, "grad_clip": 0.0}),
+    "seed-opt+l1": ("pixel", {"optimizer": "adam", "lr": 1e-3, "grad_clip": 0.0}),
     # candidates for `default`
-    "l1": ("default", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999}),
-    "l2": ("default", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999,
+    "l1": ("pixel", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999}),
+    "l2": ("pixel", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999,
                        "loss.reconstruction": "l2"}),
-    "l1+l2": ("default", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999,
+    "l1+l2": ("pixel", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999,
                           "loss.reconstruction": "l1+l2"}),
-    "l1-lr3e-4": ("default", {"lr": 3e-4, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine",
+    "l1-lr3e-4": ("pixel", {"lr": 3e-4, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine",
                               "ema_decay": 0.999}),
-    "l1-noema": ("default", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine"}),
-    "l1-kl1e-4": ("default", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999,
+    "l1-noema": ("pixel", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine"}),
+    "l1-kl1e-4": ("pixel", {"lr": 1e-3, "grad_clip": 1.0, "warmup_steps": 50, "schedule": "cosine", "ema_decay": 0.999,
                               "loss.kl_weight": 1e-4}),
     # second round, after the first showed constant Adam 1e-3 beating cosine + EMA at this budget
-    "l1-const-clip": ("default", {"lr": 1e-3, "grad_clip": 1.0}),
-    "l1-const-ema": ("default", {"optimizer": "adam", "lr": 1e-3, "grad_clip": 0.0, "ema_decay": 0.999}),
-    "l1-lr2e-3": ("default", {"optimizer": "adam", "lr": 2e-3, "grad_clip": 0.0}),  # = the chosen default
-    "l1+l2-const": ("default", {"optimizer": "adam", "lr": 1e-3, "grad_clip": 0.0, "loss.reconstruction": "l1+l2"}),
+    "l1-const-clip": ("pixel", {"lr": 1e-3, "grad_clip": 1.0}),
+    "l1-const-ema": ("pixel", {"optimizer": "adam", "lr": 1e-3, "grad_clip": 0.0, "ema_decay": 0.999}),
+    "l1-lr2e-3": ("pixel", {"optimizer": "adam", "lr": 2e-3, "grad_clip": 0.0}),  # = the chosen default
+    "l1+l2-const": ("pixel", {"optimizer": "adam", "lr": 1e-3, "grad_clip": 0.0, "loss.reconstruction": "l1+l2"}),
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -20,7 +21,7 @@ from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.distributed import Distributed, init_distributed
 from vaehelpers.latents import reconstruct
-from vaehelpers.losses import VAELoss
+from vaehelpers.losses import VAELoss, pretrained_files
 from vaehelpers.model import AutoencoderKL, preset_name
 from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.runlock import holds_run_dir
@@ -451,6 +452,35 @@ def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, 
 
 # ----------------------------------------------------------------------------- the loop
 
+def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = None, *, download: bool = False) -> None:
+    """Stop before any work when a pretrained file the run needs is missing (pretrained.MissingWeightsError).
+
+    download=True (a notebook with internet, e.g. Kaggle's) first fetches the missing ones into the torch hub cache
+    with pretrained.download; when that fails too, the one-line MissingWeightsError says what was tried.
+    """
+    from vaehelpers import pretrained
+
+    for name in pretrained_files(cfg.loss, perceptual_backbone):
+        if download and pretrained.find(name, cfg.weights_dir or None) is None:
+            try:
+                pretrained.download(names=[name])
+            except RuntimeError as error:
+                pretrained.require(name, cfg.weights_dir or None, instead=f"train with --recipe pixel ({error})")
+        pretrained.require(name, cfg.weights_dir or None)
+
+
+def checks_pretrained(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Decorate train(cfg, ...): check_pretrained first, within seconds, before the run directory is even locked
+    (and so created), the data read or a model built."""
+    @functools.wraps(function)
+    def wrapper(cfg: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        check_pretrained(cfg, kwargs.get("perceptual_backbone"))
+        return function(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+@checks_pretrained
 @holds_run_dir  # one training per run directory: a second one is refused, naming the holder (runlock.py)
 def train(
     cfg: TrainConfig,
@@ -493,7 +523,7 @@ def train(
 
     # ---- model, loss, optimisers, then resume
     model = build_model(cfg, initial, device)
-    loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone).to(device)
+    loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone, weights_dir=cfg.weights_dir or None).to(device)
     state = build_state(cfg, model, loss_fn, ddp)
     if resume and run.checkpoint.exists():
         state.load_state_dict(load_checkpoint(run.checkpoint, map_location=device), ddp.rank)

@@ -257,11 +257,14 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
 
 # --------------------------------------------------------------------------- the loss, pictured
 
-def loss_weights_figure(loss_configs: dict[str, Any], epochs: float) -> Figure:
+def loss_weights_figure(loss_configs: dict[str, Any], epochs: float, image_size: int | None = None) -> Figure:
     """The weight each loss term gets over training, one panel per named LossConfig (log scale).
 
-    Reconstruction and perceptual weights include the seed recipe's overall scale; the KL weight follows its
-    linear warm-up (losses.kl_weight_at). A GAN term is noted in the title: it starts at a step, not an epoch.
+    Reconstruction and perceptual weights are per-pixel-mean weights, so that recipes compare: they include the
+    seed recipe's overall scale, and with nll_reduction "sum" (ldm: a per-sample sum over 3 x H x W, as
+    losses.VAELoss computes it) the factor 3 * image_size**2, which image_size (pixels per side) must then give.
+    The KL weight follows its linear warm-up (losses.kl_weight_at). A GAN term is noted in the title: it starts
+    at a step, not an epoch.
     """
     from vaehelpers.losses import kl_weight_at
 
@@ -269,30 +272,34 @@ def loss_weights_figure(loss_configs: dict[str, Any], epochs: float) -> Figure:
     fig = Figure(figsize=(4.8 * len(loss_configs), 3.4), layout="constrained")
     axes = fig.subplots(1, len(loss_configs), squeeze=False)[0]
     for ax, (name, cfg) in zip(axes, loss_configs.items()):
+        scale, reduction = cfg.seed_scale, ""
+        if cfg.nll_reduction == "sum":
+            if not image_size:
+                raise ValueError(f"recipe {name!r} sums its reconstruction over the pixels: pass image_size")
+            scale, reduction = scale * 3 * image_size**2, f", summed over 3x{image_size}x{image_size}"
         kl = [kl_weight_at(epoch, cfg.kl_weight, cfg.kl_warmup_epochs) for epoch in epoch_axis]
         ax.plot(epoch_axis, kl, label=f"KL ({cfg.kl_reduction})")
-        ax.plot(epoch_axis, np.full_like(epoch_axis, cfg.seed_scale * cfg.reconstruction_weight),
-                label=f"reconstruction ({cfg.reconstruction}{' / batch size' if cfg.batch_scaled_reconstruction else ''})")
+        ax.plot(epoch_axis, np.full_like(epoch_axis, scale * cfg.reconstruction_weight),
+                label=f"reconstruction ({cfg.reconstruction}{' / batch size' if cfg.batch_scaled_reconstruction else ''}"
+                      f"{reduction})")
         if cfg.perceptual_weight > 0:
-            ax.plot(epoch_axis, np.full_like(epoch_axis, cfg.seed_scale * cfg.perceptual_weight),
-                    label=f"perceptual ({cfg.perceptual})")
+            ax.plot(epoch_axis, np.full_like(epoch_axis, scale * cfg.perceptual_weight),
+                    label=f"perceptual ({cfg.perceptual}{reduction})")
         gan = f"; GAN x{cfg.disc_weight:g} from step {cfg.disc_start}" if cfg.disc_weight > 0 else ""
         ax.set_title(f"recipe {name}{gan}", fontsize=10)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("weight")
+        ax.set_ylabel("weight (per-pixel mean)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return fig
 
 
-def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = None, *,
-                      download: bool = True) -> Figure:
+def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = None) -> Figure:
     """What the LPIPS perceptual term compares, for the first image: where the VGG16 features of the
     reconstruction differ from the original's at each tap (relu1_2 ... relu5_3), weighted as LPIPS weighs them.
-    The panel titles give each layer's share of the distance. Without the pretrained VGG16 weights (offline,
-    or not on disk with download False: no 528 MB download at smoke scale), a figure that says so and how to
-    get them, instead of an error.
+    The panel titles give each layer's share of the distance. Without the pretrained VGG16 weights on disk
+    (pretrained.py; nothing is downloaded here), a figure that says so and how to get them, instead of an error.
     """
     import textwrap
 
@@ -301,7 +308,7 @@ def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = N
     from vaehelpers.losses import LPIPS
 
     try:
-        lpips = LPIPS(backbone, download=download).to(images.device)
+        lpips = LPIPS(backbone).to(images.device)
     except RuntimeError as error:
         fig = Figure(figsize=(9, 2.2))
         ax = fig.subplots()
