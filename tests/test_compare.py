@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -32,9 +33,12 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """One tiny model written as each local kind weights.load reads: run dir, diffusers folder, LDM .safetensors, .ckpt."""
+    """One small model written as each local kind weights.load reads: run dir, diffusers folder, LDM .safetensors,
+    and a full SD-style .ckpt (LDM names under first_stage_model., as {"state_dict": ...})."""
     root = tmp_path_factory.mktemp("models")
-    model = tiny_model(0)
+    torch.manual_seed(0)
+    # SD's 32 groups: an LDM .ckpt carries no settings, and a group count is not in the weights (weights.load assumes 32)
+    model = AutoencoderKL(ModelConfig(base_channels=32, channel_multipliers=(1, 1, 2), layers_per_block=1)).eval()
     run = root / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.config), "data": {"image_size": SIZE}}))
@@ -130,10 +134,14 @@ def test_compare_three_kinds_with_rfid_and_a_broken_source(images, tmp_path, inc
     assert "no such file or folder" in result["failed"][0]["reason"]
 
     markdown = (out / "compare.md").read_text()
-    assert markdown.count("\n| ") == 2 + 3  # header, rule and one row per compared model
+    assert sum(line.startswith("|") for line in markdown.splitlines()) == 2 + 3  # header, rule, a row per model
     assert "Not compared: no-such-model" in markdown and "Warning: rFID on 3 images" in markdown
     assert "| ours | vaehelpers |" in printed and "no-such-model" in printed
 
+    import shutil
+
+    if os.environ.get("VAEHELPERS_KEEP_COMPARE"):  # to look at the files: VAEHELPERS_KEEP_COMPARE=DIR
+        shutil.copytree(out, os.environ["VAEHELPERS_KEEP_COMPARE"], dirs_exist_ok=True)
     figure = Image.open(out / "reconstructions.png")
     assert figure.width > figure.height  # 4 columns (original + 3 models), 4 rows of 32 px images
     assert result["files"]["figure"] == str(out / "reconstructions.png")

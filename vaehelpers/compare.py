@@ -39,9 +39,10 @@ def open_model(src: str | Path, device: torch.device | str = "cpu") -> tuple[Aut
 
 
 def _label(src: str) -> str:
-    """A short name for a source: its last path part (a Hub id stays whole)."""
+    """A short name for a source: its last path part (a Hub id, owner/name, stays whole)."""
     path = Path(src)
-    return src if not path.exists() and "/" in src else (path.name or src)
+    hub_id = not path.exists() and src.count("/") == 1 and not src.startswith((".", "/", "~"))
+    return src if hub_id else (path.name or src)
 
 
 @torch.no_grad()

@@ -376,7 +376,8 @@ def format_table(summary: dict[str, Any]) -> str:
         (f"SSIM on {pixel}", summary.get("ssim")),
         (f"LPIPS ({summary.get('lpips_net', 'vgg')})",
          lpips if lpips is not None else "n/a (weights unavailable or turned off)"),
-        (f"rFID (Inception pool3, {summary.get('rfid_n_images', 0)} image pairs)", summary.get("rfid")
+        (f"rFID (Inception pool3, {summary.get('rfid_n_images')} image pairs)" if summary.get("rfid") is not None
+         else "rFID", summary.get("rfid")
          if summary.get("rfid") is not None else "n/a (weights unavailable or turned off: see rfid_reason)"),
         (f"MAE  on {pm1} (seed's range)", summary.get("mae_pm1")),
         (f"MSE  on {pm1} (seed's range)", summary.get("mse_pm1")),

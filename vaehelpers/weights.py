@@ -308,12 +308,15 @@ def _read_pickle(path: Path) -> Any:
 def _read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(everything the file holds at top level or under 'state_dict', safetensors metadata) for one file."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path)), metadata
+        except SafetensorError as error:  # truncated, or not safetensors at all: one line, not a traceback
+            raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
     values = _read_pickle(path)
