@@ -154,3 +154,33 @@ def test_compare_labels_per_image_psnr_from_evaluate():
     figure = reconstructions_figure(images, [("a", images + 0.5, [12.5, 30.0]), ("b", images, [math.inf, math.inf])])
     titles = [ax.get_title() for ax in figure.axes if ax.images]
     assert titles == ["original", "a\nPSNR 12.50 dB", "b\nPSNR inf dB", "original", "a\nPSNR 30.00 dB", "b\nPSNR inf dB"]
+
+
+def test_notebook_step_is_skipped_with_a_sentence_without_a_second_model(tmp_path, capsys):
+    from vaehelpers.compare import compare_in_notebook
+
+    assert compare_in_notebook(None, tmp_path / "run", tmp_path / "data", tmp_path / "out", image_size=32) is None
+    assert "compare_with=None" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_notebook_step_compares_the_run_with_a_second_model(sources, tmp_path, empty_torch_home, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.models._api as tv_api
+
+    from vaehelpers.compare import compare_in_notebook
+
+    def no_network(url, *args, **kwargs):  # LPIPS's VGG16 download fails as it does offline
+        raise urllib.error.URLError("Name or service not known (simulated offline)")
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_network)
+    other = weights.export(tiny_model(5), tmp_path / "sd-vae-ft-mse", "diffusers", sample_size=SIZE)
+    # the test split of 3 images is empty, so give the notebook step a folder whose test split holds images
+    data = tmp_path / "data"
+    make_synthetic(data, count=40, size=SIZE, seed=0)
+    result = compare_in_notebook(other, sources["run"], data, tmp_path / "out", image_size=SIZE, device="cpu")
+    assert [row["name"] for row in result["models"]] == ["run", "sd-vae-ft-mse"] and result["failed"] == []
+    assert result["split"] == "test" and 0 < result["n_images"] < 40
+    assert (tmp_path / "out" / "reconstructions.png").exists() and "| sd-vae-ft-mse | diffusers |" in capsys.readouterr().out
+    assert any("LPIPS not computed" in note for note in result["notes"])
+    assert any("rFID not computed" in note for note in result["notes"]) and result["models"][0]["rfid"] is None

@@ -239,3 +239,20 @@ def reconstructions_figure(images: torch.Tensor, columns: Sequence[tuple[str, to
             panels.append(reconstructions[i])
             titles.append(f"{name}\nPSNR {psnr[i]:.2f} dB")
     return viz.image_grid(panels, nrow=1 + len(columns), titles=titles)
+
+
+def compare_in_notebook(compare_with: str | Path | None, run_dir: str | Path, data: str | Path, out: str | Path, *,
+                        image_size: int, device: torch.device | str = "auto", progress: bool = False
+                        ) -> dict[str, Any] | None:
+    """Notebook 05's "Compare with another VAE" step: this run and `compare_with` (e.g. the released sd-vae-ft-mse
+    attached on Kaggle) on the run's held-out images at its image size; prints the table and returns the compare
+    dictionary (its files["figure"] is the side-by-side PNG). compare_with=None: says so in a sentence, returns None.
+    """
+    if compare_with is None:
+        print("No second model given (compare_with=None): comparison skipped. Set compare_with to a diffusers folder, "
+              "an LDM/SD .safetensors or a Hub id, e.g. /kaggle/input/sd-vae-ft-mse, to compare it with this run.")
+        return None
+    result = compare([str(run_dir), str(compare_with)], data, out, split="test", image_size=image_size,
+                     device=device, progress=progress)
+    print(format_report(result))
+    return result
