@@ -178,7 +178,9 @@ def test_notebook_step_compares_the_run_with_a_second_model(sources, tmp_path, e
     # the test split of 3 images is empty, so give the notebook step a folder whose test split holds images
     data = tmp_path / "data"
     make_synthetic(data, count=40, size=SIZE, seed=0)
-    result = compare_in_notebook(other, sources["run"], data, tmp_path / "out", image_size=SIZE, device="cpu")
+    result = compare_in_notebook(other, sources["run"], data, tmp_path / "out", image_size=SIZE, device="cpu",
+                                 cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir())  # the notebook's cache folder, not one beside the images
     assert [row["name"] for row in result["models"]] == ["run", "sd-vae-ft-mse"] and result["failed"] == []
     assert result["split"] == "test" and 0 < result["n_images"] < 40
     assert (tmp_path / "out" / "reconstructions.png").exists() and "| sd-vae-ft-mse | diffusers |" in capsys.readouterr().out

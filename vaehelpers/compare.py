@@ -126,6 +126,7 @@ def compare(
     weights_dir: str | Path | None = None,
     figure_images: int = FIGURE_IMAGES,
     latent_images: int = 1000,
+    cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate every source on the same images of `data` and write out/compare.md, compare.json, reconstructions.png.
@@ -133,7 +134,8 @@ def compare(
     image_size: every model sees the same SxS crops: the given size, else the first loadable model's own size,
     else 128. lpips, fid_on: "auto" (where the weights load, else n/a with a note), True (required) or False.
     latent_images: images (at most) for the per-channel latent statistics (posterior samples, seed 0, as
-    `vaehelpers scale` measures them). Returns the compare.json dictionary: n_images, image_size, data, split,
+    `vaehelpers scale` measures them). cache_dir: where the images' uint8 cache goes (default: dataset.py's choice).
+    Returns the compare.json dictionary: n_images, image_size, data, split,
     models [rows], failed [{name, source, reason}], notes, rfid_warning, files.
     """
     from vaehelpers.dataset import ImageFolderDataset
@@ -151,7 +153,7 @@ def compare(
         except Exception as error:  # any reason a model cannot be read: name it and go on with the others
             failed.append({"name": _label(str(src)), "source": str(src), "reason": f"cannot load: {_one_line(error)}"})
     size = image_size or next((int(w.sample_size) for _, _, w in opened if w.sample_size), None) or DEFAULT_IMAGE_SIZE
-    dataset = ImageFolderDataset(data, split=split, image_size=size, resize="crop", augment=False)
+    dataset = ImageFolderDataset(data, split=split, image_size=size, resize="crop", augment=False, cache_dir=cache_dir)
     lpips_fn, inception, rfid_reason = _shared_backbones(lpips, fid_on, weights_dir, device, notes)
 
     shown = torch.stack([dataset[i] for i in range(min(figure_images, len(dataset)))])  # (k, 3, S, S) in [-1, 1]
@@ -242,8 +244,8 @@ def reconstructions_figure(images: torch.Tensor, columns: Sequence[tuple[str, to
 
 
 def compare_in_notebook(compare_with: str | Path | None, run_dir: str | Path, data: str | Path, out: str | Path, *,
-                        image_size: int, device: torch.device | str = "auto", progress: bool = False
-                        ) -> dict[str, Any] | None:
+                        image_size: int, device: torch.device | str = "auto", cache_dir: str | Path | None = None,
+                        progress: bool = False) -> dict[str, Any] | None:
     """Notebook 05's "Compare with another VAE" step: this run and `compare_with` (e.g. the released sd-vae-ft-mse
     attached on Kaggle) on the run's held-out images at its image size; prints the table and returns the compare
     dictionary (its files["figure"] is the side-by-side PNG). compare_with=None: says so in a sentence, returns None.
@@ -253,6 +255,6 @@ def compare_in_notebook(compare_with: str | Path | None, run_dir: str | Path, da
               "an LDM/SD .safetensors or a Hub id, e.g. /kaggle/input/sd-vae-ft-mse, to compare it with this run.")
         return None
     result = compare([str(run_dir), str(compare_with)], data, out, split="test", image_size=image_size,
-                     device=device, progress=progress)
+                     device=device, cache_dir=cache_dir, progress=progress)
     print(format_report(result))
     return result
