@@ -186,3 +186,17 @@ def test_notebook_step_compares_the_run_with_a_second_model(sources, tmp_path, e
     assert (tmp_path / "out" / "reconstructions.png").exists() and "| sd-vae-ft-mse | diffusers |" in capsys.readouterr().out
     assert any("LPIPS not computed" in note for note in result["notes"])
     assert any("rFID not computed" in note for note in result["notes"]) and result["models"][0]["rfid"] is None
+
+
+def test_evaluate_model_takes_a_hub_id(sources, images, tmp_path, empty_torch_home, monkeypatch):
+    """The network boundary (huggingface_hub.snapshot_download) is faked: it 'downloads' the diffusers folder."""
+    hub = pytest.importorskip("huggingface_hub")
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(repo_id) or str(sources["diffusers"]))
+    out = tmp_path / "hub.json"
+    assert main(["evaluate", "--model", "stabilityai/sd-vae-ft-mse", "--data", str(images), "--split", "all",
+                 "--device", "cpu", "--no-lpips", "--no-fid", "--no-progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert calls == ["stabilityai/sd-vae-ft-mse"] and result["model"] == "stabilityai/sd-vae-ft-mse"
+    assert result["model_kind"] == "diffusers" and result["n_images"] == 3 and result["image_size"] == SIZE
