@@ -16,10 +16,10 @@
 # %% [markdown]
 # # 05 · Evaluation: how good are the reconstructions, and what is in the latents?
 #
-# Numbers first: MAE, MSE and PSNR on pixels in [0, 1], SSIM and (where its weights load) LPIPS, on the
-# held-out split that training never saw. Then pictures: reconstructions with their error, any image of yours,
+# Numbers first: MAE, MSE and PSNR on pixels in [0, 1], SSIM and (where their weights load) LPIPS and rFID, on
+# the held-out split that training never saw. Then pictures: reconstructions with their error, any image of yours,
 # the four latent channels, a walk between two images in latent space, samples from the prior, and sliders to
-# edit latents and watch the decoder respond.
+# edit latents and watch the decoder respond. Last, optionally, this run side by side with another VAE.
 
 # %% tags=["parameters"]
 # Parameters (papermill: -p NAME VALUE). None means the default for the scale: the reference run
@@ -36,6 +36,7 @@ device = None        # "auto", "cpu", "cuda" or "cuda:N"; None: auto (smoke: cpu
 smoke = False        # True: a quick check at toy scale (synthetic images, tiny model, 64 px, minutes on a CPU)
 image_path = None    # any image file to reconstruct, of any size; None: the first held-out image
 n_show = 6           # held-out images in the figures and the explorer
+compare_with = None   # a second VAE to compare with this run on the held-out images, e.g. "/kaggle/input/datasets/<owner>/sd-vae-ft-mse"; None: skipped
 interactive = True   # False (papermill, `make demo`): static figures in place of the widgets
 install_legacy_torch = False  # P100: reinstall Kaggle's torch version from its CUDA 12.6 build (sm_60), then restart
 vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
@@ -73,7 +74,7 @@ if importlib.util.find_spec("vaehelpers") is None:
 # %matplotlib inline
 import torch
 from IPython.display import Image
-from vaehelpers import kaggle, latents, metrics, notebook, viz, widgets
+from vaehelpers import compare, kaggle, latents, metrics, notebook, viz, widgets
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.reconstruct import format_rows, reconstruct_files
 
@@ -167,8 +168,8 @@ fig
 # %% [markdown]
 # ## Step 7: Samples from the prior
 #
-# Latents drawn from N(0, I), divided by the scaling factor (real latents have a std of about 1/scaling_factor),
-# then decoded. Expect colourful texture rather than scenes: with a KL weight of 1e-6 the latents are far from
+# Latents drawn per channel from N(mean, std²) where `vaehelpers scale` measured them, else from N(0, I) divided
+# by the scaling factor, then decoded. Expect colourful texture rather than scenes: with a KL weight of 1e-6 the latents are far from
 # N(0, I), which is why Stable Diffusion trains a diffusion model to produce them. (`vaehelpers scale` measures
 # this run's own scaling factor.) Saved as `prior_samples.png`.
 
@@ -197,8 +198,30 @@ walk = widgets.InterpolationExplorer(model, images[0], images[1])
 walk if interactive else walk.figure()
 
 # %% [markdown]
+# ## Step 9: Compare with another VAE
+#
+# Is your VAE better than the released one on your images? On Kaggle, attach the released `sd-vae-ft-mse` (a
+# diffusers folder) as a dataset and set `compare_with` to its folder. Both models reconstruct the same held-out
+# images at this run's image size. The table gives PSNR, SSIM, LPIPS, rFID, MAE/MSE, each model's latent channels
+# with their mean and std, encode+decode speed on this machine and parameters; the figure shows the same images
+# reconstructed by each, with per-image PSNR. rFID on a few hundred images is biased upward: compare it between
+# these models, not with published tables. Saved under `figures/compare/`.
+#
+# To attach it: in the Kaggle editor, *Add Input* → search for `sd-vae-ft-mse` → pick a dataset that holds the
+# diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`), then copy its path from the input
+# panel into `compare_with`. With internet on, the Hub id `"stabilityai/sd-vae-ft-mse"` works as well.
+
+# %%
+result = compare.compare_in_notebook(compare_with, settings.run_dir, test_set.root, settings.figures_dir / "compare",
+                                     image_size=settings.image_size, device=device,
+                                     cache_dir=settings.cache_dir(test_set.root), progress=interactive)
+Image(filename=result["files"]["figure"]) if result else None
+
+# %% [markdown]
 # ## Now it's your turn
 #
-# - Evaluate on a different folder: `vaehelpers evaluate --run RUN --data DIR --split all`.
+# - Evaluate on a different folder, or any VAE (a run, a diffusers folder, an LDM/SD `.safetensors`, a Hub id):
+#   `vaehelpers evaluate --model RUN_OR_ANY_VAE --data DIR --split all`.
+# - Compare your run with other VAEs on the same images: `vaehelpers compare RUN other-vae --data DIR --out C`.
 # - Compare runs: a `small` model, the `seed` recipe, a perceptual weight, a longer run.
 # - Export the weights for diffusers: `vaehelpers convert RUN out/ --to diffusers`.

@@ -87,6 +87,12 @@ def test_decoder_levels_are_reversed_in_ldm():
 def test_diffusers_config_round_trip():
     config = ModelConfig(base_channels=32, channel_multipliers=(1, 2, 4), mid_attention=False, scaling_factor=0.3)
     assert W.model_config_from_diffusers(W.diffusers_config(config)) == config
+    measured = dataclasses.replace(config, latents_mean=(0.5, -1.0, 0.0, 2.0), latents_std=(1.0, 2.0, 3.0, 4.0))
+    values = W.diffusers_config(measured)
+    assert values["latents_mean"] == [0.5, -1.0, 0.0, 2.0] and W.diffusers_config(config)["latents_mean"] is None
+    assert W.model_config_from_diffusers(values) == measured
+    with pytest.raises(ValueError, match="latents_std"):
+        W.model_config_from_diffusers({**values, "latents_std": [1.0, 2.0]})
     with pytest.raises(ValueError, match="norm_eps"):
         W.diffusers_config(ModelConfig(norm_eps=1e-5))
 

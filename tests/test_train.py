@@ -127,9 +127,11 @@ def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
     from vaehelpers.latents import store_scale
 
     train(tiny(images, tmp_path / "run", max_steps=1), progress=False)
-    store_scale(tmp_path / "run", 0.5)
+    store_scale(tmp_path / "run", 0.5, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 0.5, 1.0])
     train(tiny(images, tmp_path / "run", max_steps=2), resume=True, progress=False)
-    assert AutoencoderKL.load(tmp_path / "run").config.scaling_factor == 0.5
+    config = AutoencoderKL.load(tmp_path / "run").config
+    assert config.scaling_factor == 0.5
+    assert config.latents_mean == (0.1, -0.2, 0.3, 0.0) and config.latents_std == (1.5, 2.0, 0.5, 1.0)
 
 
 def test_non_finite_step_is_skipped_counted_and_weights_stay_finite(images, tmp_path):

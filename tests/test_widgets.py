@@ -2,6 +2,7 @@
 and moving them back restores it exactly."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import matplotlib
@@ -12,8 +13,8 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from vaehelpers import latents, viz, widgets  # noqa: E402
-from vaehelpers.config import build_config  # noqa: E402
+from vaehelpers import latents, losses, viz, widgets  # noqa: E402
+from vaehelpers.config import build_config, model_config  # noqa: E402
 from vaehelpers.model import AutoencoderKL  # noqa: E402
 
 pytest.importorskip("ipywidgets")
@@ -169,3 +170,30 @@ def test_perceptual_figure_with_and_without_weights(monkeypatch, images, tmp_pat
 def test_png_bytes_scales_each_panel(images):
     array = png_array(widgets.png_bytes([images[0], images[1][:, :, :16]], height=48))
     assert array.shape == (48, 48 + 4 + 24, 3)
+
+
+def test_prior_samples_use_measured_channel_statistics():
+    plain = model_config("tiny")
+    measured = dataclasses.replace(plain, latents_mean=(1.0, -2.0, 0.5, 0.0), latents_std=(0.5, 2.0, 1.0, 3.0))
+    drawn = latents.prior_latents(measured, 32, 16, generator=torch.Generator().manual_seed(0))  # 8192 values a channel
+    assert drawn.shape == (32, 4, 16, 16)
+    assert drawn.mean(dim=(0, 2, 3)).tolist() == pytest.approx([1.0, -2.0, 0.5, 0.0], abs=0.1)
+    assert drawn.std(dim=(0, 2, 3)).tolist() == pytest.approx([0.5, 2.0, 1.0, 3.0], rel=0.05)
+    unmeasured = latents.prior_latents(plain, 2, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(unmeasured, torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)) / 0.18215)
+
+    torch.manual_seed(0)
+    model = AutoencoderKL(measured).eval()
+    samples = latents.prior_samples(model, 2, 32, generator=torch.Generator().manual_seed(2))
+    expected = latents.decode(model, latents.prior_latents(measured, 2, 4, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(samples, expected)
+    model.config = plain  # the same weights without the statistics decode other images
+    assert not torch.allclose(latents.prior_samples(model, 2, 32, generator=torch.Generator().manual_seed(2)), samples)
+
+
+def test_latent_explorer_steps_by_the_measured_channel_std(images):
+    torch.manual_seed(0)
+    config = dataclasses.replace(model_config("tiny"), latents_mean=(0.0,) * 4,
+                                 latents_std=(0.5, 2.0, 1.0, 3.0))
+    explorer = widgets.LatentExplorer(AutoencoderKL(config).eval(), images[:2, :, :16, :16])
+    assert explorer.channel_std.tolist() == [0.5, 2.0, 1.0, 3.0]

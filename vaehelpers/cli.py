@@ -103,15 +103,28 @@ def _run_image_size(run: Path, given: int | None) -> int:
     return given or rundir.image_size(run)
 
 
+def _fid_setting(value: bool | None) -> bool | str:
+    """--fid: required (an error without the Inception weights); --no-fid: off; neither: where the weights load."""
+    return "auto" if value is None else value
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaehelpers import metrics
+    from vaehelpers.compare import DEFAULT_IMAGE_SIZE, open_model
     from vaehelpers.dataset import ImageFolderDataset
+    from vaehelpers.runtime import resolve_device
 
-    model, device = _load_model(args.run, args.device)
-    dataset = ImageFolderDataset(args.data, split=args.split, image_size=_run_image_size(args.run, args.image_size),
-                                 resize="crop", augment=False)
-    summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=not args.no_progress,
-                               lpips=False if args.no_lpips else "auto", weights_dir=args.weights_dir)
+    device = resolve_device(args.device)
+    model, source = open_model(args.model, device)
+    for note in source.notes:
+        print(f"note: {note}")
+    image_size = args.image_size or source.sample_size or DEFAULT_IMAGE_SIZE  # else the model's own size
+    dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
+    summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device,
+                               progress=not args.no_progress, lpips=False if args.no_lpips else "auto",
+                               fid=_fid_setting(args.fid), weights_dir=args.weights_dir)
+    summary.update(model=str(args.model), model_kind=source.kind)
+    print(f"model: {source.source} ({source.kind})")
     print(metrics.format_table(summary))
     if args.json:
         metrics.write_json(summary, args.json)
@@ -120,6 +133,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics.write_per_image_csv(summary, args.csv)
         print(f"wrote {args.csv}")
     return _exit_status(summary["n_skipped"])
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vaehelpers.compare import compare, format_report
+
+    result = compare(args.models, args.data, args.out, split=args.split, image_size=args.image_size,
+                     batch_size=args.batch_size, device=args.device, lpips=False if args.no_lpips else "auto",
+                     fid_on=_fid_setting(args.fid), weights_dir=args.weights_dir, progress=not args.no_progress)
+    print(format_report(result))
+    for path in result["files"].values():
+        print(f"wrote {path}")
+    return _exit_status(len(result["failed"]) + result["n_skipped_files"])
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -161,10 +186,14 @@ def cmd_scale(args: argparse.Namespace) -> int:
                               device=device, sample_posterior=args.latents == "sample", seed=args.seed)
     details = {**dataclasses.asdict(stats), "data": str(args.data), "split": args.split, "image_size": image_size,
                "seed": args.seed, "previous_scaling_factor": model.config.scaling_factor}
-    config_path = store_scale(args.run, stats.scaling_factor, details)
+    config_path = store_scale(args.run, stats.scaling_factor, details, latents_mean=stats.channel_mean,
+                              latents_std=stats.channel_std)
     print(f"latent std {stats.std:.6g} (mean {stats.mean:.4g}) over {stats.n_values:,} values of {stats.latents} "
           f"from {stats.n_images} images")
-    print(f"scaling_factor {stats.scaling_factor:.6g} stored in {config_path} (was {model.config.scaling_factor})")
+    for channel, (mean, std) in enumerate(zip(stats.channel_mean, stats.channel_std)):
+        print(f"  channel {channel}: mean {mean:.4g}, std {std:.4g}")
+    print(f"scaling_factor {stats.scaling_factor:.6g} and per-channel latents_mean/latents_std stored in "
+          f"{config_path} (scaling_factor was {model.config.scaling_factor})")
     return 0
 
 
@@ -231,6 +260,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fid_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
+                        help="rFID (torch-fidelity's InceptionV3): on by default where its weights load, else null "
+                             "with the reason; --fid requires it, --no-fid turns it off")
+    parser.add_argument("--weights-dir", type=Path, help="folder holding pretrained files: VGG16 for LPIPS, "
+                                                        "InceptionV3 for rFID (else $VAEHELPERS_WEIGHTS, then the torch hub cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaehelpers", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -290,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = verbs.add_parser("evaluate", help="metrics on held-out images (pixel range [0,1])")
-    evaluate.add_argument("--run", type=Path, required=True)
+    evaluate.add_argument("--model", "--run", dest="model", required=True, metavar="SRC",
+                          help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (--run: the old name)")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--split", choices=["test", "all", "train"], default="test")
     evaluate.add_argument("--image-size", type=int)
@@ -299,10 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--csv", type=Path, help="per-image rows")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
-    evaluate.add_argument("--weights-dir", type=Path, help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, "
-                                                           "then the torch hub cache)")
+    _add_fid_flags(evaluate)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    compare = verbs.add_parser("compare", help="several models on the same held-out images: table, JSON, figure")
+    compare.add_argument("models", nargs="+", metavar="SRC",
+                         help="run dirs, diffusers folders, LDM/SD .ckpt/.safetensors files or Hub ids")
+    compare.add_argument("--data", type=Path, required=True)
+    compare.add_argument("--split", choices=["test", "all"], default="test")
+    compare.add_argument("--image-size", type=int, help="default: the first model's own size, else 128")
+    compare.add_argument("--out", type=Path, required=True, help="writes compare.md, compare.json, reconstructions.png")
+    compare.add_argument("--batch-size", type=int, default=16)
+    compare.add_argument("--device", default="auto")
+    compare.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    _add_fid_flags(compare)
+    compare.add_argument("--no-progress", action="store_true")
+    compare.set_defaults(func=cmd_compare)
 
     reconstruct = verbs.add_parser("reconstruct", help="reconstruct any images; figures and per-image errors")
     reconstruct.add_argument("--run", type=Path, required=True)

@@ -29,6 +29,10 @@ class ModelConfig:
     norm_eps: float = 1e-6  # SD/diffusers value
     mid_attention: bool = True  # self-attention in the mid block
     scaling_factor: float = 0.18215  # SD's latent scale (LDM paper, sec. 4.3.2 / scale_by_std); replaced by a measured one
+    # per-channel mean and std of the latents, measured by `vaehelpers scale` (diffusers' AutoencoderKL config fields
+    # latents_mean / latents_std, as newer VAEs ship them); empty: not measured
+    latents_mean: tuple[float, ...] = ()
+    latents_std: tuple[float, ...] = ()
 
     @property
     def downsample_factor(self) -> int:

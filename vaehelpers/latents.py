@@ -8,6 +8,9 @@ A diffusion model trained on latents wants them at about unit variance. The LDM 
 of up to `max_images` images, by default also of posterior samples (drawn with a seeded generator, so the
 result is reproducible); sample_posterior=False measures the posterior means (mode) instead. When no scale
 is measured, ModelConfig's default 0.18215 stays.
+
+Per latent channel, the same pass measures mean and std (model.latents_mean / latents_std, the fields diffusers'
+AutoencoderKL config has for VAEs whose channels differ in offset and spread); prior samples use them when stored.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -60,12 +63,22 @@ def interpolate(model: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, 
     return decode(model, (1 - t) * latents[0] + t * latents[1])
 
 
+def prior_latents(config: ModelConfig, count: int, side: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents (count, L, side, side) drawn to look like the model's own: per channel N(latents_mean_c,
+    latents_std_c^2) where `vaehelpers scale` measured them, else N(0, 1 / scaling_factor^2) (scaling_factor is
+    1/std of real latents)."""
+    noise = torch.randn(count, config.latent_channels, side, side, generator=generator)
+    if config.latents_std:
+        mean = torch.tensor(config.latents_mean or [0.0] * config.latent_channels).view(1, -1, 1, 1)
+        return noise * torch.tensor(config.latents_std).view(1, -1, 1, 1) + mean
+    return noise / config.scaling_factor
+
+
 def prior_samples(model: nn.Module, count: int = 8, image_size: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decode latents drawn from the prior: z ~ N(0, I) / scaling_factor (the model's latents are unscaled, and
-    scaling_factor is 1/std of real latents), (count, 3, image_size, image_size)."""
+    """Decode latents drawn from the prior (prior_latents: the measured per-channel mean and std where stored, else
+    N(0, I) / scaling_factor; the model's latents are unscaled), (count, 3, image_size, image_size)."""
     side = image_size // model.config.downsample_factor
-    latents = torch.randn(count, model.config.latent_channels, side, side, generator=generator)
-    return decode(model, latents / model.config.scaling_factor)
+    return decode(model, prior_latents(model.config, count, side, generator))
 
 
 # ----------------------------------------------------------------------------- the latent scale
@@ -79,6 +92,8 @@ class LatentStats:
     n_images: int
     n_values: int  # latent values counted: n_images * L * h * w
     latents: str  # "posterior samples" or "posterior mode"
+    channel_mean: tuple[float, ...] = ()  # (L,) per latent channel, over images and positions
+    channel_std: tuple[float, ...] = ()  # (L,) unbiased, likewise
 
     @property
     def scaling_factor(self) -> float:
@@ -106,7 +121,8 @@ def latent_statistics(
     model: an AutoencoderKL (encode(images) -> posterior). dataset: items (3, S, S) in [-1, 1], or tuples
     starting with one (e.g. ImageFolderDataset). sample_posterior: latents are posterior samples drawn with a
     CPU generator seeded by `seed` (LDM's definition, the default), else the posterior means. The model runs
-    in float32 and eval mode (its training mode is restored); the statistics accumulate in float64.
+    in float32 and eval mode (its training mode is restored); the statistics accumulate in float64, over all
+    values and per latent channel (channel_mean, channel_std).
     """
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
     if count < 1:
@@ -117,7 +133,9 @@ def latent_statistics(
     generator = torch.Generator("cpu").manual_seed(seed)
     was_training = model.training
     model.eval()
-    n_values, mean, m2 = 0, 0.0, 0.0  # running count, mean and sum of squared deviations (Chan et al.)
+    # running count, mean and sum of squared deviations (Chan et al.), over everything and per channel (L,)
+    n_values, mean, m2 = 0, 0.0, 0.0
+    channel_n, channel_mean, channel_m2 = 0, None, None
     try:
         for start in range(0, count, batch_size):
             images = torch.stack([_images(dataset[i]) for i in range(start, min(start + batch_size, count))])
@@ -131,13 +149,26 @@ def latent_statistics(
             mean += delta * batch_n / total
             m2 += batch_m2 + delta * delta * n_values * batch_n / total
             n_values = total
+            per_channel = latents.double().transpose(0, 1).flatten(1).cpu()  # (L, B*h*w)
+            batch_n, batch_mean = per_channel.shape[1], per_channel.mean(1)
+            batch_m2 = (per_channel - batch_mean[:, None]).pow(2).sum(1)
+            if channel_mean is None:
+                channel_n, channel_mean, channel_m2 = batch_n, batch_mean, batch_m2
+            else:
+                total = channel_n + batch_n
+                delta = batch_mean - channel_mean
+                channel_mean = channel_mean + delta * batch_n / total
+                channel_m2 = channel_m2 + batch_m2 + delta.square() * channel_n * batch_n / total
+                channel_n = total
     finally:
         model.train(was_training)
     std = math.sqrt(m2 / max(n_values - 1, 1))
     if not math.isfinite(std) or std <= 0:
         raise ValueError(f"latent std is {std}: cannot set a scale (are the weights trained and finite?)")
+    channel_std = (channel_m2 / max(channel_n - 1, 1)).sqrt()
     return LatentStats(std=std, mean=mean, n_images=count, n_values=n_values,
-                       latents="posterior samples" if sample_posterior else "posterior mode")
+                       latents="posterior samples" if sample_posterior else "posterior mode",
+                       channel_mean=tuple(channel_mean.tolist()), channel_std=tuple(channel_std.tolist()))
 
 
 def measure_scale(
@@ -158,8 +189,10 @@ def measure_scale(
                              sample_posterior=sample_posterior, seed=seed).scaling_factor
 
 
-def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | None = None) -> Path:
-    """Set model.scaling_factor in run_dir/config.json to `value` (AutoencoderKL.load then has it).
+def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | None = None, *,
+                latents_mean: Sequence[float] | None = None, latents_std: Sequence[float] | None = None) -> Path:
+    """Set model.scaling_factor in run_dir/config.json to `value` (AutoencoderKL.load then has it), and
+    model.latents_mean / latents_std (one value per latent channel) when given.
 
     config.json may be a run config ({"model": {...}, ...}) or a bare ModelConfig; nothing else in it
     changes. details (e.g. dataclasses.asdict(LatentStats) and the data used) go to run_dir/scale.json.
@@ -173,8 +206,18 @@ def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | Non
         raise FileNotFoundError(f"no {run.config.name} in {run.root}: not a run directory")
     settings = read_config(run.root)
     model_settings = settings["model"] if isinstance(settings, dict) and "model" in settings else settings
-    from_dict(ModelConfig, model_settings)  # raises unless it is a ModelConfig
+    current = from_dict(ModelConfig, model_settings)  # raises unless it is a ModelConfig
     model_settings["scaling_factor"] = value
+    for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+        if values is None:
+            continue
+        values = [float(v) for v in values]
+        if len(values) != current.latent_channels or not all(map(math.isfinite, values)):
+            raise ValueError(f"{name} must be {current.latent_channels} finite numbers (one per latent channel), "
+                             f"got {values}")
+        if name == "latents_std" and min(values) <= 0:
+            raise ValueError(f"latents_std must be positive, got {values}")
+        model_settings[name] = values
     write_config(run.root, settings)
     if details is not None:
         record = {"scaling_factor": value, **details}

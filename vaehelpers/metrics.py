@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from vaehelpers import fid as fid_module
 from vaehelpers.images import BadImageError
 from vaehelpers.runtime import autocast, resolve_device, resolve_precision
 
@@ -88,7 +89,7 @@ def image_psnr(image: Tensor, reconstruction: Tensor) -> float:
     return float(psnr_from_mse(error.square().mean()))
 
 
-# --------------------------------------------------------------------------- LPIPS and rFID backbones
+# --------------------------------------------------------------------------- LPIPS backbone (rFID: fid.py)
 
 def build_lpips(device: torch.device | str = "cpu", weights_dir: str | Path | None = None) -> LpipsFn:
     """VGG LPIPS (v0.1, as torchmetrics' and the lpips package's) as a per-image function of images in [0, 1].
@@ -111,26 +112,6 @@ def build_lpips(device: torch.device | str = "cpu", weights_dir: str | Path | No
     return lpips
 
 
-def build_fid(feature: bool | nn.Module = True, device: torch.device | str = "cpu") -> Any:
-    """torchmetrics' FrechetInceptionDistance on [0, 1] images.
-
-    feature=True uses the standard InceptionV3 pool features (needs the torch-fidelity package and its
-    Inception weights); an nn.Module maps (B,3,H,W) in [0, 1] to (B, F) features instead (tests).
-    Raises RuntimeError with the reason when it cannot be built.
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    try:
-        fid = FrechetInceptionDistance(feature=2048 if feature is True else feature, normalize=True)
-    except Exception as error:
-        raise RuntimeError(
-            f"rFID needs torch-fidelity and its InceptionV3 weights (pt_inception-2015-12-05), which could "
-            f"not be loaded ({type(error).__name__}: {error}). Install it with `pip install torch-fidelity` "
-            f"where there is a network (Kaggle), or leave rFID off (fid=False)."
-        ) from error
-    return fid.to(device)
-
-
 # --------------------------------------------------------------------------- the evaluation loop
 
 def _mean(values: list[float]) -> float | None:
@@ -144,9 +125,10 @@ class Evaluator:
     batch, then `summary()`.
     """
 
-    def __init__(self, *, lpips: LpipsFn | None = None, fid: Any = None):
+    def __init__(self, *, lpips: LpipsFn | None = None, fid: fid_module.ReconstructionFID | None = None):
         self.lpips = lpips
         self.fid = fid
+        self.rfid_reason: str | None = None if fid is not None else "rFID turned off (fid=False / --no-fid)"
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
         self.notes: list[str] = []
@@ -161,8 +143,7 @@ class Evaluator:
             images01, reconstructions01 = to_unit_range(images), to_unit_range(reconstructions)
         lpips = self.lpips(images01, reconstructions01).reshape(-1).float() if self.lpips is not None else None
         if self.fid is not None:
-            self.fid.update(images01, real=True)
-            self.fid.update(reconstructions01, real=False)
+            self.fid.update(images01, reconstructions01)
         height, width = images.shape[-2:]
         if self.image_size is None:
             self.image_size = int(height) if height == width else [int(height), int(width)]
@@ -190,10 +171,10 @@ class Evaluator:
         n = len(self.rows)
         mse = _mean([row["mse"] for row in self.rows])
         rfid = None
-        if self.fid is not None and n >= 2:  # a covariance needs two images
-            rfid = float(self.fid.compute())
+        if self.fid is not None and self.fid.n_images >= 2:  # a covariance needs two images
+            rfid = self.fid.compute()
         elif self.fid is not None:
-            self.notes.append("rFID needs at least 2 images; not computed")
+            self.rfid_reason = f"rFID needs at least 2 images, got {self.fid.n_images}"
         return {
             "n_images": n,
             "image_size": self.image_size,
@@ -207,6 +188,8 @@ class Evaluator:
             "lpips": _mean([row["lpips"] for row in self.rows]) if self.lpips is not None else None,
             "lpips_net": "vgg",
             "rfid": rfid,
+            **fid_module.rfid_details(self.fid.n_images if self.fid is not None else 0,
+                                      None if rfid is not None else self.rfid_reason or "not computed"),
             "pm1_range": "[-1,1]",
             "mae_pm1": _mean(self._pm1["mae_pm1"]),
             "mse_pm1": _mean(self._pm1["mse_pm1"]),
@@ -237,17 +220,23 @@ def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, not
         return None
 
 
-def _resolve_fid(fid: bool | nn.Module, device: torch.device, notes: list[str]) -> Any:
-    """fid=False: off; True: Inception rFID, warn and report None when it cannot load; a module: custom features."""
+def _resolve_fid(fid: bool | str | nn.Module | fid_module.FeatureFn | None, device: torch.device,
+                 weights_dir: str | Path | None, notes: list[str]) -> tuple[fid_module.ReconstructionFID | None, str | None]:
+    """(the rFID accumulator or None, why it is None). fid="auto": Inception rFID, or null with a warning when its
+    weights are missing; True: must load; False/None: off; a module or callable: its features (tests)."""
     if fid is False or fid is None:
-        return None
+        return None, "rFID turned off (fid=False / --no-fid)"
+    if fid not in (True, "auto") and not callable(fid):
+        raise ValueError(f"fid must be 'auto', True, False or a feature module, got {fid!r}")
     try:
-        return build_fid(fid, device)
+        return fid_module.build_rfid(True if fid == "auto" else fid, weights_dir=weights_dir, device=device), None
     except RuntimeError as error:
+        if fid is True:
+            raise
         message = f"rFID not computed (reported as null): {error}"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         notes.append(message)
-        return None
+        return None, str(error)
 
 
 def _item_image(item: Any) -> Tensor:
@@ -276,10 +265,10 @@ def evaluate(
     sample_posterior: bool = False,
     generator: torch.Generator | None = None,
     lpips: bool | str | LpipsFn | None = "auto",
-    fid: bool | nn.Module = False,
+    fid: bool | str | nn.Module = "auto",
+    weights_dir: str | Path | None = None,
     precision: str = "fp32",
     progress: bool = True,
-    weights_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every image of `dataset` with `model` and measure how close the reconstructions are.
 
@@ -291,14 +280,16 @@ def evaluate(
         deterministic).
     lpips: "auto" (VGG LPIPS; without its weights warn once and report None), True (fail without them), False,
         or a callable (images, reconstructions) in [0, 1] -> (B,) scores.
+    fid: rFID of the reconstructions against the originals (fid.py: torch-fidelity's InceptionV3 pool3): "auto"
+        (default: where its weights are found; else None with a warning and the reason in rfid_reason), True (fail
+        without them), False, or an nn.Module feature extractor ((B,3,H,W) in [0, 1] -> (B, F)).
     weights_dir: a folder holding the pretrained files (else $VAEHELPERS_WEIGHTS, then the torch hub cache).
-    fid: False, True (rFID of reconstructions against originals; InceptionV3 via torch-fidelity, None with a
-        warning when unavailable) or an nn.Module feature extractor ((B,3,H,W) in [0, 1] -> (B, F)).
     precision: "fp32" (default; the VAE is sensitive to fp16), "bf16", "fp16" or "auto" (runtime.resolve_precision):
         autocast for the model only; metrics are always computed in float32.
 
     Returns a dict: n_images, image_size, pixel_range "[0,1]", mae, mse, psnr (mean over images, each capped
-    at psnr_cap_db), psnr_from_mean_mse, psnr_cap_db, ssim, lpips, lpips_net, rfid, pm1_range "[-1,1]",
+    at psnr_cap_db), psnr_from_mean_mse, psnr_cap_db, ssim, lpips, lpips_net, rfid, rfid_n_images, rfid_min_images,
+    rfid_warning (bias below rfid_min_images images, or None), rfid_reason (why rfid is None), pm1_range "[-1,1]",
     mae_pm1, mse_pm1, n_skipped, skipped [{path, reason}], notes [str], per_image [{path, mae, mse, psnr,
     ssim, lpips}], sample_posterior, precision, device, seconds. Metric means are None with no images.
     """
@@ -311,7 +302,9 @@ def evaluate(
         model.to(device)
     precision = resolve_precision(precision, device)
     notes: list[str] = []
-    evaluator = Evaluator(lpips=_resolve_lpips(lpips, device, notes, weights_dir), fid=_resolve_fid(fid, device, notes))
+    rfid, rfid_reason = _resolve_fid(fid, device, weights_dir, notes)
+    evaluator = Evaluator(lpips=_resolve_lpips(lpips, device, notes, weights_dir), fid=rfid)
+    evaluator.rfid_reason = rfid_reason
     evaluator.notes.extend(notes)
     for path, reason in getattr(dataset, "bad_files", []):
         evaluator.skip(path, reason)
@@ -370,7 +363,9 @@ def format_table(summary: dict[str, Any]) -> str:
         (f"SSIM on {pixel}", summary.get("ssim")),
         (f"LPIPS ({summary.get('lpips_net', 'vgg')})",
          lpips if lpips is not None else "n/a (weights unavailable or turned off)"),
-        ("rFID", summary.get("rfid") if summary.get("rfid") is not None else "n/a (not requested or unavailable)"),
+        (f"rFID (Inception pool3, {summary.get('rfid_n_images')} image pairs)" if summary.get("rfid") is not None
+         else "rFID", summary.get("rfid")
+         if summary.get("rfid") is not None else "n/a (weights unavailable or turned off: see rfid_reason)"),
         (f"MAE  on {pm1} (seed's range)", summary.get("mae_pm1")),
         (f"MSE  on {pm1} (seed's range)", summary.get("mse_pm1")),
         ("skipped files", summary.get("n_skipped", 0)),
@@ -379,6 +374,8 @@ def format_table(summary: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in cells)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 10}"]
     lines += [f"{name:<{width}}  {value}" for name, value in cells]
+    if summary.get("rfid_warning"):
+        lines.append(f"warning: {summary['rfid_warning']}")
     for skipped in summary.get("skipped", []):
         lines.append(f"skipped: {skipped['path']}: {skipped['reason']}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from vaehelpers.config import RECIPE_ALIASES, TrainConfig, canonical_recipe, save_json, to_dict
+from vaehelpers.config import RECIPE_ALIASES, ModelConfig, TrainConfig, canonical_recipe, from_dict, save_json, to_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -29,7 +29,9 @@ RESUMABLE_CHANGES = {
     "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
     "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
     "weights_dir",  # where the pretrained files are: a location, not a setting
+    "model.latents_mean", "model.latents_std",  # the same, per latent channel
 }
+MEASURED_MODEL_SETTINGS = ("scaling_factor", "latents_mean", "latents_std")  # `vaehelpers scale` writes these
 
 
 class RunDir:
@@ -167,7 +169,8 @@ def saved_recipe(run_dir: str | Path) -> str | None:
 def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
     """Create the run directory, check it is writable, and check a resumed run's settings match.
 
-    Returns the config to train with: on resume, a latent scale measured into config.json is kept.
+    Returns the config to train with: on resume, a latent scale and per-channel statistics measured into
+    config.json are kept.
     """
     run = RunDir(cfg.run_dir)
     if run.checkpoint.exists() and not resume:
@@ -182,7 +185,8 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
         if differing:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume {run.root}: settings differ from its config.json ({detail})")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scaling_factor=saved["model.scaling_factor"]))
+        measured = {name: saved[f"model.{name}"] for name in MEASURED_MODEL_SETTINGS}
+        cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, {**to_dict(cfg.model), **measured}))
     if is_main:
         for stale in run.checkpoint.parent.glob(".*.tmp"):  # left by a process killed while writing
             stale.unlink(missing_ok=True)

@@ -239,8 +239,8 @@ def interpolation_figure(images_row: Tensor | Sequence[Tensor], titles: Sequence
 
 
 def prior_samples_figure(images: Tensor | Sequence[Tensor], nrow: int = 8) -> Figure:
-    """Images decoded from latents drawn from the N(0, I) prior."""
-    return image_grid(images, nrow=nrow, title="decoded samples from the prior N(0, I)")
+    """Images decoded from latents drawn from the prior (latents.prior_latents)."""
+    return image_grid(images, nrow=nrow, title="decoded samples from the latent prior")
 
 
 # --------------------------------------------------------------------------- saving

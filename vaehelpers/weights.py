@@ -223,8 +223,10 @@ def diffusers_config(model_config: ModelConfig, sample_size: int = 128) -> dict[
         "force_upcast": True,  # SD's VAE overflows in float16; pipelines then decode in float32
         "in_channels": model_config.in_channels,
         "latent_channels": model_config.latent_channels,
-        "latents_mean": None,
-        "latents_std": None,
+        # measured by `vaehelpers scale`; null when not. Pipelines that read them (SDXL-style) normalise latents as
+        # (z - latents_mean) * scaling_factor / latents_std; SD 1.x/2.x pipelines use scaling_factor alone
+        "latents_mean": list(model_config.latents_mean) or None,
+        "latents_std": list(model_config.latents_std) or None,
         "layers_per_block": model_config.layers_per_block,
         "mid_block_add_attention": model_config.mid_attention,
         "norm_num_groups": model_config.norm_num_groups,
@@ -264,7 +266,20 @@ def model_config_from_diffusers(values: dict[str, Any]) -> ModelConfig:
         norm_eps=EXPORT_NORM_EPS,
         mid_attention=bool(values.get("mid_block_add_attention", True)),
         scaling_factor=float(values.get("scaling_factor", ModelConfig.scaling_factor)),
+        latents_mean=_channel_values(values, "latents_mean"),
+        latents_std=_channel_values(values, "latents_std"),
     )
+
+
+def _channel_values(values: dict[str, Any], key: str) -> tuple[float, ...]:
+    """diffusers' latents_mean / latents_std (null or one number per latent channel) as a tuple; () when null."""
+    given = values.get(key)
+    if given is None:
+        return ()
+    channels = int(values.get("latent_channels", 4))
+    if not isinstance(given, (list, tuple)) or len(given) != channels:
+        raise ValueError(f"config.json {key}={given!r}: expected null or {channels} numbers, one per latent channel")
+    return tuple(float(v) for v in given)
 
 
 def _is_our_config(values: Any) -> bool:
@@ -293,12 +308,15 @@ def _read_pickle(path: Path) -> Any:
 def _read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(everything the file holds at top level or under 'state_dict', safetensors metadata) for one file."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path)), metadata
+        except SafetensorError as error:  # truncated, or not safetensors at all: one line, not a traceback
+            raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
     if path.suffix not in PICKLE_SUFFIXES:
         raise ValueError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
     values = _read_pickle(path)
@@ -326,10 +344,9 @@ def _fill_identity_convs(state_dict: StateDict, values: dict[str, Any], notes: l
             state_dict[f"{name}.weight"] = torch.eye(channels).reshape(channels, channels, 1, 1)
             state_dict[f"{name}.bias"] = torch.zeros(channels)
             notes.append(f"{flag}=False: {name} filled in as an identity 1x1 conv (outputs unchanged)")
-    for key in ("shift_factor", "latents_mean", "latents_std"):
-        if values.get(key) is not None:
-            notes.append(f"{key}={values[key]!r} is not kept: our config has only scaling_factor; "
-                         "pipelines that need it must set it again")
+    if values.get("shift_factor") is not None:
+        notes.append(f"shift_factor={values['shift_factor']!r} is not kept: our config has scaling_factor and "
+                     "per-channel latents_mean/latents_std; pipelines that need it must set it again")
     return state_dict
 
 
@@ -548,8 +565,8 @@ def _cpu_tensors(state_dict: StateDict) -> StateDict:
 
 def _write_diffusers(model: Model, dest: Path, sample_size: int | None) -> Path:
     """A folder that diffusers.AutoencoderKL.from_pretrained(dest) loads: config.json (with the model's
-    scaling_factor) + diffusion_pytorch_model.safetensors. sample_size: the image size it was trained at
-    (default 128; diffusers uses it as the tile size when tiling is on)."""
+    scaling_factor, and latents_mean/latents_std where measured) + diffusion_pytorch_model.safetensors.
+    sample_size: the image size it was trained at (default 128; diffusers uses it as the tile size when tiling is on)."""
     from safetensors.torch import save_file
 
     settings = diffusers_config(model.config, sample_size or 128)  # raises before anything is written

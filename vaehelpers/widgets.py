@@ -72,18 +72,22 @@ class LatentExplorer:
     """Pick an image, shift and scale each latent channel with sliders, and see the decoder's answer at once.
 
     images (N, 3, H, W) in [-1, 1] are encoded once (posterior means). Channel c of the edited latents is
-    scale_c * z_c + offset_c * sigma_c, where sigma_c is channel c's std over these images, so that an offset
-    of 1 moves a channel by one typical deviation whatever the model. The view shows original | decoded edit.
+    scale_c * z_c + offset_c * sigma_c, where sigma_c is channel c's std (the model's measured latents_std where
+    `vaehelpers scale` stored it, else the std over these images), so that an offset of 1 moves a channel by one
+    typical deviation whatever the model. The view shows original | decoded edit.
     In a notebook the explorer displays as its widget; `channel_figure()` is the static stand-in (papermill).
     """
 
     def __init__(self, model: Any, images: Tensor, *, max_offset: float = 3.0, max_scale: float = 3.0,
                  height: int = 192) -> None:
         import ipywidgets as widgets
+        import torch
 
         self.model, self.images, self.height = model, images.detach().float().cpu(), height
         self.latents = encode(model, self.images)  # (N, L, h, w)
-        self.channel_std = self.latents.std(dim=(0, 2, 3)).clamp(min=1e-6)  # (L,); N=1 still has h*w values
+        measured = getattr(getattr(model, "config", None), "latents_std", ())
+        self.channel_std = (torch.tensor(measured, dtype=torch.float32) if measured  # (L,), over a whole dataset
+                            else self.latents.std(dim=(0, 2, 3)).clamp(min=1e-6))  # (L,); N=1 still has h*w values
         channels = self.latents.shape[1]
         self.picker = widgets.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image")
         self.offsets = [widgets.FloatSlider(value=0.0, min=-max_offset, max=max_offset, step=0.1,
