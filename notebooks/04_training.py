@@ -95,7 +95,8 @@ from vaehelpers.launch import launch
 # %%
 settings = notebook.setup(
     smoke, data_source=data_source, data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir,
-    image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
+    image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes,
+    max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
     check_gpu=True, install_legacy_torch=install_legacy_torch)
 device = settings.torch_device
 print(kaggle.check_scale_fits_device(settings, device, allow_cpu))
@@ -114,7 +115,10 @@ to_dict(cfg)
 # %% [markdown]
 # ## Step 1b: The pretrained weights
 #
-# The `ldm` recipe's perceptual term (LPIPS) stands on torchvision's ImageNet VGG16 (`vgg16-397923af.pth`, 528 MB). With internet on this fetches it once into the torch hub cache; offline, attach a dataset holding it and set `os.environ["VAEHELPERS_WEIGHTS"]` to its folder first. Without it the run stops here with one line saying what to do; `recipe="pixel"` needs no file.
+# The `ldm` recipe's perceptual term (LPIPS) stands on torchvision's ImageNet VGG16 (`vgg16-397923af.pth`,
+# 528 MB). With internet on this fetches it once into the torch hub cache; offline, attach a dataset holding it
+# and set `os.environ["VAEHELPERS_WEIGHTS"]` to its folder first. Without it the run stops here with one line
+# saying what to do; `recipe="pixel"` needs no file.
 
 # %%
 from vaehelpers import pretrained
@@ -143,8 +147,11 @@ print(kaggle.restore_run(settings.run_dir))
 
 # %%
 if run_doctor and not settings.smoke:
+    import torch
     from vaehelpers import doctor
-    doctor.run(device=settings.device, preset=settings.preset, image_size=settings.image_size, batch_size=settings.batch_size).raise_for_failure()
+    processes = gpus or max(1, torch.cuda.device_count())  # doctor checks one process's share of the batch
+    doctor.run(device=cfg.device, preset=cfg.preset, image_size=cfg.data.image_size,
+               batch_size=max(1, cfg.batch_size // processes), precision=cfg.precision).raise_for_failure()
 
 # %% [markdown]
 # Training resumes from `checkpoints/last.pt` when it exists, logs every step to `log.csv` and TensorBoard, and

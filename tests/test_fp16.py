@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from vaehelpers import metrics
-from vaehelpers.checkpoint import load_checkpoint
 from vaehelpers.config import build_config
-from vaehelpers.data import ImageFolderDataset, make_synthetic
+from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.model import AutoencoderKL
+from vaehelpers.rundir import load_checkpoint
+from vaehelpers.sources import make_synthetic
 from vaehelpers.train import NonFiniteLossError, train
 
 
@@ -25,7 +26,7 @@ def fp16(images: Path, run: Path, **overrides):
     settings = {"device": "cpu", "precision": "fp16", "batch_size": 4, "lr": 1e-3, "data.data_dir": str(images),
                 "data.image_size": 16, "data.cache": False, "run_dir": str(run), "checkpoint_every": 1000}
     settings.update(overrides)
-    return build_config("tiny", "default", **settings)
+    return build_config("tiny", "pixel", **settings)
 
 
 def overflow_at(*steps: int):
