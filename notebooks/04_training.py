@@ -95,8 +95,7 @@ from vaehelpers.launch import launch
 # %%
 settings = notebook.setup(
     smoke, data_source=data_source, data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir,
-    image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes,
-    max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
+    image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
     check_gpu=True, install_legacy_torch=install_legacy_torch)
 device = settings.torch_device
 print(kaggle.check_scale_fits_device(settings, device, allow_cpu))

@@ -209,15 +209,7 @@ def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, not
         return None
     if lpips not in (True, "auto"):
         raise ValueError(f"lpips must be 'auto', True, False or a callable, got {lpips!r}")
-    try:
-        return build_lpips(device, weights_dir)
-    except RuntimeError as error:
-        if lpips is True:
-            raise
-        message = f"LPIPS not computed (reported as null): {error}"
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        notes.append(message)
-        return None
+    return _optional("LPIPS", lambda: build_lpips(device, weights_dir), lpips is True, notes)[0]
 
 
 def _resolve_fid(fid: bool | str | nn.Module | fid_module.FeatureFn | None, device: torch.device,
@@ -228,13 +220,20 @@ def _resolve_fid(fid: bool | str | nn.Module | fid_module.FeatureFn | None, devi
         return None, "rFID turned off (fid=False / --no-fid)"
     if fid not in (True, "auto") and not callable(fid):
         raise ValueError(f"fid must be 'auto', True, False or a feature module, got {fid!r}")
+    return _optional("rFID", lambda: fid_module.build_rfid(True if fid == "auto" else fid, weights_dir=weights_dir,
+                                                           device=device), fid is True, notes)
+
+
+def _optional(what: str, build: Callable[[], Any], required: bool, notes: list[str]) -> tuple[Any, str | None]:
+    """(build(), None), or where it raises RuntimeError (e.g. missing weights): re-raise when required, else warn
+    once, add the reason to notes and give (None, reason): the metric is reported as null."""
     try:
-        return fid_module.build_rfid(True if fid == "auto" else fid, weights_dir=weights_dir, device=device), None
+        return build(), None
     except RuntimeError as error:
-        if fid is True:
+        if required:
             raise
-        message = f"rFID not computed (reported as null): {error}"
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        message = f"{what} not computed (reported as null): {error}"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
         notes.append(message)
         return None, str(error)
 
