@@ -264,9 +264,10 @@ def load_data(cfg: TrainConfig, ddp: Distributed) -> tuple[ImageFolderDataset, I
     return train_set, test_set, global_batch
 
 
-def build_state(cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: Distributed) -> TrainState:
-    """Optimisers, scalers, EMA and the sampling generator around a model on ddp.device (fresh: step 0)."""
-    device, fp16 = ddp.device, resolve_precision(cfg.precision, ddp.device) == "fp16"
+def build_state(cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: Distributed, precision: str) -> TrainState:
+    """Optimisers, scalers (on for fp16 only), EMA and the sampling generator around a model on ddp.device (fresh:
+    step 0); precision is the resolved one (fp32 | bf16 | fp16)."""
+    device, fp16 = ddp.device, precision == "fp16"
     state = TrainState(
         model=model,
         optimizer=make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], cfg.lr, device),
@@ -524,7 +525,7 @@ def train(
     # ---- model, loss, optimisers, then resume
     model = build_model(cfg, initial, device)
     loss_fn = VAELoss(cfg.loss, perceptual_backbone=perceptual_backbone, weights_dir=cfg.weights_dir or None).to(device)
-    state = build_state(cfg, model, loss_fn, ddp)
+    state = build_state(cfg, model, loss_fn, ddp, precision)
     if resume and run.checkpoint.exists():
         state.load_state_dict(load_checkpoint(run.checkpoint, map_location=device), ddp.rank)
         say(f"resumed {run.root} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
