@@ -9,7 +9,7 @@ PIP_CERT := $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global
 TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup dev demo test clean
+.PHONY: setup dev demo lint test test-fast clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,17 @@ dev: $(VENV)/.dev
 demo: setup
 	$(PY) -m vaehelpers demo --out $(DEMO_DIR)
 
-test: dev
+# ruff (pinned in the dev extra, so its formatting does not drift between machines) checks style first
+lint: dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
+
+# everything but the tests marked slow (training runs, subprocess spawns, notebooks, the browser)
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -6,6 +6,7 @@ to the versions already installed, so pip installs only what is missing and neve
 With the internet off, pip can install only what Kaggle's image already has: a missing dependency is named,
 with the fix, instead of pip's bare error.
 """
+
 import glob
 import importlib
 import importlib.metadata
@@ -45,9 +46,11 @@ def explain_failure(returncode, pip_output):
     """One message for a failed pip run: the missing package and the fix, else pip's last error line."""
     package = missing_package(pip_output)
     if package:
-        return (f"cannot install vaehelpers: it needs {package}, which this Kaggle image does not have, and pip "
-                "could not download it (the internet is off for this notebook). Turn the internet on (Settings > "
-                "Internet on, in the editor's right-hand panel) and run this cell again.")
+        return (
+            f"cannot install vaehelpers: it needs {package}, which this Kaggle image does not have, and pip "
+            "could not download it (the internet is off for this notebook). Turn the internet on (Settings > "
+            "Internet on, in the editor's right-hand panel) and run this cell again."
+        )
     errors = [line for line in pip_output.splitlines() if line.startswith("ERROR")] or pip_output.splitlines()[-1:]
     return f"cannot install vaehelpers: pip exited with status {returncode}: {errors[-1] if errors else 'no output'}"
 

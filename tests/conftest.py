@@ -1,4 +1,5 @@
 """Shared test fixtures: the real photos in ../shared/datasets/bsds500 (skipped where absent), stand-in weights."""
+
 import io
 from pathlib import Path
 

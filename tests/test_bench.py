@@ -1,4 +1,5 @@
 """Tests for vaehelpers.bench: the harness runs end to end at a tiny size (plumbing, not speed)."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,28 @@ def one_thread():
 def test_model_bench_times_ours_and_diffusers_and_writes_json(tmp_path, capsys):
     pytest.importorskip("diffusers")
     path = tmp_path / "bench.json"
-    code = main(["bench", "--preset", "tiny", "--image-size", "16", "--batch-size", "2", "--repeats", "1",
-                 "--warmup", "0", "--device", "cpu", "--precision", "bf16", "--ablate", "--json", str(path)])
+    code = main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            "--ablate",
+            "--json",
+            str(path),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     for column in bench.MODEL_COLUMNS:
@@ -65,8 +86,17 @@ def test_model_bench_times_ours_and_diffusers_and_writes_json(tmp_path, capsys):
     assert flops[("train_step", "ours bf16")] > 2 * flops[("encode", "ours bf16")] + flops[("decode", "ours bf16")]
     assert "n/a" in printed
 
-    report = bench.run_bench(presets=("tiny",), image_sizes=(16,), batch_sizes=(1,), repeats=1, warmup=0,
-                             device="cpu", precision="fp32", ops=("decode",), log=lambda line: None)
+    report = bench.run_bench(
+        presets=("tiny",),
+        image_sizes=(16,),
+        batch_sizes=(1,),
+        repeats=1,
+        warmup=0,
+        device="cpu",
+        precision="fp32",
+        ops=("decode",),
+        log=lambda line: None,
+    )
     assert [row["model"] for row in report["model"]] == ["ours fp32", "diffusers fp32"]  # no second diffusers
     assert report["model"][0]["ratio_vs_diffusers_same_precision"] == report["model"][0]["ratio_vs_diffusers_fp32"]
 
@@ -74,29 +104,60 @@ def test_model_bench_times_ours_and_diffusers_and_writes_json(tmp_path, capsys):
 def test_data_bench_on_a_folder_and_on_synthetic_images(tmp_path, capsys):
     make_synthetic(tmp_path / "images", count=12, size=24)
     path = tmp_path / "data.json"
-    code = main(["bench", "--data-path", str(tmp_path / "images"), "--image-size", "16", "--batch-size", "4",
-                 "--workers", "0", "2", "--data-repeats", "1", "--json", str(path)])
+    code = main(
+        [
+            "bench",
+            "--data-path",
+            str(tmp_path / "images"),
+            "--image-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "2",
+            "--data-repeats",
+            "1",
+            "--json",
+            str(path),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "images/s (median)" in printed and "cache built in" in printed
     report = json.loads(path.read_text())
     assert {(row["mode"], row["workers"]) for row in report["data"]} == {
-        (mode, workers) for mode in ("files", "cache") for workers in (0, 2)}
+        (mode, workers) for mode in ("files", "cache") for workers in (0, 2)
+    }
     assert all(row["images_per_s"] > 0 and row["n_images"] == 12 for row in report["data"])
     assert report["model"] == []  # --data-path alone times the data path only ("all" does both)
     assert not list((tmp_path / "images").glob(".*"))  # the cache went to a temporary folder, not beside the images
 
-    report = bench.run_bench(part="data", data_path="synthetic", synthetic_count=8, image_sizes=(16,),
-                             batch_sizes=(4,), data_workers=(0,), data_repeats=1, log=lambda line: None)
+    report = bench.run_bench(
+        part="data",
+        data_path="synthetic",
+        synthetic_count=8,
+        image_sizes=(16,),
+        batch_sizes=(4,),
+        data_workers=(0,),
+        data_repeats=1,
+        log=lambda line: None,
+    )
     assert report["data_info"]["source"].startswith("synthetic") and report["data"][0]["images_per_s"] > 0
 
 
 def test_peak_flops_table(monkeypatch):
     cpu = torch.device("cpu")
     assert bench.peak_flops_for(cpu, "fp32") is None
-    names = {"Tesla T4": ("fp16", 65e12), "NVIDIA H100 80GB HBM3": ("bf16", 989e12), "NVIDIA H200": ("bf16", 989e12),
-             "NVIDIA H100 PCIe": ("bf16", 756e12), "NVIDIA L4": ("bf16", 121e12), "NVIDIA L40S": ("bf16", None),
-             "Tesla P100-PCIE-16GB": ("bf16", None)}
+    names = {
+        "Tesla T4": ("fp16", 65e12),
+        "NVIDIA H100 80GB HBM3": ("bf16", 989e12),
+        "NVIDIA H200": ("bf16", 989e12),
+        "NVIDIA H100 PCIe": ("bf16", 756e12),
+        "NVIDIA L4": ("bf16", 121e12),
+        "NVIDIA L40S": ("bf16", None),
+        "Tesla P100-PCIE-16GB": ("bf16", None),
+    }
     for name, (precision, expected) in names.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert bench.peak_flops_for(torch.device("cuda"), precision) == expected, name

@@ -11,6 +11,7 @@ edit) when a latent channel moves.
 Skipped where /usr/bin/chromium, playwright or voila is missing, unless VAEHELPERS_REQUIRE_BROWSER=1 (.ci/run
 sets it), where that is a failure. VAEHELPERS_SCREENSHOT=PATH saves a PNG of the explorer after the moves.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,8 +37,15 @@ NOTEBOOK = ROOT / "notebooks" / "05_evaluation.ipynb"
 CHROMIUM = Path(os.environ.get("VAEHELPERS_CHROMIUM", "/usr/bin/chromium"))
 REQUIRED = os.environ.get("VAEHELPERS_REQUIRE_BROWSER", "") not in ("", "0")
 # No downloads, no background traffic: the machine's network is closed except to loopback.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 IMAGE_SIZE, PANEL_HEIGHT, PANEL_GAP = 32, 192, 4  # the explorer draws original | edit at 192 px, 4 px apart
 # A few steps test the wiring; a longer run (VAEHELPERS_BROWSER_STEPS=300) gives the README picture a real reconstruction.
 TRAIN_STEPS = int(os.environ.get("VAEHELPERS_BROWSER_STEPS", "10"))
@@ -64,9 +72,11 @@ def require(condition: bool, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def playwright_api():
-    require(CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
-            f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (.ci/run does it); a Playwright browser "
-            "download does not work here")
+    require(
+        CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK),
+        f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` (.ci/run does it); a Playwright browser "
+        "download does not work here",
+    )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -93,18 +103,36 @@ def served_notebook(tmp_path_factory, playwright_api):
     phase("training a tiny run")
     root = tmp_path_factory.mktemp("browser")
     sources.make_synthetic(root / "data", count=32, size=IMAGE_SIZE, seed=0)  # 3 of them fall in the test split
-    cfg = build_config("tiny", "pixel", run_dir=str(root / "run"), device="cpu", epochs=100, max_steps=TRAIN_STEPS,
-                       batch_size=8, lr=1e-3, **{"data.data_dir": str(root / "data"), "data.image_size": IMAGE_SIZE,
-                                                 "loss.perceptual_weight": 0.0})
+    cfg = build_config(
+        "tiny",
+        "pixel",
+        run_dir=str(root / "run"),
+        device="cpu",
+        epochs=100,
+        max_steps=TRAIN_STEPS,
+        batch_size=8,
+        lr=1e-3,
+        **{"data.data_dir": str(root / "data"), "data.image_size": IMAGE_SIZE, "loss.perceptual_weight": 0.0},
+    )
     train(cfg, progress=False)
     phase("trained; parameterising the notebook")
     serve = root / "serve"
     serve.mkdir()
     papermill.execute_notebook(
-        str(NOTEBOOK), str(serve / NOTEBOOK.name), prepare_only=True, kernel_name=notebook_kernel(),
-        progress_bar=False, parameters={
-            "smoke": True, "interactive": True, "data_dir": str(root / "data"), "run_dir": str(root / "run"),
-            "figures_dir": str(root / "figures"), "image_size": IMAGE_SIZE})
+        str(NOTEBOOK),
+        str(serve / NOTEBOOK.name),
+        prepare_only=True,
+        kernel_name=notebook_kernel(),
+        progress_bar=False,
+        parameters={
+            "smoke": True,
+            "interactive": True,
+            "data_dir": str(root / "data"),
+            "run_dir": str(root / "run"),
+            "figures_dir": str(root / "figures"),
+            "image_size": IMAGE_SIZE,
+        },
+    )
     return serve / NOTEBOOK.name
 
 
@@ -156,10 +184,25 @@ def voila_server(served_notebook, tmp_path):
     log_path = tmp_path / "voila.log"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    env = {**os.environ, "IPYTHONDIR": str(scratch / "ipython"), "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"),
-           "TMPDIR": str(scratch), "JUPYTER_PLATFORM_DIRS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "voila", str(served_notebook), "--no-browser", "--Voila.ip=127.0.0.1",
-               f"--port={port}", f"--token={token}", "--show_tracebacks=True"]
+    env = {
+        **os.environ,
+        "IPYTHONDIR": str(scratch / "ipython"),
+        "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"),
+        "TMPDIR": str(scratch),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "voila",
+        str(served_notebook),
+        "--no-browser",
+        "--Voila.ip=127.0.0.1",
+        f"--port={port}",
+        f"--token={token}",
+        "--show_tracebacks=True",
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=served_notebook.parent)
     try:
@@ -169,8 +212,10 @@ def voila_server(served_notebook, tmp_path):
             if process.poll() is not None:
                 pytest.fail(f"voila exited with {process.returncode} at startup:\n{log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"voila did not answer on 127.0.0.1:{port} within {SERVER_START_S} s:\n"
-                            f"{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"voila did not answer on 127.0.0.1:{port} within {SERVER_START_S} s:\n"
+                    f"{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
             status = http_status(port, "/")
         phase(f"voila answers on port {port}")
@@ -216,7 +261,7 @@ def panels(png: bytes) -> tuple[np.ndarray, np.ndarray]:
 
     array = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert array.shape == (PANEL_HEIGHT, 2 * PANEL_HEIGHT + PANEL_GAP, 3), f"unexpected explorer image {array.shape}"
-    return array[:, :PANEL_HEIGHT], array[:, PANEL_HEIGHT + PANEL_GAP:]
+    return array[:, :PANEL_HEIGHT], array[:, PANEL_HEIGHT + PANEL_GAP :]
 
 
 def wait_for_new_image(image, before: bytes, what: str, readout) -> bytes:
@@ -226,8 +271,10 @@ def wait_for_new_image(image, before: bytes, what: str, readout) -> bytes:
     now = before
     while now == before:
         if time.monotonic() > deadline:
-            pytest.fail(f"the explorer's image did not change within {REDRAW_S} s after {what} "
-                        f"(the slider's readout shows {readout.inner_text()!r}): the slider callback did not redraw")
+            pytest.fail(
+                f"the explorer's image did not change within {REDRAW_S} s after {what} "
+                f"(the slider's readout shows {readout.inner_text()!r}): the slider callback did not redraw"
+            )
         time.sleep(0.25)
         now = shown_png(image, before)
     while time.monotonic() < deadline:  # settled: the same bytes for a second
@@ -244,12 +291,17 @@ def test_explorer_sliders_redraw_the_image_in_chromium(voila_server, playwright_
     url, token, log_path = voila_server
     with playwright_api() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(log_path.parent / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1000, "height": 900})
+            str(log_path.parent / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1000, "height": 900},
+        )
         try:
             # Only the server under test: Voilà's page links a web font on a CDN, which would wait on the closed network.
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
-                          else route.abort())
+            context.route(
+                "**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort()
+            )
             page = context.pages[0] if context.pages else context.new_page()
             page.goto(f"{url}/?token={token}", wait_until="commit")  # the page streams while the cells run
 
@@ -259,8 +311,10 @@ def test_explorer_sliders_redraw_the_image_in_chromium(voila_server, playwright_
             try:
                 image.wait_for(state="visible", timeout=NOTEBOOK_RUN_S * 1000)
             except Exception:
-                pytest.fail(f"the latent explorer did not appear within {NOTEBOOK_RUN_S} s; page text:\n"
-                            f"{page.inner_text('body')[-3000:]}\nvoila log:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the latent explorer did not appear within {NOTEBOOK_RUN_S} s; page text:\n"
+                    f"{page.inner_text('body')[-3000:]}\nvoila log:\n{log_path.read_text()[-3000:]}"
+                )
             phase("the explorer is shown")
             caption = explorer.locator(".widget-label:not(label)").last
             start = shown_png(image)
@@ -271,25 +325,33 @@ def test_explorer_sliders_redraw_the_image_in_chromium(voila_server, playwright_
             picker = slider(explorer, "image")
             picker.scroll_into_view_if_needed()
             drag(page, picker, 1.0)
-            picked = wait_for_new_image(image, start, "dragging the image picker to the right end",
-                                        picker.locator(".widget-readout"))
+            picked = wait_for_new_image(
+                image, start, "dragging the image picker to the right end", picker.locator(".widget-readout")
+            )
             picked_original, picked_edit = panels(picked)
             index = int(picker.locator(".widget-readout").inner_text())
             assert index >= 1, f"the picker's readout shows {index} after dragging it right"
             assert not np.array_equal(picked_original, start_original), "the picker changed only the decoded panel"
-            page.wait_for_function("([el, n]) => el.textContent.startsWith(`image ${n}:`)",
-                                   arg=[caption.element_handle(), index], timeout=REDRAW_S * 1000)
+            page.wait_for_function(
+                "([el, n]) => el.textContent.startsWith(`image ${n}:`)",
+                arg=[caption.element_handle(), index],
+                timeout=REDRAW_S * 1000,
+            )
 
             phase(f"picker moved to image {index}")
 
             # 2. latent channel 0's offset, dragged to about +2 sigma: the decoded edit changes, the original stays
             offset = slider(explorer, "offset 0")
             drag(page, offset, 0.85)
-            moved = wait_for_new_image(image, picked, "dragging 'offset 0' to the right", offset.locator(".widget-readout"))
+            moved = wait_for_new_image(
+                image, picked, "dragging 'offset 0' to the right", offset.locator(".widget-readout")
+            )
             moved_original, moved_edit = panels(moved)
             assert float(offset.locator(".widget-readout").inner_text()) > 0.5
             assert np.array_equal(moved_original, picked_original), "moving a latent channel changed the original"
-            assert not np.array_equal(moved_edit, picked_edit), "moving a latent channel left the decoded edit as it was"
+            assert not np.array_equal(moved_edit, picked_edit), (
+                "moving a latent channel left the decoded edit as it was"
+            )
 
             phase("offset 0 moved")
             shot = os.environ.get("VAEHELPERS_SCREENSHOT")

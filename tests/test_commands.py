@@ -8,6 +8,7 @@ indented code blocks and `!` lines of code cells, and mentions from inline code 
 exist, spelt out in full. The notebooks are read from their .ipynb JSON (markdown and code cells), which stays
 beside any Jupytext .py pairing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ from vaehelpers.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ("vaehelpers", "python -m vaehelpers", "torchrun", "python -m torch.distributed.run", "papermill")
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
 
 @dataclass(frozen=True)
 class Shown:
@@ -95,18 +97,21 @@ def _join(lines: list[str]) -> list[str]:
 def shown_commands() -> list[Shown]:
     found = commands_in_markdown((ROOT / "README.md").read_text(), "README.md")
     for path in NOTEBOOKS:
-        for index, cell in enumerate(json.loads(path.read_text())["cells"]):
+        for cell in json.loads(path.read_text())["cells"]:
             source = "".join(cell["source"])
             if cell["cell_type"] == "markdown":
                 found += commands_in_markdown(source, f"{path.name}")
             else:  # shell lines of code cells: !vaehelpers ..., !torchrun ...
-                for command in _join([line.strip()[1:] for line in source.splitlines() if line.strip().startswith("!")]):
+                for command in _join(
+                    [line.strip()[1:] for line in source.splitlines() if line.strip().startswith("!")]
+                ):
                     if _starts_a_command(command):
                         found.append(Shown(f"{path.name}", command, True))
     return found
 
 
 # ----------------------------------------------------------------------------- the parsers
+
 
 def _tokens(text: str) -> list[str]:
     return shlex.split(text, comments=True)
@@ -196,20 +201,25 @@ def test_shown_command_parses(shown):
 def test_the_commands_are_found():
     # the extraction itself: the README's torchrun lines (continued with \), its papermill example, notebook 04's
     texts = [str(item) for item in SHOWN]
-    assert any(text.startswith("README.md: torchrun --nnodes 2") and "--run-dir /shared/runs/sd" in text for text in texts)
+    assert any(
+        text.startswith("README.md: torchrun --nnodes 2") and "--run-dir /shared/runs/sd" in text for text in texts
+    )
     assert "README.md: papermill notebooks/04_training.ipynb out.ipynb -p smoke True -p interactive False" in texts
     assert any(text.startswith("04_training.ipynb: torchrun") for text in texts)
     assert sum(text.startswith("README.md: vaehelpers ") for text in texts) >= 15
 
 
-@pytest.mark.parametrize("wrong", [
-    Shown("x", "torchrun --nproc_per_node 2 -m vaehelpers train --data D --run R", True),  # --run-path's prefix
-    Shown("x", "vaehelpers train --data D --run R --max-step 3", True),  # an abbreviation argparse would take
-    Shown("x", "vaehelpers evaluate --modle M --data D", True),
-    Shown("x", "vaehelpers convert SRC DEST --to onnx", True),
-    Shown("x", "vaehelpers train [--preset tiny|huge]", False),
-    Shown("x", "papermill notebooks/01_data.ipynb out.ipynb -p gpus 2", True),
-])
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        Shown("x", "torchrun --nproc_per_node 2 -m vaehelpers train --data D --run R", True),  # --run-path's prefix
+        Shown("x", "vaehelpers train --data D --run R --max-step 3", True),  # an abbreviation argparse would take
+        Shown("x", "vaehelpers evaluate --modle M --data D", True),
+        Shown("x", "vaehelpers convert SRC DEST --to onnx", True),
+        Shown("x", "vaehelpers train [--preset tiny|huge]", False),
+        Shown("x", "papermill notebooks/01_data.ipynb out.ipynb -p gpus 2", True),
+    ],
+)
 def test_a_wrong_command_fails(wrong):
     with pytest.raises(AssertionError):
         check(wrong)

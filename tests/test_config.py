@@ -1,8 +1,18 @@
 """Config dataclasses: presets, recipes, type-checked overrides, JSON round trip."""
+
 import pytest
 
-from vaehelpers.config import TrainConfig, apply_overrides, from_dict, load_json, model_config, recipe_settings, save_json, to_dict
-from vaehelpers.config import build_config
+from vaehelpers.config import (
+    TrainConfig,
+    apply_overrides,
+    build_config,
+    from_dict,
+    load_json,
+    model_config,
+    recipe_settings,
+    save_json,
+    to_dict,
+)
 
 
 def test_seed_recipe_is_designs():

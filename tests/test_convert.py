@@ -1,4 +1,5 @@
 """weights.py: diffusers folders, LDM/SD checkpoints, Hub ids and run dirs in and out, with random weights, offline."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from vaehelpers import AutoencoderKL, ModelConfig
 from vaehelpers import weights as W
-from vaehelpers.rundir import CheckpointError
 from vaehelpers.cli import main
 from vaehelpers.config import model_config
+from vaehelpers.rundir import CheckpointError
 
 # three levels (so the decoder's level order matters), mid attention, a width change (conv_shortcut)
 SMALL = ModelConfig(base_channels=8, channel_multipliers=(1, 2, 2), layers_per_block=1, norm_num_groups=4)
@@ -44,9 +45,18 @@ def diffusers():
 def diffusers_model(diffusers, seed: int = 0, **overrides):
     """diffusers' own AutoencoderKL with SMALL's shape (config spelled out here, not by weights.py)."""
     torch.manual_seed(seed)
-    settings = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                    up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], layers_per_block=1,
-                    latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=0.5)
+    settings = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 16, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.5,
+    )
     model = diffusers.AutoencoderKL(**{**settings, **overrides}).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -77,11 +87,20 @@ def test_ldm_names_match_diffusers_own_converter(diffusers, config):
 
 def test_decoder_levels_are_reversed_in_ldm():
     levels = 4
-    assert W.rename_key("decoder.up_blocks.0.resnets.2.conv1.weight", levels, "ldm") == "decoder.up.3.block.2.conv1.weight"
-    assert W.rename_key("decoder.up_blocks.3.upsamplers.0.conv.bias", levels, "ldm") == "decoder.up.0.upsample.conv.bias"
-    assert W.rename_key("encoder.mid_block.attentions.0.to_out.0.weight", levels, "ldm") == "encoder.mid.attn_1.proj_out.weight"
-    assert W.rename_key("encoder.down.1.block.0.nin_shortcut.weight", levels, "diffusers") == \
-        "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"
+    assert (
+        W.rename_key("decoder.up_blocks.0.resnets.2.conv1.weight", levels, "ldm") == "decoder.up.3.block.2.conv1.weight"
+    )
+    assert (
+        W.rename_key("decoder.up_blocks.3.upsamplers.0.conv.bias", levels, "ldm") == "decoder.up.0.upsample.conv.bias"
+    )
+    assert (
+        W.rename_key("encoder.mid_block.attentions.0.to_out.0.weight", levels, "ldm")
+        == "encoder.mid.attn_1.proj_out.weight"
+    )
+    assert (
+        W.rename_key("encoder.down.1.block.0.nin_shortcut.weight", levels, "diffusers")
+        == "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"
+    )
 
 
 def test_diffusers_config_round_trip():
@@ -109,12 +128,24 @@ def test_diffusers_round_trip_keeps_every_tensor(diffusers, tmp_path):
     assert_same_tensors(state_dict, source.state_dict())
 
     assert main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--to", "diffusers"]) == 0
-    assert_same_tensors(load_file(tmp_path / "out" / W.DIFFUSERS_WEIGHTS_NAME),
-                        load_file(tmp_path / "in" / W.DIFFUSERS_WEIGHTS_NAME))
+    assert_same_tensors(
+        load_file(tmp_path / "out" / W.DIFFUSERS_WEIGHTS_NAME), load_file(tmp_path / "in" / W.DIFFUSERS_WEIGHTS_NAME)
+    )
     written, original = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("out", "in"))
-    for key in ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-                "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
-                "mid_block_add_attention"):
+    for key in (
+        "in_channels",
+        "out_channels",
+        "down_block_types",
+        "up_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "act_fn",
+        "latent_channels",
+        "norm_num_groups",
+        "sample_size",
+        "scaling_factor",
+        "mid_block_add_attention",
+    ):
         assert written[key] == original[key], key
 
 
@@ -165,7 +196,9 @@ def test_ldm_round_trip_keeps_every_tensor(tmp_path):
     W.export(model, tmp_path / "vae.safetensors", "ldm")
     ldm = load_file(tmp_path / "vae.safetensors")
     assert ldm["decoder.mid.attn_1.proj_out.weight"].shape == (16, 16, 1, 1)
-    assert torch.equal(ldm["decoder.up.2.block.0.conv1.weight"], model.state_dict()["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    assert torch.equal(
+        ldm["decoder.up.2.block.0.conv1.weight"], model.state_dict()["decoder.up_blocks.0.resnets.0.conv1.weight"]
+    )
     assert "quant_conv.weight" in ldm and "encoder.norm_out.weight" in ldm
 
     loaded = W.load(tmp_path / "vae.safetensors")
@@ -173,7 +206,9 @@ def test_ldm_round_trip_keeps_every_tensor(tmp_path):
     assert_same_tensors(loaded.state_dict, model.state_dict())
     assert main(["convert", str(tmp_path / "vae.safetensors"), str(tmp_path / "again.safetensors"), "--to", "ldm"]) == 0
     assert_same_tensors(load_file(tmp_path / "again.safetensors"), ldm)
-    assert main(["convert", str(tmp_path / "vae.safetensors"), str(tmp_path / "vae.ckpt"), "--to", "ldm"]) == 0  # the pickle form, read back safely
+    assert (
+        main(["convert", str(tmp_path / "vae.safetensors"), str(tmp_path / "vae.ckpt"), "--to", "ldm"]) == 0
+    )  # the pickle form, read back safely
     assert_same_tensors(W.load(tmp_path / "vae.ckpt", like=SMALL).state_dict, model.state_dict())
 
 
@@ -191,9 +226,12 @@ def test_ldm_file_without_config_needs_the_group_count(tmp_path):
 def test_full_sd_checkpoint_takes_only_the_vae(tmp_path):
     model = random_model()
     vae = {f"first_stage_model.{key}": value for key, value in W.rename_keys(model.state_dict(), "ldm").items()}
-    unrelated = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(4, 4, 3, 3),
-                 "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(10, 8),
-                 "model_ema.decay": torch.tensor(0.999), "scale_factor": torch.tensor(0.25)}
+    unrelated = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(4, 4, 3, 3),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(10, 8),
+        "model_ema.decay": torch.tensor(0.999),
+        "scale_factor": torch.tensor(0.25),
+    }
     torch.save({"state_dict": {**vae, **unrelated}, "global_step": 470000}, tmp_path / "sd.ckpt")
     loaded = W.load(tmp_path / "sd.ckpt", like=ModelConfig(norm_num_groups=4))
     assert loaded.kind == "ldm"
@@ -274,7 +312,9 @@ def test_hub_id_offline_gives_clear_advice(tmp_path, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(hub, "snapshot_download", offline)
-    with pytest.raises(W.HubDownloadError, match="hf download stabilityai/sd-vae-ft-mse --local-dir DIR.*pass that folder's path"):
+    with pytest.raises(
+        W.HubDownloadError, match="hf download stabilityai/sd-vae-ft-mse --local-dir DIR.*pass that folder's path"
+    ):
         W.load("stabilityai/sd-vae-ft-mse")
     with pytest.raises(FileNotFoundError, match="no such file"):
         W.load(tmp_path / "missing" / "vae.safetensors")
@@ -285,9 +325,14 @@ def test_hub_id_loads_a_pipeline_vae(diffusers, tmp_path, monkeypatch):
     source = diffusers_model(diffusers)
     source.save_pretrained(tmp_path / "snapshot" / "vae")  # a pipeline repo: the autoencoder in vae/
     calls = []
-    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)) or str(tmp_path / "snapshot"))
+    monkeypatch.setattr(
+        hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)) or str(tmp_path / "snapshot")
+    )
     loaded = W.load("someone/some-pipeline")
-    assert calls[0][0] == "someone/some-pipeline" and "vae/diffusion_pytorch_model.safetensors" in calls[0][1]["allow_patterns"]
+    assert (
+        calls[0][0] == "someone/some-pipeline"
+        and "vae/diffusion_pytorch_model.safetensors" in calls[0][1]["allow_patterns"]
+    )
     assert loaded.kind == "diffusers" and loaded.source.startswith("hub:someone/some-pipeline")
     assert_same_tensors(loaded.state_dict, source.state_dict())
 

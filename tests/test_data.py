@@ -1,4 +1,5 @@
 """Tests for images.py, dataset.py and sources.py: listing, split, decoding, preprocessing, cache, synthetic images, flickr8k."""
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,26 @@ from vaehelpers import dataset as dataset_module
 from vaehelpers import images, kaggle, sources
 from vaehelpers.config import DataConfig
 from vaehelpers.dataset import ImageFolderDataset
-from vaehelpers.images import BadImageError, NoImagesError, crop_image, list_images, load_image, preprocess, resize_image, scan_images, select_split, split_of
-from vaehelpers.sources import DownloadError, UnsafeArchiveError, find_flickr8k_input, get_flickr8k, make_synthetic, safe_extract
+from vaehelpers.images import (
+    BadImageError,
+    NoImagesError,
+    crop_image,
+    list_images,
+    load_image,
+    preprocess,
+    resize_image,
+    scan_images,
+    select_split,
+    split_of,
+)
+from vaehelpers.sources import (
+    DownloadError,
+    UnsafeArchiveError,
+    find_flickr8k_input,
+    get_flickr8k,
+    make_synthetic,
+    safe_extract,
+)
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -31,10 +50,14 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels but carries almost no data (a decompression bomb's header)."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def encoded(image: Image.Image, format: str, **options) -> bytes:
@@ -91,8 +114,19 @@ def test_split_fraction_disjoint_and_stable():
 
 def test_list_images_recursive_sorted_and_safe(tmp_path):
     pixel = encoded(noise_image(8, 8), "PNG")
-    for name in ["b.PNG", "a/z.jpg", "a/B.JpEg", "c/d/e.TIFF", "c/x.webp", "c/y.bmp", ".hidden.png",
-                 ".secret/i.png", ".vaehelpers_cache/j.png", "notes.txt", "a/data.npy"]:
+    for name in [
+        "b.PNG",
+        "a/z.jpg",
+        "a/B.JpEg",
+        "c/d/e.TIFF",
+        "c/x.webp",
+        "c/y.bmp",
+        ".hidden.png",
+        ".secret/i.png",
+        ".vaehelpers_cache/j.png",
+        "notes.txt",
+        "a/data.npy",
+    ]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(pixel)
     (tmp_path / "c" / "d" / "loop").symlink_to(tmp_path, target_is_directory=True)  # a cycle
@@ -156,9 +190,14 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 
 EXPECTED_REASONS = {
-    "zero.jpg": "zero-byte file", "cut.jpg": "truncated image", "cut.png": "truncated image",
-    "random.jpg": "not an image", "text.png": "not an image", "tiny.png": "too small (4x4 < 8x8)",
-    "bomb.png": "decompression bomb", "bomb_b.png": "decompression bomb",
+    "zero.jpg": "zero-byte file",
+    "cut.jpg": "truncated image",
+    "cut.png": "truncated image",
+    "random.jpg": "not an image",
+    "text.png": "not an image",
+    "tiny.png": "too small (4x4 < 8x8)",
+    "bomb.png": "decompression bomb",
+    "bomb_b.png": "decompression bomb",
 }
 
 
@@ -367,14 +406,17 @@ def photo_folder(tmp_path: Path) -> Path:
 def forbid_decoding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an image was decoded")
+
     monkeypatch.setattr(dataset_module, "load_image", refuse)
 
 
 def count_decoding(monkeypatch) -> list[Path]:
     calls, real = [], dataset_module.load_image
+
     def counting(path, *args, **kwargs):
         calls.append(Path(path))
         return real(path, *args, **kwargs)
+
     monkeypatch.setattr(dataset_module, "load_image", counting)
     return calls
 
@@ -453,8 +495,9 @@ def test_unwritable_cache_warns_and_still_works(photo_folder, tmp_path):
 
 
 def test_from_config(photo_folder, tmp_path):
-    cfg = DataConfig(data_dir=str(photo_folder), image_size=16, resize="squash", cache_dir=str(tmp_path / "c"),
-                     test_fraction=0.0)
+    cfg = DataConfig(
+        data_dir=str(photo_folder), image_size=16, resize="squash", cache_dir=str(tmp_path / "c"), test_fraction=0.0
+    )
     dataset = ImageFolderDataset.from_config(cfg, split="train", augment=True, seed=3)
     assert (len(dataset), dataset.image_size, dataset.resize, dataset.seed) == (6, 16, "squash", 3)
     assert dataset.get_path(0) == list_images(photo_folder)[0] and dataset.cache_path.parent == tmp_path / "c"
@@ -510,18 +553,22 @@ def test_safe_extract_refuses_escaping_entries(tmp_path):
         safe_extract(bad_zip, dest)
     with zipfile.ZipFile(bad_zip, "w") as archive:
         link = zipfile.ZipInfo("Images/link.jpg")
-        link.external_attr = (0o120777 << 16)  # a symlink entry
+        link.external_attr = 0o120777 << 16  # a symlink entry
         archive.writestr(link, "/etc/passwd")
     with pytest.raises(UnsafeArchiveError, match="symbolic link"):
         safe_extract(bad_zip, dest)
     write_zip(bad_zip, {"Images/a.jpg": b"1", "captions.txt": b"2"})
-    assert sorted(p.relative_to(dest).as_posix() for p in safe_extract(bad_zip, dest)) == ["Images/a.jpg", "captions.txt"]
+    assert sorted(p.relative_to(dest).as_posix() for p in safe_extract(bad_zip, dest)) == [
+        "Images/a.jpg",
+        "captions.txt",
+    ]
 
 
 def test_flickr8k_refuses_an_unsafe_download(tmp_path):
     class EvilKaggle:
         def dataset_download_files(self, dataset, path=None, unzip=False, quiet=True):
             write_zip(Path(path) / "flickr8k.zip", {"../evil.txt": b"x"})
+
     with pytest.raises(UnsafeArchiveError, match="evil.txt"):
         get_flickr8k(tmp_path / "dest", client=EvilKaggle(), kaggle_input=tmp_path / "none")
     assert not (tmp_path / "evil.txt").exists()
@@ -559,6 +606,7 @@ def test_kaggle_input_is_used_without_copying(tmp_path):
     class NoDownloads:
         def dataset_download_files(self, *args, **kwargs):
             raise AssertionError("should not download")
+
     jpeg = encoded(noise_image(12, 10), "JPEG")
     root = tmp_path / "input"
     (root / "other" / "Images").mkdir(parents=True)  # no jpgs: not it

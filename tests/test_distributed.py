@@ -1,4 +1,5 @@
 """Several processes (gloo on CPU, 2 ranks): N ranks train like one process, resume exactly, stay in sync, and fail fast."""
+
 import csv
 import math
 import os
@@ -13,13 +14,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vaehelpers.rundir import load_checkpoint
 from vaehelpers.config import build_config
-from vaehelpers.sources import make_synthetic
 from vaehelpers.distributed import Distributed, _bits_sum
 from vaehelpers.launch import TrainingProcessError, _failure_message, launch
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL
+from vaehelpers.rundir import load_checkpoint
+from vaehelpers.sources import make_synthetic
 from vaehelpers.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,16 @@ def small_env(monkeypatch):
 
 
 def tiny(images: Path, run: Path, **overrides):
-    settings = {"device": "cpu", "batch_size": 4, "lr": 1e-3, "data.data_dir": str(images), "data.image_size": 16,
-                "data.cache": False, "run_dir": str(run), "checkpoint_every": 1000}
+    settings = {
+        "device": "cpu",
+        "batch_size": 4,
+        "lr": 1e-3,
+        "data.data_dir": str(images),
+        "data.image_size": 16,
+        "data.cache": False,
+        "run_dir": str(run),
+        "checkpoint_every": 1000,
+    }
     settings.update(overrides)
     return build_config("tiny", "pixel", **settings)
 
@@ -73,6 +82,7 @@ def test_loss_divides_by_the_global_batch():
     model = AutoencoderKL(build_config("tiny").model)
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
+
         def loss(part, **kwargs):
             reconstructions, posterior = model(part)
             return loss_fn(part, reconstructions, posterior, step=0, epoch=100, **kwargs)[0]
@@ -89,9 +99,17 @@ def test_two_processes_train_like_one(images, tmp_path):
     # grad_clip 1.0 keeps the gradients near Adam's eps; unclipped (500 x BCE) every near-zero gradient's
     # rounding noise would be normalised up to a full +-lr step and decide the comparison
     # fp32: in bf16 (auto on CPUs with native bf16) a 2 + 2 split rounds differently in every activation
-    extra = {"max_steps": 4, "lr": 1e-4, "grad_clip": 1.0, "ema_decay": 0.9, "sample_posterior": False,
-             "precision": "fp32", "loss.reconstruction": "bce",
-             "loss.batch_scaled_reconstruction": True, "loss.seed_scale": 500.0}
+    extra = {
+        "max_steps": 4,
+        "lr": 1e-4,
+        "grad_clip": 1.0,
+        "ema_decay": 0.9,
+        "sample_posterior": False,
+        "precision": "fp32",
+        "loss.reconstruction": "bce",
+        "loss.batch_scaled_reconstruction": True,
+        "loss.seed_scale": 500.0,
+    }
     two = launch(tiny(images, tmp_path / "two", **extra), 2, progress=False, on_batch=poison_rank_1_at_step_1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: the same kernels, so only the batch split changes the rounding
@@ -111,7 +129,9 @@ def test_two_processes_train_like_one(images, tmp_path):
         torch.testing.assert_close(y, x, rtol=0, atol=1e-5)
     torch.manual_seed(0)
     initial = AutoencoderKL(build_config("tiny").model).state_dict()  # train() seeds 0 before building the model
-    update_one, update_two = (torch.cat([(state["model"][k] - initial[k]).flatten() for k in initial]) for state in (a, b))
+    update_one, update_two = (
+        torch.cat([(state["model"][k] - initial[k]).flatten() for k in initial]) for state in (a, b)
+    )
     assert (update_two - update_one).norm() < 1e-3 * update_one.norm()
     # log.csv on rank 0 holds the global batch's values, one row per step
     for row_one, row_two in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
@@ -128,8 +148,9 @@ def test_launch_brings_rank_0s_log_rows_to_the_caller_in_order(images, tmp_path)
     def on_log(row):  # a closure: it never travels to the spawned processes
         received.append((os.getpid(), row))
 
-    result = launch(tiny(images, tmp_path / "run", max_steps=5, log_every=1, precision="fp32"), 2, progress=False,
-                    on_log=on_log)
+    result = launch(
+        tiny(images, tmp_path / "run", max_steps=5, log_every=1, precision="fp32"), 2, progress=False, on_log=on_log
+    )
     assert result.step == 5
     assert {pid for pid, _ in received} == {os.getpid()}
     logged = rows(tmp_path / "run")
@@ -164,9 +185,34 @@ def test_launch_refuses_a_run_directory_in_use(images, tmp_path):
 
 def _torchrun(images: Path, run: Path, *extra: str, size: int = 16) -> list[str]:
     # "--" after the module: torchrun's own parser would reject "--run" as an abbreviation of its "--run-path"
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "vaehelpers", "--", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
-            "--image-size", str(size), "--batch-size", "4", "--device", "cpu", "--no-progress", "--recipe", "pixel", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vaehelpers",
+        "--",
+        "train",
+        "--data",
+        str(images),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--image-size",
+        str(size),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--recipe",
+        "pixel",
+        *extra,
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -199,10 +245,28 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_exactly(images, tmp_p
     # 32 px for the PatchGAN. A copy of an early checkpoint is resumed with launch() and must log exactly
     # what the original run logged next; then rank 1 of the original is killed.
     run, copy = tmp_path / "run", tmp_path / "copy"
-    command = _torchrun(images, run, "--max-steps", "1000", "--lr", "1e-3", "--ema-decay", "0.9", "--checkpoint-every", "1",
-                        "--set", "data.cache=false", "--set", "loss.disc_weight=0.5", "--set", "loss.disc_start=0", size=32)
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    command = _torchrun(
+        images,
+        run,
+        "--max-steps",
+        "1000",
+        "--lr",
+        "1e-3",
+        "--ema-decay",
+        "0.9",
+        "--checkpoint-every",
+        "1",
+        "--set",
+        "data.cache=false",
+        "--set",
+        "loss.disc_weight=0.5",
+        "--set",
+        "loss.disc_start=0",
+        size=32,
+    )
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         _wait_for(lambda: (run / "log.csv").exists() and len(rows(run)) >= 2, process)
         (copy / "checkpoints").mkdir(parents=True)
@@ -222,10 +286,16 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_exactly(images, tmp_p
 
     state = load_checkpoint(copy / "checkpoints" / "last.pt")
     assert len(state["sample_generator"]) == 2 and not torch.equal(*state["sample_generator"])  # per-rank noise
-    settings = {"max_steps": 1000, "ema_decay": 0.9, "checkpoint_every": 1, "loss.disc_weight": 0.5,
-                "loss.disc_start": 0, "data.image_size": 32}  # config.json must match: the same run
+    settings = {
+        "max_steps": 1000,
+        "ema_decay": 0.9,
+        "checkpoint_every": 1,
+        "loss.disc_weight": 0.5,
+        "loss.disc_start": 0,
+        "data.image_size": 32,
+    }  # config.json must match: the same run
     launch(tiny(images, copy, **settings), 2, resume=True, until_step=saved_at + 2, progress=False)
-    original, resumed = rows(run)[saved_at:saved_at + 2], rows(copy)
+    original, resumed = rows(run)[saved_at : saved_at + 2], rows(copy)
     assert [row["step"] for row in resumed] == [str(saved_at + 1), str(saved_at + 2)]
     for row_original, row_resumed in zip(original, resumed):
         for key in ("train/total_loss", "train/rec_loss", "train/kl_loss", "train/g_loss", "train/disc_loss"):
@@ -266,8 +336,10 @@ def test_a_rank_that_died_without_a_traceback_is_named():
 
     from torch.multiprocessing.spawn import ProcessExitedException
 
-    context = SimpleNamespace(processes=[SimpleNamespace(exitcode=-15), SimpleNamespace(exitcode=-9)],
-                              error_files=["/nonexistent/0", "/nonexistent/1"])  # no tracebacks: both were killed
+    context = SimpleNamespace(
+        processes=[SimpleNamespace(exitcode=-15), SimpleNamespace(exitcode=-9)],
+        error_files=["/nonexistent/0", "/nonexistent/1"],
+    )  # no tracebacks: both were killed
     error = ProcessExitedException("process 1 terminated with signal SIGKILL", 1, 1234, -9, "SIGKILL")
     message = _failure_message(context, error, 2)
     assert "failed, rank 1 first" in message and "rank 0: signal SIGTERM\n" in message
@@ -283,15 +355,32 @@ def test_notebook_04_with_two_processes_draws_the_live_plot_in_its_kernel(tmp_pa
 
     from vaehelpers import demo
 
-    parameters = {"smoke": True, "interactive": False, "gpus": 2, "plot_every": 1, "max_steps": 4, "image_size": 32,
-                  "synthetic_count": 32, "data_dir": str(tmp_path / "data"), "run_dir": str(tmp_path / "run"),
-                  "figures_dir": str(tmp_path / "figures")}
+    parameters = {
+        "smoke": True,
+        "interactive": False,
+        "gpus": 2,
+        "plot_every": 1,
+        "max_steps": 4,
+        "image_size": 32,
+        "synthetic_count": 32,
+        "data_dir": str(tmp_path / "data"),
+        "run_dir": str(tmp_path / "run"),
+        "figures_dir": str(tmp_path / "figures"),
+    }
     executed = tmp_path / "04_training.ipynb"
-    papermill.execute_notebook(str(demo.NOTEBOOK_DIR / "04_training.ipynb"), str(executed), parameters=parameters,
-                               kernel_name=demo.notebook_kernel(), cwd=str(demo.NOTEBOOK_DIR), progress_bar=False)
+    papermill.execute_notebook(
+        str(demo.NOTEBOOK_DIR / "04_training.ipynb"),
+        str(executed),
+        parameters=parameters,
+        kernel_name=demo.notebook_kernel(),
+        cwd=str(demo.NOTEBOOK_DIR),
+        progress_bar=False,
+    )
     cell = next(c for c in nbformat.read(executed, as_version=4).cells if "launch(" in c.source)
     printed = "".join(output.get("text", "") for output in cell.outputs if output.output_type == "stream")
-    plotted = [int(line.split()[1]) for line in printed.splitlines() if line.startswith("step ") and "total_loss" in line]
+    plotted = [
+        int(line.split()[1]) for line in printed.splitlines() if line.startswith("step ") and "total_loss" in line
+    ]
     assert plotted == [1, 2, 3, 4], printed
     assert "no live loss plot" not in printed
     assert [int(row["step"]) for row in rows(tmp_path / "run")] == [1, 2, 3, 4]

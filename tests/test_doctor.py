@@ -1,12 +1,12 @@
 """`vaehelpers doctor`: exits 0 with its table on this CPU, and names the fix for an unsupported GPU, bf16 asked on a
 T4, and a batch that does not fit (each failure made at the lowest boundary: torch.cuda's queries, F.conv2d)."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,14 +30,30 @@ def fake_gpu(monkeypatch, capability, arch_list, name, memory_gib=16):
 
 
 def test_doctor_on_this_cpu_exits_0_and_prints_the_table(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vaehelpers", "doctor", "--device", "cpu", "--json", str(tmp_path / "d.json")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "vaehelpers", "doctor", "--device", "cpu", "--json", str(tmp_path / "d.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for label in ("torch", "CUDA / cuDNN", "GPUs", "precision", "train steps", "checkpoint + resume", "images/s",
-                  "peak memory", "largest batch"):
+    for label in (
+        "torch",
+        "CUDA / cuDNN",
+        "GPUs",
+        "precision",
+        "train steps",
+        "checkpoint + resume",
+        "images/s",
+        "peak memory",
+        "largest batch",
+    ):
         assert f"  {label} " in out, label
-    assert "read back to the same weights: yes; resumed to step 4: yes" in out and out.rstrip().endswith("OK: ready to train")
+    assert "read back to the same weights: yes; resumed to step 4: yes" in out and out.rstrip().endswith(
+        "OK: ready to train"
+    )
     facts = json.loads((tmp_path / "d.json").read_text())
     assert facts["ok"] and facts["preset"] == "tiny" and facts["image_size"] == 64 and facts["batch_size"] == 8
     assert len(facts["losses"]) == 4 and all(loss > 0 for loss in facts["losses"])

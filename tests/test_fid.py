@@ -1,4 +1,5 @@
 """rFID: the Frechet arithmetic against scipy, streaming statistics, and the Inception plumbing with stand-in weights."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ def test_frechet_distance_matches_scipy_sqrtm(n, dim):
     a, b = _stats(x), _stats(y)
     ours = fid.frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
     assert ours == pytest.approx(_scipy_frechet(x, y), rel=1e-8, abs=1e-9)
-    assert fid.frechet_distance(b.mean, b.covariance, a.mean, a.covariance) == pytest.approx(ours, rel=1e-9)  # symmetric
+    assert fid.frechet_distance(b.mean, b.covariance, a.mean, a.covariance) == pytest.approx(
+        ours, rel=1e-9
+    )  # symmetric
 
 
 def test_fewer_rows_than_features_uses_the_rows_and_agrees_with_the_full_decomposition():
@@ -46,17 +49,21 @@ def test_fewer_rows_than_features_uses_the_rows_and_agrees_with_the_full_decompo
     from_rows = fid.frechet_distance(a.mean, a.covariance, b.mean, b.covariance, factor1=a.covariance_factor)
     from_eigh = fid.frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
     assert from_rows == pytest.approx(from_eigh, rel=1e-9)
-    assert from_rows == pytest.approx(fid.frechet_distance(b.mean, b.covariance, a.mean, a.covariance,
-                                                           factor1=b.covariance_factor), rel=1e-9)
+    assert from_rows == pytest.approx(
+        fid.frechet_distance(b.mean, b.covariance, a.mean, a.covariance, factor1=b.covariance_factor), rel=1e-9
+    )
 
 
 def test_frechet_distance_is_zero_for_one_set_and_exact_for_a_shift_when_singular():
     x = np.random.default_rng(0).normal(size=(5, 32))  # 5 rows in 32 dimensions: a rank-4 covariance
     a, shifted = _stats(x), _stats(x + 1.0)  # shifted by 1 in each of 32 dimensions: distance exactly 32
     for factor in (None, a.covariance_factor):
-        assert fid.frechet_distance(a.mean, a.covariance, a.mean, a.covariance, factor1=factor) == pytest.approx(0, abs=1e-9)
-        assert fid.frechet_distance(a.mean, a.covariance, shifted.mean, shifted.covariance,
-                                    factor1=factor) == pytest.approx(32.0, abs=1e-8)
+        assert fid.frechet_distance(a.mean, a.covariance, a.mean, a.covariance, factor1=factor) == pytest.approx(
+            0, abs=1e-9
+        )
+        assert fid.frechet_distance(
+            a.mean, a.covariance, shifted.mean, shifted.covariance, factor1=factor
+        ) == pytest.approx(32.0, abs=1e-8)
 
 
 def test_streaming_statistics_equal_numpy_over_uneven_batches():
@@ -71,7 +78,7 @@ def test_streaming_statistics_equal_numpy_over_uneven_batches():
     with pytest.raises(ValueError, match="at least 2"):
         one = fid.FeatureStatistics()
         one.update(torch.tensor(rows[:1]))
-        one.covariance
+        _ = one.covariance
 
 
 def test_to_uint8_rounds_8bit_values_back_exactly():
@@ -88,6 +95,7 @@ def test_bias_warning_names_the_count_below_the_threshold():
 
 # ----------------------------------------------------------------------------- Inception with stand-in weights
 # inception_dir (conftest.py): torch-fidelity's network with random weights under the real file name and keys
+
 
 @pytest.fixture
 def empty_torch_home(monkeypatch, tmp_path):
@@ -137,13 +145,15 @@ def test_standin_inception_rfid_plumbing(inception_dir, empty_torch_home):
     # two identical sets, and a slightly noisy copy, from the same Inception rows (each forward costs seconds here)
     same = fid.FeatureStatistics()
     same.update(rows)
-    identical = fid.frechet_distance(same.mean, same.covariance, same.mean, same.covariance,
-                                     factor1=same.covariance_factor)
+    identical = fid.frechet_distance(
+        same.mean, same.covariance, same.mean, same.covariance, factor1=same.covariance_factor
+    )
     noise = 0.02 * torch.randn(photos.shape, generator=torch.Generator().manual_seed(1))
     noisy = fid.FeatureStatistics()
     noisy.update(features((photos + noise).clamp(0, 1)))
-    slightly_off = fid.frechet_distance(same.mean, same.covariance, noisy.mean, noisy.covariance,
-                                        factor1=same.covariance_factor)
+    slightly_off = fid.frechet_distance(
+        same.mean, same.covariance, noisy.mean, noisy.covariance, factor1=same.covariance_factor
+    )
     assert all(math.isfinite(v) for v in (identical, slightly_off, far))
     assert identical == pytest.approx(0.0, abs=1e-9)
     assert far > 100 * slightly_off > 0
@@ -153,8 +163,9 @@ def test_evaluate_reports_rfid_with_the_bias_warning(inception_dir, empty_torch_
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny").eval()
     images = _photos(3) * 2 - 1  # [-1, 1]
-    summary = metrics.evaluate(model, list(images), batch_size=2, lpips=False, weights_dir=inception_dir,
-                               progress=False)
+    summary = metrics.evaluate(
+        model, list(images), batch_size=2, lpips=False, weights_dir=inception_dir, progress=False
+    )
     assert isinstance(summary["rfid"], float) and math.isfinite(summary["rfid"]) and summary["rfid"] > 0
     assert summary["rfid_n_images"] == 3 and summary["n_images"] == 3 and summary["rfid_reason"] is None
     assert "3 images" in summary["rfid_warning"] and "warning: rFID on 3 images" in metrics.format_table(summary)

@@ -1,6 +1,7 @@
 """fp16 with a GradScaler, proven on CPU (torch's CPU autocast runs float16; GradScaler("cpu") exists): it
 learns, resumes bit-exactly with the scaler's state, and counts the steps the scaler skips without letting them
 touch the EMA or a checkpoint."""
+
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,17 @@ def images(tmp_path_factory) -> Path:
 
 
 def fp16(images: Path, run: Path, **overrides):
-    settings = {"device": "cpu", "precision": "fp16", "batch_size": 4, "lr": 1e-3, "data.data_dir": str(images),
-                "data.image_size": 16, "data.cache": False, "run_dir": str(run), "checkpoint_every": 1000}
+    settings = {
+        "device": "cpu",
+        "precision": "fp16",
+        "batch_size": 4,
+        "lr": 1e-3,
+        "data.data_dir": str(images),
+        "data.image_size": 16,
+        "data.cache": False,
+        "run_dir": str(run),
+        "checkpoint_every": 1000,
+    }
     settings.update(overrides)
     return build_config("tiny", "pixel", **settings)
 
@@ -49,18 +59,25 @@ def test_fp16_training_learns(images, tmp_path):
     cfg = fp16(images, tmp_path / "run", max_steps=100, batch_size=8, **{"data.image_size": 32})
     torch.manual_seed(cfg.seed)
     test_set = ImageFolderDataset(images, split="test", image_size=32, cache=False)
-    before = metrics.evaluate(AutoencoderKL(cfg.model).eval(), test_set, batch_size=16, progress=False, lpips=False,
-                              fid=False)
+    before = metrics.evaluate(
+        AutoencoderKL(cfg.model).eval(), test_set, batch_size=16, progress=False, lpips=False, fid=False
+    )
     result = train(cfg, progress=False)
-    after = metrics.evaluate(AutoencoderKL.load(tmp_path / "run").eval(), test_set, batch_size=16, progress=False,
-                             lpips=False, fid=False)
-    print(f"fp16 held-out PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, MAE {before['mae']:.4f} -> {after['mae']:.4f}")
+    after = metrics.evaluate(
+        AutoencoderKL.load(tmp_path / "run").eval(), test_set, batch_size=16, progress=False, lpips=False, fid=False
+    )
+    print(
+        f"fp16 held-out PSNR {before['psnr']:.2f} -> {after['psnr']:.2f} dB, MAE {before['mae']:.4f} -> {after['mae']:.4f}"
+    )
     assert result.step == 100 and result.bad_steps == 0
     # measured (2026-12-03, this CPU, 100 steps): 10.59 -> 13.07 dB, MAE 0.2460 -> 0.1992 (x0.810), no scaler skip
     assert after["psnr"] > before["psnr"] + 1.5, (before["psnr"], after["psnr"])
     assert after["mae"] < 0.85 * before["mae"], (before["mae"], after["mae"])
     rows = log_rows(tmp_path / "run")
-    assert all(float(row["scale"]) > 0 for row in rows) and sum(int(row["scaler_skipped"]) for row in rows) == result.scaler_skipped
+    assert (
+        all(float(row["scale"]) > 0 for row in rows)
+        and sum(int(row["scaler_skipped"]) for row in rows) == result.scaler_skipped
+    )
 
 
 def test_fp16_resume_is_exact_including_the_scaler(images, tmp_path):
@@ -110,8 +127,11 @@ def test_a_run_of_scaler_skips_stops_like_non_finite_losses(images, tmp_path):
     # x1e4 every step from step 3: the scale must fall below about 1e4 (3 halvings) before the gradient fits
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="GradScaler"):
-        train(fp16(images, run, max_steps=20, checkpoint_every=1, max_bad_steps=3, **{"loss.reconstruction": "l2"}),
-              on_batch=overflow_at(*range(3, 20)), progress=False)
+        train(
+            fp16(images, run, max_steps=20, checkpoint_every=1, max_bad_steps=3, **{"loss.reconstruction": "l2"}),
+            on_batch=overflow_at(*range(3, 20)),
+            progress=False,
+        )
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 3 and state["scaler"]["scale"] == 65536.0
     assert all(torch.isfinite(t).all() for t in state["model"].values())

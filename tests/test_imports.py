@@ -1,4 +1,5 @@
 """The package's modules import each other without a cycle, function-local imports included."""
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,9 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {("vaehelpers" if path.stem == "__init__" else f"vaehelpers.{path.stem}"): path
-               for path in PACKAGE.glob("*.py")}
+    modules = {
+        ("vaehelpers" if path.stem == "__init__" else f"vaehelpers.{path.stem}"): path for path in PACKAGE.glob("*.py")
+    }
     return {name: imported_modules(path) & set(modules) - {name} for name, path in modules.items()}
 
 
@@ -39,7 +41,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         stack.append(name)
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         stack.pop()

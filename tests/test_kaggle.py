@@ -1,5 +1,6 @@
 """Kaggle: the GPU check with faked capabilities, staging and pushing with a fake client, the installer, runs
 attached from earlier sessions. Nothing here touches the network or runs pip."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -27,6 +28,7 @@ NOTEBOOKS = ["01_data", "02_architecture", "03_loss", "04_training", "05_evaluat
 
 
 # ----------------------------------------------------------------------------- the GPU check
+
 
 def fake_gpus(monkeypatch, capability, count=1, name="Tesla P100-PCIE-16GB", archs=("sm_75", "sm_80", "sm_90")):
     """Pretend torch sees `count` GPUs of this compute capability, with a build carrying `archs`."""
@@ -67,11 +69,18 @@ def test_p100_installs_legacy_torch_then_asks_for_a_restart(monkeypatch):
         kaggle.ensure_gpu_supported(True, installer=calls.append)
     # the versions this environment has (Kaggle's own), built for CUDA 12.6, which still ships sm_60
     versions = [importlib.metadata.version(name).split("+")[0] for name in ("torch", "torchvision")]
-    assert calls == [[f"torch=={versions[0]}", f"torchvision=={versions[1]}", "--index-url",
-                      "https://download.pytorch.org/whl/cu126"]]
+    assert calls == [
+        [
+            f"torch=={versions[0]}",
+            f"torchvision=={versions[1]}",
+            "--index-url",
+            "https://download.pytorch.org/whl/cu126",
+        ]
+    ]
 
 
 # ----------------------------------------------------------------------------- metadata and staging
+
 
 def fake_wheel(root: Path, dest: Path) -> Path:
     path = dest / "vaehelpers-0.1.0-py3-none-any.whl"
@@ -105,7 +114,10 @@ def test_committed_kernel_metadata():
 def test_stage_fills_in_the_user_and_copies_everything(tmp_path):
     dataset, kernels = kaggle.stage(ROOT, "alice", tmp_path / "stage", wheel_builder=fake_wheel)
     assert sorted(path.name for path in dataset.iterdir()) == [
-        "dataset-metadata.json", "vaehelpers-0.1.0-py3-none-any.whl", kaggle.INSTALLER_NAME]
+        "dataset-metadata.json",
+        "vaehelpers-0.1.0-py3-none-any.whl",
+        kaggle.INSTALLER_NAME,
+    ]
     assert json.loads((dataset / "dataset-metadata.json").read_text())["id"] == "alice/vaehelpers-src"
     assert [folder.name for folder in kernels] == NOTEBOOKS
     for folder in kernels:
@@ -161,13 +173,22 @@ class FakeKaggle:
         response.url = f"https://kaggle.test/datasets/{ref}"
         return response
 
-    def dataset_create_new(self, folder, public=False, quiet=False, convert_to_csv=True, dir_mode="skip",
-                           ignore_patterns=None):
+    def dataset_create_new(
+        self, folder, public=False, quiet=False, convert_to_csv=True, dir_mode="skip", ignore_patterns=None
+    ):
         self.calls.append(("dataset_create_new", Path(folder).name, public))
         return self._upload(folder)
 
-    def dataset_create_version(self, folder, version_notes, quiet=False, convert_to_csv=True,
-                               delete_old_versions=False, dir_mode="skip", ignore_patterns=None):
+    def dataset_create_version(
+        self,
+        folder,
+        version_notes,
+        quiet=False,
+        convert_to_csv=True,
+        delete_old_versions=False,
+        dir_mode="skip",
+        ignore_patterns=None,
+    ):
         self.calls.append(("dataset_create_version", Path(folder).name))
         return self._upload(folder)
 
@@ -203,16 +224,30 @@ class FakeKaggle:
 def push(client, user="bob", tmp_path=None, **kwargs):
     """kaggle.push with the fake servers, never sleeping, collecting what it says."""
     said = []
-    urls = kaggle.push(ROOT, user, client=client, dest=tmp_path / "stage", wheel_builder=fake_wheel,
-                       sleep=lambda seconds: None, say=said.append, **kwargs)
+    urls = kaggle.push(
+        ROOT,
+        user,
+        client=client,
+        dest=tmp_path / "stage",
+        wheel_builder=fake_wheel,
+        sleep=lambda seconds: None,
+        say=said.append,
+        **kwargs,
+    )
     return urls, said
 
 
 def test_push_waits_for_the_new_dataset_then_pins_kernels_to_it(tmp_path, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     client = FakeKaggle(processing_polls=3)
-    urls = kaggle.push(ROOT, client=client, dest=tmp_path / "stage", wheel_builder=fake_wheel,
-                       sleep=lambda seconds: None, say=lambda _: None)
+    urls = kaggle.push(
+        ROOT,
+        client=client,
+        dest=tmp_path / "stage",
+        wheel_builder=fake_wheel,
+        sleep=lambda seconds: None,
+        say=lambda _: None,
+    )
     ref = "from-config/vaehelpers-src"
     assert client.calls[:2] == [("dataset_status", ref), ("dataset_create_new", "vaehelpers-src", False)]
     first_push = next(i for i, call in enumerate(client.calls) if call[0] == "kernels_push")
@@ -232,8 +267,11 @@ def test_push_versions_an_existing_dataset_and_waits_for_the_new_version(tmp_pat
 
 def test_push_gives_up_on_a_dataset_that_stays_in_processing(tmp_path):
     client = FakeKaggle(never_ready=True)
-    with pytest.raises(TimeoutError, match=r"bob/vaehelpers-src is still being processed .* \(status blobs_received"
-                                           r".*no kernel was pushed.*--no-dataset"):
+    with pytest.raises(
+        TimeoutError,
+        match=r"bob/vaehelpers-src is still being processed .* \(status blobs_received"
+        r".*no kernel was pushed.*--no-dataset",
+    ):
         push(client, tmp_path=tmp_path, wait_s=0)
     assert not client.pushed
 
@@ -241,8 +279,11 @@ def test_push_gives_up_on_a_dataset_that_stays_in_processing(tmp_path):
 def test_push_refuses_a_dropped_source_naming_it(tmp_path):
     client = FakeKaggle(datasets={"bob/vaehelpers-src"}, processing_polls=0)
     client.gone.add("adityajn105/flickr8k")  # taken down: a push would run without the images
-    with pytest.raises(RuntimeError, match=r"pushing 01_data: Kaggle dropped the dataset source\(s\) "
-                                           r"adityajn105/flickr8k \(invalid_dataset_sources\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"pushing 01_data: Kaggle dropped the dataset source\(s\) "
+        r"adityajn105/flickr8k \(invalid_dataset_sources\)",
+    ):
         push(client, tmp_path=tmp_path, dataset=False)
     assert list(client.pushed) == ["01_data"]  # stopped at the first such push
 
@@ -259,10 +300,18 @@ def test_05_waits_for_04_to_finish_and_04_resumes_from_its_own_output(tmp_path):
     client = FakeKaggle(datasets={"bob/vaehelpers-src"}, processing_polls=0)
     _, said = push(client, tmp_path=tmp_path, dataset=False)  # the first push: 04 has never run
     assert [call[1] for call in client.calls if call[0] == "kernels_push"] == [
-        "01_data", "02_architecture", "03_loss", "04_training"]
+        "01_data",
+        "02_architecture",
+        "03_loss",
+        "04_training",
+    ]
     assert client.pushed["04_training"]["kernel_sources"] == []  # nothing to resume yet
-    assert any("05_evaluation not pushed" in line and f"{training}, whose latest version is queued" in line
-               and "--only 05" in line for line in said)
+    assert any(
+        "05_evaluation not pushed" in line
+        and f"{training}, whose latest version is queued" in line
+        and "--only 05" in line
+        for line in said
+    )
 
     _, said = push(client, tmp_path=tmp_path, dataset=False, only=["04", "05"])  # 04 still running
     assert "04_training" in client.pushed and client.kernels[training] == KernelWorkerStatus.QUEUED
@@ -270,7 +319,8 @@ def test_05_waits_for_04_to_finish_and_04_resumes_from_its_own_output(tmp_path):
         "kernel 04_training not pushed: its latest version is queued on Kaggle (a new version would start a second "
         "run beside it); push it again when it has ended",
         f"kernel 05_evaluation not pushed: it evaluates the output of {training}, whose latest version is queued; "
-        "when it has finished, run `vaehelpers kaggle push --no-dataset --only 05`"]
+        "when it has finished, run `vaehelpers kaggle push --no-dataset --only 05`",
+    ]
 
     client.kernels[training] = KernelWorkerStatus.COMPLETE  # the session ended
     client.pushed.clear()
@@ -311,6 +361,7 @@ def test_build_wheel_offline(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the installer on Kaggle
+
 
 def load_installer():
     spec = importlib.util.spec_from_file_location("vaehelpers_install", ROOT / "kaggle" / "install.py")
@@ -377,8 +428,9 @@ def test_installer_offline_names_the_missing_dependency_and_the_fix(tmp_path, mo
 def run_install_cell(monkeypatch, kaggle_input: Path, vaehelpers_source=None):
     """Run the notebooks' install cell as on a Kaggle machine where vaehelpers is not installed yet."""
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "vaehelpers" else real_find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "vaehelpers" else real_find_spec(name, *args)
+    )
     assert '"/kaggle/input/**/vaehelpers_install.py"' in kaggle.INSTALL_CELL
     cell = kaggle.INSTALL_CELL.replace("/kaggle/input", str(kaggle_input))
     exec(compile(cell, "install cell", "exec"), {"vaehelpers_source": vaehelpers_source})
@@ -413,6 +465,7 @@ def test_install_cell_installs_from_the_repository_keeping_torch(tmp_path, monke
 
 # ----------------------------------------------------------------------------- where things are
 
+
 def make_run(folder: Path) -> Path:
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "config.json").write_text("{}")
@@ -421,7 +474,9 @@ def make_run(folder: Path) -> Path:
 
 
 def test_restore_run_copies_an_attached_earlier_run(tmp_path):
-    attached = make_run(tmp_path / "input" / "notebooks" / "alice" / "vaehelpers-04-training" / "runs" / "flickr8k-sd-128")
+    attached = make_run(
+        tmp_path / "input" / "notebooks" / "alice" / "vaehelpers-04-training" / "runs" / "flickr8k-sd-128"
+    )
     (tmp_path / "input" / "flickr8k" / "Images").mkdir(parents=True)  # never searched
     run_dir = tmp_path / "working" / "runs" / "flickr8k-sd-128"
     assert kaggle.find_attached_run("flickr8k-sd-128", tmp_path / "input") == attached

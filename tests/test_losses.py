@@ -1,4 +1,5 @@
 """Tests for vaehelpers/losses.py: every term's minimum, gradients, LPIPS weights, KL, the seed recipe, the GAN."""
+
 from __future__ import annotations
 
 import math
@@ -61,6 +62,7 @@ def vgg_features(reference_lpips) -> nn.Sequential:
 
 # ----------------------------------------------------------------------------- reconstruction
 
+
 @pytest.mark.parametrize("kind", ["l1", "l2", "l1+l2"])
 def test_distance_reconstruction_is_zero_for_identical_and_positive_otherwise(kind):
     images, other = images_pair()
@@ -101,6 +103,7 @@ def test_bce_is_finite_for_reconstructions_outside_the_range():
 
 
 # ----------------------------------------------------------------------------- perceptual
+
 
 @pytest.mark.parametrize("cls", [VGGFeatureLoss, LPIPS])
 def test_perceptual_is_zero_for_identical_and_positive_otherwise(cls, vgg_features):
@@ -161,8 +164,13 @@ def test_lpips_matches_torchmetrics_with_the_same_backbone(vgg_features, referen
 def test_lpips_matches_the_lpips_package_with_the_same_backbone(vgg_features):
     lpips = pytest.importorskip("lpips")
     reference = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
-    for block in (reference.net.slice1, reference.net.slice2, reference.net.slice3, reference.net.slice4,
-                  reference.net.slice5):
+    for block in (
+        reference.net.slice1,
+        reference.net.slice2,
+        reference.net.slice3,
+        reference.net.slice4,
+        reference.net.slice5,
+    ):
         for name, _ in list(block.named_children()):
             setattr(block, name, vgg_features[int(name)])  # same index in vgg16().features
     images, other = images_pair(2)
@@ -222,6 +230,7 @@ def test_no_perceptual_network_is_built_at_weight_zero(monkeypatch):
 
 # ----------------------------------------------------------------------------- KL
 
+
 def test_kl_is_zero_for_a_standard_normal_posterior_and_positive_otherwise():
     zeros = torch.zeros(2, 4, 3, 3)
     standard = Posterior(zeros, zeros)
@@ -270,6 +279,7 @@ def test_kl_warm_up():
 
 # ----------------------------------------------------------------------------- whole loss
 
+
 def test_default_loss_is_l1_plus_weighted_kl_and_logs():
     cfg = LossConfig()
     loss = VAELoss(cfg)
@@ -300,6 +310,7 @@ def test_seed_recipe_total_matches_the_hand_computed_formula(vgg_features):
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         trunk = vgg_features[:16]
+
         def features(x):
             return trunk(((x + 1) / 2 - mean) / std)
 
@@ -312,6 +323,7 @@ def test_seed_recipe_total_matches_the_hand_computed_formula(vgg_features):
 
 
 # ----------------------------------------------------------------------------- PatchGAN
+
 
 class Forbidden(nn.Module):
     def forward(self, images):
@@ -390,8 +402,9 @@ def test_gan_term_after_disc_start_uses_a_finite_positive_adaptive_weight():
     d_weight = logs["train/d_weight"]
     assert math.isfinite(d_weight) and 0 < d_weight <= 0.5 * 1e4
     assert logs["train/disc_factor"] == 1.0
-    expected = (logs["train/nll_loss"] + logs["train/kl_weight"] * logs["train/kl_loss"]
-                + d_weight * logs["train/g_loss"])
+    expected = (
+        logs["train/nll_loss"] + logs["train/kl_weight"] * logs["train/kl_loss"] + d_weight * logs["train/g_loss"]
+    )
     assert total.item() == pytest.approx(expected, rel=1e-5)
     total.backward()
     assert last_layer.grad is not None and torch.isfinite(last_layer.grad).all()

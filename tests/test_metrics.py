@@ -1,4 +1,5 @@
 """Metrics on hand-made tensors, evaluate() on a tiny random model, JSON/CSV files, reconstruct_files."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,18 @@ from vaehelpers.model import AutoencoderKL
 from vaehelpers.reconstruct import format_rows, pad_to_multiple, reconstruct_files, reconstruct_image
 
 DESIGN_KEYS = {"n_images", "image_size", "pixel_range", "mae", "mse", "psnr", "ssim", "lpips", "per_image"}
-SUMMARY_KEYS = DESIGN_KEYS | {"psnr_from_mean_mse", "psnr_cap_db", "mae_pm1", "mse_pm1", "pm1_range", "rfid",
-                              "n_skipped", "skipped", "notes", "lpips_net"}
+SUMMARY_KEYS = DESIGN_KEYS | {
+    "psnr_from_mean_mse",
+    "psnr_cap_db",
+    "mae_pm1",
+    "mse_pm1",
+    "pm1_range",
+    "rfid",
+    "n_skipped",
+    "skipped",
+    "notes",
+    "lpips_net",
+}
 FINITE_KEYS = ("mae", "mse", "psnr", "psnr_from_mean_mse", "ssim", "mae_pm1", "mse_pm1")
 
 
@@ -68,6 +79,7 @@ def offline_vgg(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- per_image_metrics
 
+
 def test_identical_images_are_perfect():
     images = _images()
     values = metrics.per_image_metrics(images, images.clone())
@@ -107,6 +119,7 @@ def test_ssim_ranks_a_noisier_reconstruction_lower_and_fits_small_images():
 
 # ----------------------------------------------------------------------------- Evaluator and files
 
+
 def _evaluator_with_exact_copy():
     evaluator = metrics.Evaluator()
     images = _images(batch=2)
@@ -138,7 +151,9 @@ def test_evaluate_on_tiny_model_reports_every_key(tiny_model, image_folder, offl
     assert summary["image_size"] == 32 and summary["pixel_range"] == "[0,1]" and summary["pm1_range"] == "[-1,1]"
     for key in FINITE_KEYS:
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
-    assert summary["mae_pm1"] == pytest.approx(2 * summary["mae"]) and summary["mse_pm1"] == pytest.approx(4 * summary["mse"])
+    assert summary["mae_pm1"] == pytest.approx(2 * summary["mae"]) and summary["mse_pm1"] == pytest.approx(
+        4 * summary["mse"]
+    )
     assert summary["lpips"] is None and summary["rfid"] is None
     assert any("vgg16-397923af.pth" in note and "lpips=False" in note for note in summary["notes"])
     assert summary["n_skipped"] == 1 and summary["skipped"][0]["path"].endswith("broken.png")
@@ -186,7 +201,9 @@ def test_injected_lpips_and_fid_features_are_used(tiny_model, image_folder, recw
     features = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())  # (B, 12) stand-in for Inception
     summary = metrics.evaluate(tiny_model, dataset, batch_size=4, lpips=fake_lpips, fid=features, progress=False)
     assert sum(calls) == 6
-    assert summary["lpips"] == pytest.approx(0.25) and all(row["lpips"] == pytest.approx(0.25) for row in summary["per_image"])
+    assert summary["lpips"] == pytest.approx(0.25) and all(
+        row["lpips"] == pytest.approx(0.25) for row in summary["per_image"]
+    )
     assert isinstance(summary["rfid"], float) and math.isfinite(summary["rfid"]) and summary["rfid"] >= 0
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     assert re.search(r"^LPIPS \(vgg\) +0\.25$", metrics.format_table(summary), re.M)
@@ -203,9 +220,12 @@ def test_sample_posterior_uses_the_generator(tiny_model, image_folder):
 
 # ----------------------------------------------------------------------------- reconstruct_files
 
+
 def test_reconstruct_odd_size_image_pads_and_crops_back(tiny_model, tmp_path):
     odd = tmp_path / "odd.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (53, 37, 3), dtype=np.uint8)).save(odd)  # 37 wide, 53 high
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (53, 37, 3), dtype=np.uint8)).save(
+        odd
+    )  # 37 wide, 53 high
     image = torch.rand(3, 53, 37) * 2 - 1
     reconstruction, latents = reconstruct_image(tiny_model, image)
     assert reconstruction.shape == (3, 53, 37) and latents.shape == (4, 7, 5)  # ceil(53/8), ceil(37/8)
@@ -224,8 +244,9 @@ def test_reconstruct_odd_size_image_pads_and_crops_back(tiny_model, tmp_path):
 def test_reconstruct_skips_a_corrupt_file_and_resizes(tiny_model, tmp_path):
     folder = _write_pngs(tmp_path / "in", count=1, size=40)
     (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    rows = reconstruct_files(tiny_model, [folder / "img_0.png", folder / "bad.png"], tmp_path / "out",
-                             mode="resize", image_size=16)
+    rows = reconstruct_files(
+        tiny_model, [folder / "img_0.png", folder / "bad.png"], tmp_path / "out", mode="resize", image_size=16
+    )
     assert rows[0]["error"] is None and (rows[0]["width"], rows[0]["height"]) == (40, 40)
     assert rows[1]["error"] and rows[1]["path"].endswith("bad.png")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_0_latents.png", "img_0_reconstruction.png"]

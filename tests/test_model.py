@@ -1,4 +1,5 @@
 """Tests for vaehelpers.model: equality with diffusers' AutoencoderKL, the posterior, save/load, describe."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -256,8 +257,14 @@ def test_load_mismatch_lists_keys_and_config_fields(tmp_path):
 
 
 def test_infer_config_recovers_shapes():
-    config = ModelConfig(base_channels=8, channel_multipliers=(1, 2, 3), layers_per_block=3,
-                         latent_channels=6, norm_num_groups=4, mid_attention=False)
+    config = ModelConfig(
+        base_channels=8,
+        channel_multipliers=(1, 2, 3),
+        layers_per_block=3,
+        latent_channels=6,
+        norm_num_groups=4,
+        mid_attention=False,
+    )
     with torch.device("meta"):
         state_dict = AutoencoderKL(config).state_dict()
     assert infer_config(state_dict, like=config) == config
@@ -323,7 +330,6 @@ def test_layout_follows_diffusers_without_gradients_and_outputs_stay_nchw():
         assert decoded.is_contiguous() and ours.encode(torch.rand(2, 3, 32, 48)).moments.is_contiguous()
     reconstructions, posterior = ours(torch.rand(2, 3, 32, 48))  # with gradients: NCHW throughout
     assert reconstructions.is_contiguous() and posterior.moments.is_contiguous()
-
 
 
 def test_fast_paths_are_opt_in_and_change_decode_by_rounding_only():

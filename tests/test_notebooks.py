@@ -1,5 +1,6 @@
 """The notebook bundle: committed clean and paired with its Jupytext .py source, shaped as a story, with settings that resolve as documented,
 and all five run headless with papermill at the smallest scale without a cell failing."""
+
 from __future__ import annotations
 
 import ast
@@ -17,7 +18,18 @@ from vaehelpers.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = list(demo.NOTEBOOKS)
-COMMON = ["data_source", "data_dir", "run_dir", "figures_dir", "image_size", "preset", "recipe", "epochs", "device", "smoke"]
+COMMON = [
+    "data_source",
+    "data_dir",
+    "run_dir",
+    "figures_dir",
+    "image_size",
+    "preset",
+    "recipe",
+    "epochs",
+    "device",
+    "smoke",
+]
 
 
 def read(name: str) -> nbformat.NotebookNode:
@@ -47,8 +59,9 @@ def test_committed_clean_and_paired_with_its_py(name):
     assert notebook.metadata["jupytext"]["formats"] == "ipynb,py:percent", f"{name}.ipynb is not paired"
     source = jupytext.read(ROOT / "notebooks" / f"{name}.py")
     assert source.metadata["jupytext"]["formats"] == "ipynb,py:percent"
-    assert cells(source) == cells(notebook), \
+    assert cells(source) == cells(notebook), (
         f"{name}.ipynb and {name}.py differ: run `jupytext --sync notebooks/{name}.py` (or save it in Jupyter)"
+    )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -77,18 +90,24 @@ def test_notebook_tells_a_story(name):
     assert assigned_names(first.source)[: len(COMMON)] == COMMON
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
     for cell in code_cells[1:]:
-        if cell.source == kaggle.INSTALL_CELL:  # runs before the package can be imported: its text, tested in test_kaggle
+        if (
+            cell.source == kaggle.INSTALL_CELL
+        ):  # runs before the package can be imported: its text, tested in test_kaggle
             continue
         tree = ast.parse(python_source(cell))
         imports_only = all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in tree.body)
-        assert imports_only or len(cell.source.splitlines()) <= 6, f"{name}: a cell of more than ~5 lines:\n{cell.source}"
+        assert imports_only or len(cell.source.splitlines()) <= 6, (
+            f"{name}: a cell of more than ~5 lines:\n{cell.source}"
+        )
         defined = [node for node in ast.walk(tree) if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.Lambda))]
         assert not defined, f"{name}: notebooks call the package; define nothing in them:\n{cell.source}"
     # a sentence of why before every code cell, "Step N" headings, and what to try next at the end
     for before, cell in zip(notebook.cells[1:], notebook.cells[2:]):
         if cell.cell_type == "code":
             assert before.cell_type == "markdown", f"{name}: say why before\n{cell.source}"
-    headings = [cell.source for cell in notebook.cells if cell.cell_type == "markdown" and cell.source.startswith("## Step")]
+    headings = [
+        cell.source for cell in notebook.cells if cell.cell_type == "markdown" and cell.source.startswith("## Step")
+    ]
     assert len(headings) >= 4
     assert "Now it's your turn" in notebook.cells[-1].source
 
@@ -106,17 +125,24 @@ def test_settings_resolve_to_the_reference_run(tmp_path, monkeypatch):
 
 
 def test_smoke_shrinks_everything_and_explicit_values_win(tmp_path):
-    settings = notebook.settings(True, image_size=32, max_steps=3, data_dir=tmp_path / "images",
-                                      run_dir=tmp_path / "run")
-    assert (settings.data_source, settings.preset, settings.device, settings.perceptual_weight) == ("synthetic", "tiny", "cpu", 0.0)
+    settings = notebook.settings(
+        True, image_size=32, max_steps=3, data_dir=tmp_path / "images", run_dir=tmp_path / "run"
+    )
+    assert (settings.data_source, settings.preset, settings.device, settings.perceptual_weight) == (
+        "synthetic",
+        "tiny",
+        "cpu",
+        0.0,
+    )
     assert settings.image_size == 32 and settings.max_steps == 3 and settings.smoke
     with pytest.raises(TypeError, match="unknown notebook parameter"):
         notebook.settings(True, imagesize=32)
 
 
 def test_settings_make_data_and_a_train_config(tmp_path):
-    settings = notebook.settings(True, image_size=32, synthetic_count=24, data_dir=tmp_path / "images",
-                                      run_dir=tmp_path / "run")
+    settings = notebook.settings(
+        True, image_size=32, synthetic_count=24, data_dir=tmp_path / "images", run_dir=tmp_path / "run"
+    )
     assert len(list((settings.image_folder()).glob("*.png"))) == 24
     cfg = settings.train_config(max_steps=2)
     assert cfg.preset == "tiny" and cfg.data.image_size == 32 and cfg.data.data_dir == str(tmp_path / "images")

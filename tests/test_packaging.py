@@ -1,8 +1,9 @@
 """The install files agree: environment.yml, pyproject.toml, constraints, Makefile and .ci/run."""
+
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +14,9 @@ def test_environment_yml_matches_pip_requirements():
     deps = env["dependencies"]
     assert "python=3.11" in deps
     pip_section = next(d["pip"] for d in deps if isinstance(d, dict))
-    constraints = [l for l in (ROOT / "constraints.txt").read_text().splitlines() if l and not l.startswith("#")]
+    constraints = [
+        line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")
+    ]
     assert set(constraints) <= set(pip_section)  # the same torch pair as `make setup`
     assert any(re.fullmatch(r"-e \.\[.*notebooks.*\]", item) for item in pip_section)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -27,8 +30,8 @@ def test_setup_pins_the_torch_pair_everywhere():
     makefile = (ROOT / "Makefile").read_text()
     assert "torch==2.13.0 torchvision==0.28.0" in makefile
     # every pip install after the pair goes through the constraints file, so nothing pulls another torch
-    installs = [l for l in makefile.splitlines() if "$(PIP) install" in l]
-    assert installs and all("-c constraints.txt" in l for l in installs)
+    installs = [line for line in makefile.splitlines() if "$(PIP) install" in line]
+    assert installs and all("-c constraints.txt" in line for line in installs)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 

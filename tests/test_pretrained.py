@@ -4,6 +4,7 @@ No network and no file outside the tests' own temporary folders: stand-in weight
 and keys with random values (torchvision's vgg16() state dict saved as vgg16-397923af.pth), TORCH_HOME points at a
 temporary folder, and downloads meet a fake at the URL-opening boundary (torch.hub's urlopen).
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 
 from vaehelpers import pretrained
 from vaehelpers.cli import main as cli
-from vaehelpers.config import LossConfig, TrainConfig, apply_overrides, build_config, recipe_settings
-from vaehelpers.sources import make_synthetic
+from vaehelpers.config import TrainConfig, apply_overrides, build_config, recipe_settings
 from vaehelpers.losses import VAELoss, kl_loss
+from vaehelpers.sources import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 VGG16 = "vgg16-397923af.pth"
@@ -73,6 +74,7 @@ def log_rows(run: Path) -> list[dict[str, str]]:
 
 # ----------------------------------------------------------------------------- find / require
 
+
 def test_missing_file_is_one_line_naming_file_folders_and_ways_out(torch_home, tmp_path):
     assert pretrained.find("vgg16") is None
     with pytest.raises(pretrained.MissingWeightsError) as error:
@@ -100,7 +102,12 @@ def test_lpips_layers_come_from_the_torchmetrics_wheel_with_the_registered_hash(
     assert hashlib.sha256(path.read_bytes()).hexdigest().startswith(pretrained.REGISTRY["lpips"].sha256_prefix)
     state = pretrained.load_state_dict("lpips")
     assert [tuple(state[f"lin{i}.model.1.weight"].shape) for i in range(5)] == [
-        (1, 64, 1, 1), (1, 128, 1, 1), (1, 256, 1, 1), (1, 512, 1, 1), (1, 512, 1, 1)]
+        (1, 64, 1, 1),
+        (1, 128, 1, 1),
+        (1, 256, 1, 1),
+        (1, 512, 1, 1),
+        (1, 512, 1, 1),
+    ]
 
 
 def test_a_file_that_is_not_the_weights_is_reported_not_loaded(torch_home, tmp_path):
@@ -115,6 +122,7 @@ def test_a_file_that_is_not_the_weights_is_reported_not_loaded(torch_home, tmp_p
 
 
 # ----------------------------------------------------------------------------- status
+
 
 def test_status_shows_found_missing_and_loads(torch_home, tmp_path, vgg16_file, capsys):
     rows = {row["name"]: row for row in pretrained.status()}
@@ -141,6 +149,7 @@ def test_status_shows_found_missing_and_loads(torch_home, tmp_path, vgg16_file, 
 
 # ----------------------------------------------------------------------------- download
 
+
 class FakeResponse:
     """What urlopen returns: headers via info(), the body via read(n), a context manager."""
 
@@ -155,7 +164,7 @@ class FakeResponse:
     def read(self, size: int = -1) -> bytes:
         return self.body.read(size)
 
-    def __enter__(self) -> "FakeResponse":
+    def __enter__(self) -> FakeResponse:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -179,8 +188,11 @@ def test_download_keeps_a_file_whose_hash_matches(torch_home, tmp_path, served, 
     served["body"] = payload = b"stand-in bytes for the VGG16 file"
     # the real prefix 397923af cannot be met by test bytes: register this payload's own hash for the entry
     entry = pretrained.REGISTRY["vgg16"]
-    monkeypatch.setitem(pretrained.REGISTRY, "vgg16",
-                        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}))
+    monkeypatch.setitem(
+        pretrained.REGISTRY,
+        "vgg16",
+        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}),
+    )
     assert cli(["weights", "download", "--dest", str(tmp_path / "dest"), "--only", "vgg16"]) == 0
     assert (tmp_path / "dest" / VGG16).read_bytes() == payload
     assert [request.full_url for request in served["requests"]] == ["https://download.pytorch.org/models/" + VGG16]
@@ -204,8 +216,11 @@ def test_download_refuses_a_wrong_hash_and_leaves_no_file(torch_home, served, ca
 def test_download_skips_what_is_found_and_fetches_the_rest(torch_home, served, monkeypatch):
     served["body"] = payload = b"inception stand-in"
     entry = pretrained.REGISTRY["inception"]
-    monkeypatch.setitem(pretrained.REGISTRY, "inception",
-                        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}))
+    monkeypatch.setitem(
+        pretrained.REGISTRY,
+        "inception",
+        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}),
+    )
     paths = pretrained.download(names=["lpips", "inception"], say=lambda *a: None, progress=False)
     assert paths[0] == pretrained.find("lpips") and "torchmetrics" in paths[0].parts  # the wheel's copy counts
     assert paths[1] == torch_home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
@@ -214,12 +229,24 @@ def test_download_skips_what_is_found_and_fetches_the_rest(torch_home, served, m
 
 # ----------------------------------------------------------------------------- recipes
 
+
 def test_ldm_recipe_constants_and_lr_scaling():
     cfg = build_config("sd")  # the default recipe
     assert cfg.recipe == "ldm"
-    assert (cfg.optimizer, cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.ema_decay) == ("adam", (0.5, 0.9), 0.0, 0.0, 0.0)
+    assert (cfg.optimizer, cfg.betas, cfg.weight_decay, cfg.grad_clip, cfg.ema_decay) == (
+        "adam",
+        (0.5, 0.9),
+        0.0,
+        0.0,
+        0.0,
+    )
     loss = cfg.loss
-    assert (loss.reconstruction, loss.nll_reduction, loss.perceptual, loss.perceptual_weight) == ("l1", "sum", "lpips", 1.0)
+    assert (loss.reconstruction, loss.nll_reduction, loss.perceptual, loss.perceptual_weight) == (
+        "l1",
+        "sum",
+        "lpips",
+        1.0,
+    )
     assert (loss.kl_weight, loss.kl_reduction, loss.disc_weight, loss.disc_start) == (1e-6, "sum", 0.5, 50001)
     assert cfg.lr == pytest.approx(4.5e-6 * 16) and cfg.lr_per_image == 4.5e-6
     assert build_config("sd", batch_size=64).lr == pytest.approx(4.5e-6 * 64)  # --batch-size scales it
@@ -237,8 +264,22 @@ def test_default_is_a_deprecated_alias_of_pixel(capsys):
 
 
 def test_runs_resume_with_the_recipe_they_started_with(torch_home, images, tmp_path, capsys):
-    base = ["train", "--data", str(images), "--preset", "tiny", "--image-size", "16", "--batch-size", "4",
-            "--device", "cpu", "--no-progress", "--set", "data.cache=false"]
+    base = [
+        "train",
+        "--data",
+        str(images),
+        "--preset",
+        "tiny",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--set",
+        "data.cache=false",
+    ]
     run = tmp_path / "pixel_run"
     assert cli([*base, "--run", str(run), "--recipe", "pixel", "--max-steps", "1"]) == 0
     # no --recipe on resume: the run's own (pixel), not today's default (ldm, which would need VGG16 here)
@@ -256,14 +297,36 @@ def test_runs_resume_with_the_recipe_they_started_with(torch_home, images, tmp_p
 
 # ----------------------------------------------------------------------------- a missing file stops the run first
 
+
 def test_missing_weights_stop_train_before_anything_in_one_line(torch_home, images, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     env.pop(pretrained.WEIGHTS_ENV, None)
     finished = subprocess.run(
-        [sys.executable, "-m", "vaehelpers", "train", "--data", str(images), "--run", str(run), "--device", "cpu",
-         "--image-size", "32", "--max-steps", "2", "--set", "data.cache_dir=" + str(tmp_path / "cache")],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "vaehelpers",
+            "train",
+            "--data",
+            str(images),
+            "--run",
+            str(run),
+            "--device",
+            "cpu",
+            "--image-size",
+            "32",
+            "--max-steps",
+            "2",
+            "--set",
+            "data.cache_dir=" + str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert finished.returncode == 1, finished.stdout + finished.stderr
     assert finished.stdout == ""
     lines = finished.stderr.strip().splitlines()
@@ -275,15 +338,43 @@ def test_missing_weights_stop_train_before_anything_in_one_line(torch_home, imag
 
 # ----------------------------------------------------------------------------- training with stand-in weights
 
+
 @pytest.mark.parametrize("where", ["hub_cache", "weights_dir"])
 def test_ldm_trains_with_perceptual_kl_and_gan_from_disc_start(where, torch_home, images, tmp_path, vgg16_file):
     folder = torch_home / "hub" / "checkpoints" if where == "hub_cache" else tmp_path / "attached"
     place(vgg16_file, folder)
     run = tmp_path / "run"
     extra = ["--weights-dir", str(folder)] if where == "weights_dir" else []
-    assert cli(["train", "--data", str(images), "--run", str(run), "--preset", "tiny", "--image-size", "32",
-                "--batch-size", "4", "--max-steps", "4", "--device", "cpu", "--precision", "fp32", "--no-progress",
-                "--set", "loss.disc_start=2", "--set", "data.cache=false", *extra]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--data",
+                str(images),
+                "--run",
+                str(run),
+                "--preset",
+                "tiny",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "4",
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--no-progress",
+                "--set",
+                "loss.disc_start=2",
+                "--set",
+                "data.cache=false",
+                *extra,
+            ]
+        )
+        == 0
+    )
     config = json.loads((run / "config.json").read_text())
     assert config["recipe"] == "ldm" and config["lr"] == pytest.approx(4.5e-6 * 4)
     assert config["weights_dir"] == (str(folder) if extra else "")
@@ -324,11 +415,14 @@ def test_seed_recipe_with_weights_present_is_the_seeds_vgg_relu3_3_loss(torch_ho
     reference = vgg16()
     reference.load_state_dict(torch.load(folder / VGG16, weights_only=True))
     trunk = reference.features[:16].eval()
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
     with torch.no_grad():
         vgg_mse = F.mse_loss(trunk(((reconstructions + 1) / 2 - mean) / std), trunk(((images_ + 1) / 2 - mean) / std))
     bce = F.binary_cross_entropy(((reconstructions + 1) / 2).clamp(1e-6, 1 - 1e-6), (images_ + 1) / 2)
-    kl = (0.5 * (posterior.mean ** 2 + posterior.logvar.exp() - 1 - posterior.logvar)).sum(dim=1).mean()
+    kl = (0.5 * (posterior.mean**2 + posterior.logvar.exp() - 1 - posterior.logvar)).sum(dim=1).mean()
     expected = 500 * (bce / 4 + 0.1 * vgg_mse) + (5.0 / 20) * kl
     assert logs["train/perceptual_loss"] == pytest.approx(float(vgg_mse), rel=1e-5) and float(vgg_mse) > 0
     assert float(total) == pytest.approx(float(expected), rel=1e-5)
@@ -336,9 +430,35 @@ def test_seed_recipe_with_weights_present_is_the_seeds_vgg_relu3_3_loss(torch_ho
 
     # and a seed run trains with the file found in --weights-dir
     run = tmp_path / "run"
-    assert cli(["train", "--data", str(images), "--run", str(run), "--recipe", "seed", "--preset", "tiny",
-                "--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--no-progress",
-                "--weights-dir", str(folder), "--set", "data.cache=false"]) == 0
+    assert (
+        cli(
+            [
+                "train",
+                "--data",
+                str(images),
+                "--run",
+                str(run),
+                "--recipe",
+                "seed",
+                "--preset",
+                "tiny",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--weights-dir",
+                str(folder),
+                "--set",
+                "data.cache=false",
+            ]
+        )
+        == 0
+    )
     assert all(float(row["train/perceptual_loss"]) > 0 for row in log_rows(run))
 
 
@@ -370,8 +490,11 @@ def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_ho
 
     served["body"] = payload = b"good bytes"
     entry = pretrained.REGISTRY["vgg16"]
-    monkeypatch.setitem(pretrained.REGISTRY, "vgg16",
-                        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}))
+    monkeypatch.setitem(
+        pretrained.REGISTRY,
+        "vgg16",
+        type(entry)(**{**entry.__dict__, "sha256_prefix": hashlib.sha256(payload).hexdigest()[:8]}),
+    )
     check_pretrained(cfg, download=True)
     assert (torch_home / "hub" / "checkpoints" / VGG16).read_bytes() == payload
     assert [request.full_url for request in served["requests"]] == [entry.url, entry.url]  # lpips: the wheel's copy
@@ -382,8 +505,14 @@ def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_ho
 def test_launch_stops_before_spawning_when_a_file_is_missing(torch_home, images, tmp_path):
     from vaehelpers.launch import launch
 
-    cfg = build_config("tiny", "ldm", device="cpu", max_steps=1, run_dir=str(tmp_path / "run"),
-                       **{"data.data_dir": str(images), "data.image_size": 16})
+    cfg = build_config(
+        "tiny",
+        "ldm",
+        device="cpu",
+        max_steps=1,
+        run_dir=str(tmp_path / "run"),
+        **{"data.data_dir": str(images), "data.image_size": 16},
+    )
     with pytest.raises(pretrained.MissingWeightsError, match=VGG16):
         launch(cfg, 2)  # would start two processes that each fail the same way
     assert not (tmp_path / "run").exists()

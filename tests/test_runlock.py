@@ -1,5 +1,6 @@
 """One training per run directory: a second `train` is refused in one line naming the holder; a killed holder
 leaves no lock behind. Real processes, real OS locks."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vaehelpers.sources import make_synthetic
 from vaehelpers.runlock import LOCK_NAME, RunDirInUse, RunLock
+from vaehelpers.sources import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -32,9 +33,34 @@ def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 
 def train_command(images: Path, run: Path, max_steps: int) -> list[str]:
-    return [sys.executable, "-m", "vaehelpers", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
-            "--image-size", "16", "--batch-size", "4", "--max-steps", str(max_steps), "--checkpoint-every", "1000",
-            "--device", "cpu", "--precision", "fp32", "--no-progress", "--resume", "--recipe", "pixel"]
+    return [
+        sys.executable,
+        "-m",
+        "vaehelpers",
+        "train",
+        "--data",
+        str(images),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        str(max_steps),
+        "--checkpoint-every",
+        "1000",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--resume",
+        "--recipe",
+        "pixel",
+    ]
 
 
 @pytest.mark.slow
@@ -42,8 +68,9 @@ def train_command(images: Path, run: Path, max_steps: int) -> list[str]:
 def test_second_training_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
     images, run = tmp_path / "images", tmp_path / "run"
     make_synthetic(images, count=24, size=16, seed=3)
-    first = subprocess.Popen(train_command(images, run, 100_000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             cwd=ROOT, env=ENV)
+    first = subprocess.Popen(
+        train_command(images, run, 100_000), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=ENV
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and str(first.pid) not in _read(run / LOCK_NAME):
@@ -51,8 +78,9 @@ def test_second_training_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path)
             time.sleep(0.05)
         assert json.loads(_read(run / LOCK_NAME))["pid"] == first.pid  # the first run holds the directory
 
-        second = subprocess.run(train_command(images, run, 2), capture_output=True, text=True, cwd=ROOT, env=ENV,
-                                timeout=120)
+        second = subprocess.run(
+            train_command(images, run, 2), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120
+        )
         assert second.returncode == 1
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
@@ -64,7 +92,9 @@ def test_second_training_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path)
 
     # kill -9 gave the holder no chance to clean up: the lock file is still there, but the OS lock is gone
     assert json.loads(_read(run / LOCK_NAME))["pid"] == first.pid
-    third = subprocess.run(train_command(images, run, 2), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=180)
+    third = subprocess.run(
+        train_command(images, run, 2), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=180
+    )
     assert third.returncode == 0, third.stderr
     assert "reached --max-steps 2" in third.stdout
     assert json.loads(_read(run / LOCK_NAME))["pid"] != first.pid  # the new run took it and wrote its own details

@@ -1,4 +1,5 @@
 """Device and precision choice, including the check for GPUs this torch build has no kernels for."""
+
 import pytest
 import torch
 
@@ -43,9 +44,14 @@ def test_precision_choice(monkeypatch):
         runtime.resolve_precision("fp8", cpu)
 
 
-GPUS = [((6, 0), "Tesla P100-PCIE-16GB", "fp16"), ((7, 0), "Tesla V100-SXM2-16GB", "fp16"),
-        ((7, 5), "Tesla T4", "fp16"), ((8, 0), "NVIDIA A100-SXM4-40GB", "bf16"), ((8, 9), "NVIDIA L4", "bf16"),
-        ((9, 0), "NVIDIA H100 80GB HBM3", "bf16")]
+GPUS = [
+    ((6, 0), "Tesla P100-PCIE-16GB", "fp16"),
+    ((7, 0), "Tesla V100-SXM2-16GB", "fp16"),
+    ((7, 5), "Tesla T4", "fp16"),
+    ((8, 0), "NVIDIA A100-SXM4-40GB", "bf16"),
+    ((8, 9), "NVIDIA L4", "bf16"),
+    ((9, 0), "NVIDIA H100 80GB HBM3", "bf16"),
+]
 
 
 @pytest.mark.parametrize("capability, name, expected", GPUS)

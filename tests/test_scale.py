@@ -1,4 +1,5 @@
 """latents.py's scale and `vaehelpers scale`: 1/std of the latents, stored as the run's model.scaling_factor."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,9 +11,9 @@ import torch
 from vaehelpers import AutoencoderKL, ModelConfig
 from vaehelpers.cli import main
 from vaehelpers.dataset import ImageFolderDataset
-from vaehelpers.sources import make_synthetic
-from vaehelpers.rundir import SCALE_NAME
 from vaehelpers.latents import latent_statistics, measure_scale, store_scale
+from vaehelpers.rundir import SCALE_NAME
+from vaehelpers.sources import make_synthetic
 
 SMALL = ModelConfig(base_channels=8, channel_multipliers=(1, 2), layers_per_block=1, norm_num_groups=4)
 
@@ -58,8 +59,9 @@ def test_per_channel_statistics_match_a_direct_computation():
 
 def test_store_scale_changes_only_the_scaling_factor(tmp_path):
     model = small_model()
-    (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(SMALL),
-                                                      "lr": 0.001, "data": {"image_size": 16}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model": dataclasses.asdict(SMALL), "lr": 0.001, "data": {"image_size": 16}})
+    )
     model.save(tmp_path)
     store_scale(tmp_path, 1.25)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -81,8 +83,28 @@ def test_cli_scale_writes_one_over_std_into_the_run(tmp_path, capsys):
     make_synthetic(data, count=6, size=32, seed=0)
     run = tmp_path / "run"
     small_model().save(run)
-    assert main(["scale", "--run", str(run), "--data", str(data), "--split", "all", "--max-images", "4",
-                 "--image-size", "16", "--batch-size", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "scale",
+                "--run",
+                str(run),
+                "--data",
+                str(data),
+                "--split",
+                "all",
+                "--max-images",
+                "4",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "scaling_factor" in capsys.readouterr().out
 
     dataset = ImageFolderDataset(data, split="all", image_size=16, augment=False)

@@ -1,4 +1,5 @@
 """The recipe study: equal budgets, held-out evaluation, one table, resumable."""
+
 import json
 
 from vaehelpers.cli import main as cli
@@ -8,9 +9,28 @@ from vaehelpers.sources import make_synthetic
 def test_study_trains_each_candidate_on_the_same_budget_and_tables_them(tmp_path, capsys):
     make_synthetic(tmp_path / "train", count=12, size=16, seed=0)
     make_synthetic(tmp_path / "test", count=4, size=16, seed=1)
-    args = ["study", "--train-data", str(tmp_path / "train"), "--test-data", str(tmp_path / "test"), "--out",
-            str(tmp_path / "out"), "--candidates", "seed", "l1-const-clip", "--image-size", "16", "--batch-size", "4",
-            "--steps", "2", "--perceptual-weight", "0", "--device", "cpu"]
+    args = [
+        "study",
+        "--train-data",
+        str(tmp_path / "train"),
+        "--test-data",
+        str(tmp_path / "test"),
+        "--out",
+        str(tmp_path / "out"),
+        "--candidates",
+        "seed",
+        "l1-const-clip",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--perceptual-weight",
+        "0",
+        "--device",
+        "cpu",
+    ]
     assert cli(args) == 0
     table = (tmp_path / "out" / "study.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| seed", "| l1-const-clip"]

@@ -1,6 +1,6 @@
 """The trainer: it learns, resumes exactly, survives SIGTERM, skips non-finite steps, and the CLI keeps its contract."""
+
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from vaehelpers import metrics
-from vaehelpers.rundir import load_checkpoint
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
 from vaehelpers.dataset import ImageFolderDataset
-from vaehelpers.sources import make_synthetic
 from vaehelpers.model import AutoencoderKL
+from vaehelpers.rundir import load_checkpoint
+from vaehelpers.sources import make_synthetic
 from vaehelpers.train import NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,15 +31,28 @@ def images(tmp_path_factory) -> Path:
 
 
 def tiny(images: Path, run: Path, **overrides):
-    settings = {"device": "cpu", "batch_size": 4, "lr": 1e-3, "data.data_dir": str(images), "data.image_size": 16,
-                "data.cache": False, "run_dir": str(run), "checkpoint_every": 1000}
+    settings = {
+        "device": "cpu",
+        "batch_size": 4,
+        "lr": 1e-3,
+        "data.data_dir": str(images),
+        "data.image_size": 16,
+        "data.cache": False,
+        "run_dir": str(run),
+        "checkpoint_every": 1000,
+    }
     settings.update(overrides)
     return build_config("tiny", "pixel", **settings)
 
 
 def held_out(model: AutoencoderKL, images: Path, size: int) -> dict:
-    return metrics.evaluate(model, ImageFolderDataset(images, split="test", image_size=size, cache=False),
-                            batch_size=16, progress=False, lpips=False)
+    return metrics.evaluate(
+        model,
+        ImageFolderDataset(images, split="test", image_size=size, cache=False),
+        batch_size=16,
+        progress=False,
+        lpips=False,
+    )
 
 
 @pytest.mark.slow
@@ -59,7 +72,13 @@ def test_training_lowers_held_out_loss_and_raises_psnr(images, tmp_path):
     header = log[0].split(",")
     losses = [float(row.split(",")[header.index("train/rec_loss")]) for row in log[1:]]
     assert sum(losses[-20:]) < 0.85 * sum(losses[:20])  # measured: 0.42 -> 0.33 mean L1
-    for name in ("config.json", "model.safetensors", "checkpoints/last.pt", "figures/loss_curve.png", "figures/reconstructions.png"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "checkpoints/last.pt",
+        "figures/loss_curve.png",
+        "figures/reconstructions.png",
+    ):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
@@ -135,7 +154,9 @@ def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
 
 
 def test_non_finite_step_is_skipped_counted_and_weights_stay_finite(images, tmp_path):
-    poison = lambda step, batch: batch * float("nan") if step == 2 else batch
+    def poison(step, batch):
+        return batch * float("nan") if step == 2 else batch
+
     result = train(tiny(images, tmp_path / "run", max_steps=5), on_batch=poison, progress=False)
     assert result.bad_steps == 1 and result.step == 5
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -147,7 +168,10 @@ def test_non_finite_step_is_skipped_counted_and_weights_stay_finite(images, tmp_
 
 def test_many_non_finite_steps_stop_and_keep_last_good_checkpoint(images, tmp_path):
     run = tmp_path / "run"
-    poison = lambda step, batch: batch * float("nan") if step >= 3 else batch
+
+    def poison(step, batch):
+        return batch * float("nan") if step >= 3 else batch
+
     with pytest.raises(NonFiniteLossError, match="in a row"):
         train(tiny(images, run, max_steps=50, checkpoint_every=1, max_bad_steps=4), on_batch=poison, progress=False)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -155,15 +179,40 @@ def test_many_non_finite_steps_stop_and_keep_last_good_checkpoint(images, tmp_pa
 
 
 def _train_command(images: Path, run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vaehelpers", "train", "--data", str(images), "--run", str(run), "--preset", "tiny",
-            "--image-size", "16", "--batch-size", "4", "--device", "cpu", "--no-progress", "--recipe", "pixel", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vaehelpers",
+        "train",
+        "--data",
+        str(images),
+        "--run",
+        str(run),
+        "--preset",
+        "tiny",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--recipe",
+        "pixel",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(images, tmp_path):
     run = tmp_path / "run"
-    process = subprocess.Popen(_train_command(images, run, "--checkpoint-every", "5"), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    process = subprocess.Popen(
+        _train_command(images, run, "--checkpoint-every", "5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -181,18 +230,40 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(images, tmp_path):
 def test_cli_evaluate_json_has_every_design_key(images, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(_train_command(images, run, "--max-steps", "2")[3:]) == 0
-    assert cli(["evaluate", "--run", str(run), "--data", str(images), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert (
+        cli(["evaluate", "--run", str(run), "--data", str(images), "--json", str(tmp_path / "e.json"), "--no-progress"])
+        == 0
+    )
     summary = json.loads((tmp_path / "e.json").read_text())
     for key in ("n_images", "image_size", "pixel_range", "mae", "mse", "psnr", "ssim", "lpips", "per_image"):
         assert key in summary, key
     assert summary["pixel_range"] == "[0,1]" and summary["image_size"] == 16
-    assert summary["n_images"] == len(ImageFolderDataset(images, split="test", cache=False)) == len(summary["per_image"]) > 0
+    assert (
+        summary["n_images"]
+        == len(ImageFolderDataset(images, split="test", cache=False))
+        == len(summary["per_image"])
+        > 0
+    )
     assert "PSNR on [0,1]" in capsys.readouterr().out
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    assert cli(["train", "--data", str(tmp_path / "missing"), "--run", str(tmp_path / "r"), "--device", "cpu",
-                "--recipe", "pixel"]) == 1
+    assert (
+        cli(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "missing"),
+                "--run",
+                str(tmp_path / "r"),
+                "--device",
+                "cpu",
+                "--recipe",
+                "pixel",
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert "missing" in error and "Traceback" not in error
     assert cli(["train", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--set", "nonsense.key=1"]) == 1

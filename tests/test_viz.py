@@ -1,4 +1,5 @@
 """Static figures render on Agg and save non-empty PNGs."""
+
 from __future__ import annotations
 
 import csv
@@ -32,7 +33,9 @@ def test_to_numpy_image_maps_range_and_layout():
     assert array.shape == (2, 2, 3) and array.dtype == np.float32
     assert np.allclose(array[..., 0], [[0, 0.5], [1, 1]])
     as_uint8 = viz.to_numpy_image(image[None], as_uint8=True)
-    assert as_uint8.dtype == np.uint8 and as_uint8[0, 0, 0] == 0 and as_uint8[0, 1, 0] == 128 and as_uint8[1, 1, 2] == 255
+    assert (
+        as_uint8.dtype == np.uint8 and as_uint8[0, 0, 0] == 0 and as_uint8[0, 1, 0] == 128 and as_uint8[1, 1, 2] == 255
+    )
     with pytest.raises(ValueError):
         viz.to_numpy_image(torch.zeros(2, 3, 4, 4))
 
@@ -69,8 +72,18 @@ def test_latent_channels_figure_one_and_many(tmp_path):
 def _write_log(path):
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "epoch", "train/total_loss", "train/rec_loss", "train/kl_loss", "train/g_loss",
-                         "val/rec_loss", "lr"])
+        writer.writerow(
+            [
+                "step",
+                "epoch",
+                "train/total_loss",
+                "train/rec_loss",
+                "train/kl_loss",
+                "train/g_loss",
+                "val/rec_loss",
+                "lr",
+            ]
+        )
         for step in range(1, 21):
             val = f"{0.5 / step:.4f}" if step % 5 == 0 else ""  # validation only every 5 steps
             writer.writerow([step, step / 10, 1 / step + 0.01, 1 / step, 0.01 * step, -0.1 * step, val, 1e-4])
@@ -82,8 +95,12 @@ def test_loss_curve_figure_from_csv_and_rows(tmp_path):
     fig = viz.loss_curve_figure(log)
     log_ax, linear_ax = fig.axes  # positive terms on log scale, the signed GAN term on its own linear panel
     assert log_ax.get_yscale() == "log" and linear_ax.get_yscale() == "linear"
-    assert {line.get_label() for line in log_ax.lines} == {"train/total_loss", "train/rec_loss", "train/kl_loss",
-                                                           "val/rec_loss"}
+    assert {line.get_label() for line in log_ax.lines} == {
+        "train/total_loss",
+        "train/rec_loss",
+        "train/kl_loss",
+        "val/rec_loss",
+    }
     assert [line.get_label() for line in linear_ax.lines] == ["train/g_loss"]
     val_line = next(line for line in log_ax.lines if line.get_label() == "val/rec_loss")
     assert len(val_line.get_xdata()) == 4  # empty cells skipped

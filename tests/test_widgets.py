@@ -1,5 +1,6 @@
 """The notebook helpers and widgets at the end of viz.py: sliders moved programmatically change the decoded image,
 and moving them back restores it exactly."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 
-from vaehelpers import latents, losses, viz, widgets  # noqa: E402
+from vaehelpers import latents, viz, widgets  # noqa: E402
 from vaehelpers.config import build_config, model_config  # noqa: E402
 from vaehelpers.model import AutoencoderKL  # noqa: E402
 
@@ -43,7 +44,9 @@ def test_latent_explorer_sliders_change_the_decoded_image_and_back(model, images
     assert len(explorer.offsets) == len(explorer.scales) == model.config.latent_channels
     start_png, start_image = explorer.image.value, explorer.decoded()
     assert png_array(start_png).shape == (64, 64 * 2 + 4, 3)  # original | decoded, 4 px apart
-    assert torch.allclose(start_image, latents.decode(model, latents.encode(model, images[:1]))[0], atol=1e-4)  # at rest (batching moves the last bits)
+    assert torch.allclose(
+        start_image, latents.decode(model, latents.encode(model, images[:1]))[0], atol=1e-4
+    )  # at rest (batching moves the last bits)
 
     explorer.offsets[0].value = 2.0
     moved = explorer.decoded()
@@ -102,12 +105,17 @@ def test_interpolate_and_prior_samples(model, images):
 
 
 def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
-    rows = [{"step": i, "epoch": round(0.1 * i, 4), "train/total_loss": 1.0 / i, "train/rec_loss": 0.5 / i} for i in range(1, 7)]
+    rows = [
+        {"step": i, "epoch": round(0.1 * i, 4), "train/total_loss": 1.0 / i, "train/rec_loss": 0.5 / i}
+        for i in range(1, 7)
+    ]
     printer = widgets.LiveLossPlot(every=3, interactive=False)
     for row in rows:
         printer(row)
-    assert capsys.readouterr().out.splitlines() == ["step 3  epoch 0.3  total_loss 0.3333  rec_loss 0.1667",
-                                                    "step 6  epoch 0.6  total_loss 0.1667  rec_loss 0.08333"]
+    assert capsys.readouterr().out.splitlines() == [
+        "step 3  epoch 0.3  total_loss 0.3333  rec_loss 0.1667",
+        "step 6  epoch 0.6  total_loss 0.1667  rec_loss 0.08333",
+    ]
 
     shown = []
 
@@ -117,7 +125,9 @@ def test_live_loss_plot_prints_or_redraws_in_place(monkeypatch, capsys):
 
     import IPython.display
 
-    monkeypatch.setattr(IPython.display, "display", lambda figure, display_id: shown.append(("display", figure)) or Handle())
+    monkeypatch.setattr(
+        IPython.display, "display", lambda figure, display_id: shown.append(("display", figure)) or Handle()
+    )
     plot = widgets.LiveLossPlot(every=2, interactive=True)
     for row in rows:
         plot(row)
@@ -153,7 +163,13 @@ def test_perceptual_figure_with_and_without_weights(monkeypatch, images, tmp_pat
     torch.manual_seed(0)
     figure = viz.perceptual_figure(images, images.flip(-1), backbone=vgg16(weights=None).features)  # stand-in weights
     assert len(figure.axes) == 7
-    assert [ax.get_title().split("\n")[0] for ax in figure.axes[2:]] == ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"]
+    assert [ax.get_title().split("\n")[0] for ax in figure.axes[2:]] == [
+        "relu1_2",
+        "relu2_2",
+        "relu3_3",
+        "relu4_3",
+        "relu5_3",
+    ]
 
     # offline, without the file: an empty torch hub cache and no weights folder
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -193,7 +209,6 @@ def test_prior_samples_use_measured_channel_statistics():
 
 def test_latent_explorer_steps_by_the_measured_channel_std(images):
     torch.manual_seed(0)
-    config = dataclasses.replace(model_config("tiny"), latents_mean=(0.0,) * 4,
-                                 latents_std=(0.5, 2.0, 1.0, 3.0))
+    config = dataclasses.replace(model_config("tiny"), latents_mean=(0.0,) * 4, latents_std=(0.5, 2.0, 1.0, 3.0))
     explorer = widgets.LatentExplorer(AutoencoderKL(config).eval(), images[:2, :, :16, :16])
     assert explorer.channel_std.tolist() == [0.5, 2.0, 1.0, 3.0]

@@ -1,4 +1,5 @@
 """vaehelpers: train, evaluate and explore Stable-Diffusion-style KL autoencoders."""
+
 from vaehelpers.config import DataConfig, LossConfig, ModelConfig, TrainConfig
 from vaehelpers.model import AutoencoderKL, DiagonalGaussian
 

@@ -1,4 +1,5 @@
 """`python -m vaehelpers` runs the command line."""
+
 from vaehelpers.cli import main
 
 raise SystemExit(main())

@@ -14,6 +14,7 @@ FLOP/s and, on a GPU, the model FLOP utilisation against the GPU's dense peak (P
 (decode + resize every time) and from the uint8 cache, through a DataLoader with 0 and 2 workers,
 built afresh per epoch as train.py does (so worker start-up counts).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,10 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,8 +99,9 @@ def timed(call: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per call for each named call, run in turn A B A B ...: `warmup` untimed rounds first."""
     for _ in range(warmup):
         for call in calls.values():
@@ -250,8 +253,15 @@ class Contender:
 BASELINE = "diffusers fp32"  # diffusers' AutoencoderKL as shipped: fp32, eager, default memory layout
 
 
-def build_contenders(config: ModelConfig, device: torch.device, precision: str, *, with_diffusers: bool = True,
-                     ablate: bool = False, seed: int = 0) -> list[Contender]:
+def build_contenders(
+    config: ModelConfig,
+    device: torch.device,
+    precision: str,
+    *,
+    with_diffusers: bool = True,
+    ablate: bool = False,
+    seed: int = 0,
+) -> list[Contender]:
     """Every model under test, all holding the same weights.
 
     "ours {precision}" runs as train.py runs it (autocast at `precision`, channels_last on CUDA).
@@ -284,8 +294,14 @@ def build_contenders(config: ModelConfig, device: torch.device, precision: str, 
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if name.startswith("diffusers"):
-            contender = Contender(name, model, model_precision, lambda x, m=model: m.encode(x).latent_dist,
-                                  lambda z, m=model: m.decode(z).sample, channels_last)
+            contender = Contender(
+                name,
+                model,
+                model_precision,
+                lambda x, m=model: m.encode(x).latent_dist,
+                lambda z, m=model: m.decode(z).sample,
+                channels_last,
+            )
         else:
             contender = Contender(name, model, model_precision, model.encode, model.decode, channels_last)
         # train.py's optimiser: AdamW, fused kernels on CUDA
@@ -294,8 +310,9 @@ def build_contenders(config: ModelConfig, device: torch.device, precision: str, 
     return contenders
 
 
-def make_calls(contender: Contender, images: torch.Tensor, latents: torch.Tensor, device: torch.device,
-               seed: int = 0) -> dict[str, Callable[[], Any]]:
+def make_calls(
+    contender: Contender, images: torch.Tensor, latents: torch.Tensor, device: torch.device, seed: int = 0
+) -> dict[str, Callable[[], Any]]:
     """The three timed operations of one contender, as argument-free calls."""
     loss_fn = VAELoss(LossConfig()).to(device)  # the pixel recipe: L1 + 1e-6 * KL, no perceptual, no GAN
     precision = contender.precision
@@ -336,10 +353,22 @@ def make_calls(contender: Contender, images: torch.Tensor, latents: torch.Tensor
 # The model benchmark
 
 
-def bench_model(preset: str, image_size: int, batch_size: int, *, device: torch.device, precision: str,
-                repeats: int = 5, warmup: int = 1, ops: Sequence[str] = OPS, with_diffusers: bool = True,
-                ablate: bool = False, peak_flops: float | None = None, seed: int = 0,
-                log: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+def bench_model(
+    preset: str,
+    image_size: int,
+    batch_size: int,
+    *,
+    device: torch.device,
+    precision: str,
+    repeats: int = 5,
+    warmup: int = 1,
+    ops: Sequence[str] = OPS,
+    with_diffusers: bool = True,
+    ablate: bool = False,
+    peak_flops: float | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[dict[str, Any]]:
     """Time `ops` for every contender at one (preset, image_size, batch_size); one row per (op, contender).
 
     Rows carry median/min/max ms, images/s, FLOPs per call, achieved FLOP/s, MFU (GPU with a known or
@@ -356,17 +385,21 @@ def bench_model(preset: str, image_size: int, batch_size: int, *, device: torch.
         raise ValueError(f"unknown ops {unknown}: choose from {list(OPS)}")
     contenders = build_contenders(config, device, precision, with_diffusers=with_diffusers, ablate=ablate, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    images = (torch.rand(batch_size, config.in_channels, image_size, image_size, generator=generator) * 2 - 1).to(device)
+    images = (torch.rand(batch_size, config.in_channels, image_size, image_size, generator=generator) * 2 - 1).to(
+        device
+    )
     latent_size = image_size // f
     latents = torch.randn(batch_size, config.latent_channels, latent_size, latent_size, generator=generator).to(device)
     calls = {c.name: make_calls(c, images, latents, device, seed) for c in contenders}
     rows = []
     for op in ops:
-        log(f"  {preset} {image_size}px batch {batch_size}: {op} x {repeats} "
-            f"({', '.join(c.name for c in contenders)}, interleaved)")
+        log(
+            f"  {preset} {image_size}px batch {batch_size}: {op} x {repeats} "
+            f"({', '.join(c.name for c in contenders)}, interleaved)"
+        )
         times = time_interleaved({c.name: calls[c.name][op] for c in contenders}, repeats, warmup, device)
 
-        def ratio_to(name: str, baseline: str) -> float | None:
+        def ratio_to(name: str, baseline: str, times: dict = times) -> float | None:
             if baseline not in times or name == baseline:
                 return None
             return statistics.median(a / b for a, b in zip(times[name], times[baseline]))  # pair by pair
@@ -378,23 +411,47 @@ def bench_model(preset: str, image_size: int, batch_size: int, *, device: torch.
             median = statistics.median(times[name])
             achieved = flops / median if median > 0 else None
             peak = peak_flops or peak_flops_for(device, contender.precision)
-            rows.append({
-                "preset": preset, "image_size": image_size, "batch_size": batch_size, "device": device.type,
-                "precision": contender.precision, "op": op, "model": name, "repeats": repeats, "warmup": warmup,
-                "median_ms": 1000 * median, "min_ms": 1000 * min(times[name]), "max_ms": 1000 * max(times[name]),
-                "times_ms": [1000 * t for t in times[name]],
-                "images_per_s": batch_size / median if median > 0 else None,
-                "gflop": flops / 1e9, "tflop_per_s": achieved / 1e12 if achieved else None,
-                "mfu": achieved / peak if achieved and peak else None,
-                "peak_mem_mib": memory / MIB if memory is not None else None,
-                "ratio_vs_diffusers_fp32": ratio_to(name, BASELINE),
-                "ratio_vs_diffusers_same_precision": ratio_to(name, f"diffusers {contender.precision}"),
-            })
+            rows.append(
+                {
+                    "preset": preset,
+                    "image_size": image_size,
+                    "batch_size": batch_size,
+                    "device": device.type,
+                    "precision": contender.precision,
+                    "op": op,
+                    "model": name,
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    "median_ms": 1000 * median,
+                    "min_ms": 1000 * min(times[name]),
+                    "max_ms": 1000 * max(times[name]),
+                    "times_ms": [1000 * t for t in times[name]],
+                    "images_per_s": batch_size / median if median > 0 else None,
+                    "gflop": flops / 1e9,
+                    "tflop_per_s": achieved / 1e12 if achieved else None,
+                    "mfu": achieved / peak if achieved and peak else None,
+                    "peak_mem_mib": memory / MIB if memory is not None else None,
+                    "ratio_vs_diffusers_fp32": ratio_to(name, BASELINE),
+                    "ratio_vs_diffusers_same_precision": ratio_to(name, f"diffusers {contender.precision}"),
+                }
+            )
     return rows
 
 
-MODEL_COLUMNS = ("op", "model", "median ms", "min ms", "max ms", "images/s", "GFLOP", "TFLOP/s", "MFU",
-                 "peak MiB", "vs diffusers fp32", "vs diffusers same prec.")
+MODEL_COLUMNS = (
+    "op",
+    "model",
+    "median ms",
+    "min ms",
+    "max ms",
+    "images/s",
+    "GFLOP",
+    "TFLOP/s",
+    "MFU",
+    "peak MiB",
+    "vs diffusers fp32",
+    "vs diffusers same prec.",
+)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -419,15 +476,27 @@ def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
         groups.setdefault((row["preset"], row["image_size"], row["batch_size"], row["device"]), []).append(row)
     for (preset, size, batch, device), group in groups.items():
         first = group[0]
-        lines.append(f"preset {preset}, {size}x{size}, batch {batch}, {device}: median of "
-                     f"{first['repeats']} interleaved runs after {first['warmup']} warm-up; "
-                     f"ratios are medians of per-run time ratios")
+        lines.append(
+            f"preset {preset}, {size}x{size}, batch {batch}, {device}: median of "
+            f"{first['repeats']} interleaved runs after {first['warmup']} warm-up; "
+            f"ratios are medians of per-run time ratios"
+        )
         lines.append(_table_line(MODEL_COLUMNS, widths))
         for row in group:
-            cells = [row["op"], row["model"], _fmt(row["median_ms"], ".1f"), _fmt(row["min_ms"], ".1f"),
-                     _fmt(row["max_ms"], ".1f"), _fmt(row["images_per_s"], ".1f"), _fmt(row["gflop"], ".2f"),
-                     _fmt(row["tflop_per_s"], ".4f"), _fmt(row["mfu"], ".1%"), _fmt(row["peak_mem_mib"], ".0f"),
-                     _ratio(row["ratio_vs_diffusers_fp32"]), _ratio(row["ratio_vs_diffusers_same_precision"])]
+            cells = [
+                row["op"],
+                row["model"],
+                _fmt(row["median_ms"], ".1f"),
+                _fmt(row["min_ms"], ".1f"),
+                _fmt(row["max_ms"], ".1f"),
+                _fmt(row["images_per_s"], ".1f"),
+                _fmt(row["gflop"], ".2f"),
+                _fmt(row["tflop_per_s"], ".4f"),
+                _fmt(row["mfu"], ".1%"),
+                _fmt(row["peak_mem_mib"], ".0f"),
+                _ratio(row["ratio_vs_diffusers_fp32"]),
+                _ratio(row["ratio_vs_diffusers_same_precision"]),
+            ]
             lines.append(_table_line(cells, widths))
         lines.append("")
     return "\n".join(lines)
@@ -457,7 +526,7 @@ def _epoch_images_per_s(dataset: Any, batch_size: int, workers: int, epoch: int,
     dataset.set_epoch(epoch)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     usable = len(order) - len(order) % batch_size if len(order) >= batch_size else len(order)
-    batches = [order[i:i + batch_size] for i in range(0, usable, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, usable, batch_size)]
     started = time.perf_counter()
     seen = 0
     for images in DataLoader(dataset, batch_sampler=batches, num_workers=workers):
@@ -466,9 +535,16 @@ def _epoch_images_per_s(dataset: Any, batch_size: int, workers: int, epoch: int,
     return seen / elapsed, seen
 
 
-def bench_data(root: str | Path | None, image_size: int = 128, batch_size: int = 8,
-               workers: Sequence[int] = (0, 2), repeats: int = 3, synthetic_count: int = 512, seed: int = 0,
-               log: Callable[[str], None] = lambda line: None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def bench_data(
+    root: str | Path | None,
+    image_size: int = 128,
+    batch_size: int = 8,
+    workers: Sequence[int] = (0, 2),
+    repeats: int = 3,
+    synthetic_count: int = 512,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """images/s of ImageFolderDataset (train split "all", augment on) from the image files and from the cache.
 
     root None: synthetic PNGs in a temporary folder. The cache goes to a temporary folder, never beside
@@ -488,20 +564,38 @@ def bench_data(root: str | Path | None, image_size: int = 128, batch_size: int =
             root = Path(root)
             source = str(root)
         started = time.perf_counter()
-        cached = ImageFolderDataset(root, split="all", image_size=image_size, augment=True, cache=True,
-                                    cache_dir=Path(scratch) / "cache", seed=seed)
+        cached = ImageFolderDataset(
+            root,
+            split="all",
+            image_size=image_size,
+            augment=True,
+            cache=True,
+            cache_dir=Path(scratch) / "cache",
+            seed=seed,
+        )
         build_s = time.perf_counter() - started
         files = ImageFolderDataset(root, split="all", image_size=image_size, augment=True, cache=False, seed=seed)
         info = {"source": source, "n_images": len(cached), "cache_build_s": build_s}
         for mode, dataset in (("files", files), ("cache", cached)):
             for n_workers in workers:
                 log(f"  data: {mode}, {n_workers} workers, {repeats} epochs of {len(dataset)} images")
-                rates = [_epoch_images_per_s(dataset, batch_size, n_workers, epoch, seed)[0]
-                         for epoch in range(repeats)]
-                rows.append({"source": source, "mode": mode, "workers": n_workers, "image_size": image_size,
-                             "batch_size": batch_size, "n_images": len(dataset), "repeats": repeats,
-                             "images_per_s": statistics.median(rates), "min_images_per_s": min(rates),
-                             "max_images_per_s": max(rates)})
+                rates = [
+                    _epoch_images_per_s(dataset, batch_size, n_workers, epoch, seed)[0] for epoch in range(repeats)
+                ]
+                rows.append(
+                    {
+                        "source": source,
+                        "mode": mode,
+                        "workers": n_workers,
+                        "image_size": image_size,
+                        "batch_size": batch_size,
+                        "n_images": len(dataset),
+                        "repeats": repeats,
+                        "images_per_s": statistics.median(rates),
+                        "min_images_per_s": min(rates),
+                        "max_images_per_s": max(rates),
+                    }
+                )
     return rows, info
 
 
@@ -512,13 +606,17 @@ def format_data_table(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> s
     if not rows:
         return ""
     first = rows[0]
-    lines = [f"data path: {info['source']}, {info['n_images']} images, {first['image_size']}px random crop + flip, "
-             f"batch {first['batch_size']}, median of {first['repeats']} epochs (fresh DataLoader each); "
-             f"cache built in {info['cache_build_s']:.1f} s",
-             f"{'source':<12}{'workers':>8}{'images/s (median)':>20}{'min':>10}{'max':>10}"]
+    lines = [
+        f"data path: {info['source']}, {info['n_images']} images, {first['image_size']}px random crop + flip, "
+        f"batch {first['batch_size']}, median of {first['repeats']} epochs (fresh DataLoader each); "
+        f"cache built in {info['cache_build_s']:.1f} s",
+        f"{'source':<12}{'workers':>8}{'images/s (median)':>20}{'min':>10}{'max':>10}",
+    ]
     for row in rows:
-        lines.append(f"{row['mode']:<12}{row['workers']:>8}{row['images_per_s']:>20.0f}"
-                     f"{row['min_images_per_s']:>10.0f}{row['max_images_per_s']:>10.0f}")
+        lines.append(
+            f"{row['mode']:<12}{row['workers']:>8}{row['images_per_s']:>20.0f}"
+            f"{row['min_images_per_s']:>10.0f}{row['max_images_per_s']:>10.0f}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -541,10 +639,15 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except ImportError:
         diffusers_version = None
     info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers_version,
-        "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     if hasattr(os, "getloadavg"):
@@ -552,14 +655,29 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_bench(*, presets: Sequence[str] = ("small",), image_sizes: Sequence[int] = (128,),
-              batch_sizes: Sequence[int] = (8,), repeats: int = 5, warmup: int = 1, device: str = "auto",
-              precision: str = "auto", ops: Sequence[str] = OPS, with_diffusers: bool = True,
-              ablate: bool = False, peak_tflops: float | None = None, part: str = "model",
-              data_path: str | Path | None = "auto",
-              data_workers: Sequence[int] = (0, 2), data_repeats: int = 3, seed: int = 0,
-              synthetic_count: int = 512, json_path: str | Path | None = None, command: str | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    *,
+    presets: Sequence[str] = ("small",),
+    image_sizes: Sequence[int] = (128,),
+    batch_sizes: Sequence[int] = (8,),
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "auto",
+    precision: str = "auto",
+    ops: Sequence[str] = OPS,
+    with_diffusers: bool = True,
+    ablate: bool = False,
+    peak_tflops: float | None = None,
+    part: str = "model",
+    data_path: str | Path | None = "auto",
+    data_workers: Sequence[int] = (0, 2),
+    data_repeats: int = 3,
+    seed: int = 0,
+    synthetic_count: int = 512,
+    json_path: str | Path | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """The `vaehelpers bench` run: model part and/or data part; prints the tables, writes JSON, returns it.
 
     part: "model", "data" or "all". data_path: a folder, "auto" (the shared BSDS500 photos when present,
@@ -574,18 +692,39 @@ def run_bench(*, presets: Sequence[str] = ("small",), image_sizes: Sequence[int]
     peak_override = peak_tflops * 1e12 if peak_tflops else None
     peak = peak_override or peak_flops_for(torch_device, resolved_precision)
     report: dict[str, Any] = {
-        "command": command or canonical_command(
-            part=part, presets=presets, image_sizes=image_sizes, batch_sizes=batch_sizes, repeats=repeats,
-            warmup=warmup, device=device, precision=precision, ops=ops, with_diffusers=with_diffusers,
-            ablate=ablate, peak_tflops=peak_tflops, data_path=data_path, data_workers=data_workers,
-            data_repeats=data_repeats, seed=seed, json_path=json_path),
+        "command": command
+        or canonical_command(
+            part=part,
+            presets=presets,
+            image_sizes=image_sizes,
+            batch_sizes=batch_sizes,
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+            precision=precision,
+            ops=ops,
+            with_diffusers=with_diffusers,
+            ablate=ablate,
+            peak_tflops=peak_tflops,
+            data_path=data_path,
+            data_workers=data_workers,
+            data_repeats=data_repeats,
+            seed=seed,
+            json_path=json_path,
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(torch_device), "precision": resolved_precision,
-        "peak_flops": peak, "model": [], "data": [], "data_info": None,
+        "machine": machine_info(torch_device),
+        "precision": resolved_precision,
+        "peak_flops": peak,
+        "model": [],
+        "data": [],
+        "data_info": None,
     }
-    header = (f"vaehelpers bench: {torch_device} ({report['machine']['gpu'] or report['machine']['cpu']}), "
-              f"{resolved_precision}, torch {torch.__version__}, diffusers {report['machine']['diffusers']}, "
-              f"{torch.get_num_threads()} threads")
+    header = (
+        f"vaehelpers bench: {torch_device} ({report['machine']['gpu'] or report['machine']['cpu']}), "
+        f"{resolved_precision}, torch {torch.__version__}, diffusers {report['machine']['diffusers']}, "
+        f"{torch.get_num_threads()} threads"
+    )
     if "load_average_start" in report["machine"]:
         header += ", load average " + " ".join(f"{v:.2f}" for v in report["machine"]["load_average_start"])
     log(header)
@@ -600,9 +739,20 @@ def run_bench(*, presets: Sequence[str] = ("small",), image_sizes: Sequence[int]
             for image_size in image_sizes:
                 for batch_size in batch_sizes:
                     report["model"] += bench_model(
-                        preset, image_size, batch_size, device=torch_device, precision=resolved_precision,
-                        repeats=repeats, warmup=warmup, ops=ops, with_diffusers=with_diffusers,
-                        ablate=ablate, peak_flops=peak_override, seed=seed, log=log)
+                        preset,
+                        image_size,
+                        batch_size,
+                        device=torch_device,
+                        precision=resolved_precision,
+                        repeats=repeats,
+                        warmup=warmup,
+                        ops=ops,
+                        with_diffusers=with_diffusers,
+                        ablate=ablate,
+                        peak_flops=peak_override,
+                        seed=seed,
+                        log=log,
+                    )
         log("")
         log(format_model_table(report["model"]))
         if torch_device.type == "cuda" and peak is None:
@@ -615,8 +765,16 @@ def run_bench(*, presets: Sequence[str] = ("small",), image_sizes: Sequence[int]
             root = None
         else:
             root = Path(data_path)
-        rows, info = bench_data(root, image_size=image_sizes[0], batch_size=batch_sizes[0], workers=data_workers,
-                                repeats=data_repeats, synthetic_count=synthetic_count, seed=seed, log=log)
+        rows, info = bench_data(
+            root,
+            image_size=image_sizes[0],
+            batch_size=batch_sizes[0],
+            workers=data_workers,
+            repeats=data_repeats,
+            synthetic_count=synthetic_count,
+            seed=seed,
+            log=log,
+        )
         report["data"], report["data_info"] = rows, info
         log(format_data_table(rows, info))
     if hasattr(os, "getloadavg"):
@@ -629,20 +787,44 @@ def run_bench(*, presets: Sequence[str] = ("small",), image_sizes: Sequence[int]
     return report
 
 
-def canonical_command(*, part: str = "model", presets: Sequence[str] = ("small",), image_sizes: Sequence[int] = (128,),
-                      batch_sizes: Sequence[int] = (8,), repeats: int = 5, warmup: int = 1, device: str = "auto",
-                      precision: str = "auto", ops: Sequence[str] = OPS, with_diffusers: bool = True,
-                      ablate: bool = False, peak_tflops: float | None = None, data_path: str | Path | None = "auto",
-                      data_workers: Sequence[int] = (0, 2), data_repeats: int = 3, seed: int = 0,
-                      json_path: str | Path | None = None) -> str:
+def canonical_command(
+    *,
+    part: str = "model",
+    presets: Sequence[str] = ("small",),
+    image_sizes: Sequence[int] = (128,),
+    batch_sizes: Sequence[int] = (8,),
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "auto",
+    precision: str = "auto",
+    ops: Sequence[str] = OPS,
+    with_diffusers: bool = True,
+    ablate: bool = False,
+    peak_tflops: float | None = None,
+    data_path: str | Path | None = "auto",
+    data_workers: Sequence[int] = (0, 2),
+    data_repeats: int = 3,
+    seed: int = 0,
+    json_path: str | Path | None = None,
+) -> str:
     """The `vaehelpers bench` command line that reproduces these settings, every value that matters spelled out."""
     words = ["vaehelpers", "bench", part]
     if part in ("model", "all"):
         words += ["--preset", *presets]
     words += ["--image-size", *map(str, image_sizes), "--batch-size", *map(str, batch_sizes)]
     if part in ("model", "all"):
-        words += ["--repeats", str(repeats), "--warmup", str(warmup), "--device", device, "--precision", precision,
-                  "--ops", *ops]
+        words += [
+            "--repeats",
+            str(repeats),
+            "--warmup",
+            str(warmup),
+            "--device",
+            device,
+            "--precision",
+            precision,
+            "--ops",
+            *ops,
+        ]
         if not with_diffusers:
             words.append("--no-diffusers")
         if ablate:
@@ -651,8 +833,14 @@ def canonical_command(*, part: str = "model", presets: Sequence[str] = ("small",
             words += ["--peak-tflops", f"{peak_tflops:g}"]
     words += ["--seed", str(seed)]
     if part in ("data", "all"):
-        words += ["--data-path", str(data_path or "auto"), "--workers", *map(str, data_workers),
-                  "--data-repeats", str(data_repeats)]
+        words += [
+            "--data-path",
+            str(data_path or "auto"),
+            "--workers",
+            *map(str, data_workers),
+            "--data-repeats",
+            str(data_repeats),
+        ]
     if json_path:
         words += ["--json", str(json_path)]
     return " ".join(words)

@@ -1,4 +1,5 @@
 """The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, convert, weights, ..."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,19 +7,35 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vaehelpers.config import DEMO_MINUTES, INFO_PRESET, PRECISIONS, PRESETS, RECIPE_CHOICES, RECONSTRUCTIONS
 
 # flag -> dotted TrainConfig key; a flag left unset keeps the recipe's value
 TRAIN_FLAGS = {
-    "preset": "preset", "recipe": "recipe", "image_size": "data.image_size", "epochs": "epochs",
-    "max_steps": "max_steps", "max_minutes": "max_minutes", "batch_size": "batch_size", "lr": "lr",
-    "perceptual_weight": "loss.perceptual_weight", "kl_weight": "loss.kl_weight", "seed": "seed",
-    "device": "device", "precision": "precision", "ema_decay": "ema_decay", "num_workers": "data.num_workers",
-    "checkpoint_every": "checkpoint_every", "reconstruction": "loss.reconstruction",
-    "init": "init_from", "freeze_encoder": "freeze_encoder", "compile": "compile", "weights_dir": "weights_dir",
+    "preset": "preset",
+    "recipe": "recipe",
+    "image_size": "data.image_size",
+    "epochs": "epochs",
+    "max_steps": "max_steps",
+    "max_minutes": "max_minutes",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "perceptual_weight": "loss.perceptual_weight",
+    "kl_weight": "loss.kl_weight",
+    "seed": "seed",
+    "device": "device",
+    "precision": "precision",
+    "ema_decay": "ema_decay",
+    "num_workers": "data.num_workers",
+    "checkpoint_every": "checkpoint_every",
+    "reconstruction": "loss.reconstruction",
+    "init": "init_from",
+    "freeze_encoder": "freeze_encoder",
+    "compile": "compile",
+    "weights_dir": "weights_dir",
 }
 
 
@@ -44,8 +61,11 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     from vaehelpers.config import DEFAULT_PRESET, DEFAULT_RECIPE, build_config
     from vaehelpers.rundir import saved_recipe
 
-    overrides = {key: str(value) if isinstance(value, Path) else value for flag, key in TRAIN_FLAGS.items()
-                 if (value := getattr(args, flag)) is not None and flag not in ("preset", "recipe")}
+    overrides = {
+        key: str(value) if isinstance(value, Path) else value
+        for flag, key in TRAIN_FLAGS.items()
+        if (value := getattr(args, flag)) is not None and flag not in ("preset", "recipe")
+    }
     overrides.update({"data.data_dir": str(args.data), "run_dir": str(args.run)})
     overrides.update(_parse_set(args.set))
     recipe = args.recipe or (saved_recipe(args.run) if args.resume else None) or DEFAULT_RECIPE
@@ -120,9 +140,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     image_size = args.image_size or source.sample_size or DEFAULT_IMAGE_SIZE  # else the model's own size
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
-    summary = metrics.evaluate(model, dataset, batch_size=args.batch_size, device=device,
-                               progress=not args.no_progress, lpips=False if args.no_lpips else "auto",
-                               fid=_fid_setting(args.fid), weights_dir=args.weights_dir)
+    summary = metrics.evaluate(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+        lpips=False if args.no_lpips else "auto",
+        fid=_fid_setting(args.fid),
+        weights_dir=args.weights_dir,
+    )
     summary.update(model=str(args.model), model_kind=source.kind)
     print(f"model: {source.source} ({source.kind})")
     print(metrics.format_table(summary))
@@ -138,9 +165,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from vaehelpers.compare import compare, format_report
 
-    result = compare(args.models, args.data, args.out, split=args.split, image_size=args.image_size,
-                     batch_size=args.batch_size, device=args.device, lpips=False if args.no_lpips else "auto",
-                     fid_on=_fid_setting(args.fid), weights_dir=args.weights_dir, progress=not args.no_progress)
+    result = compare(
+        args.models,
+        args.data,
+        args.out,
+        split=args.split,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        lpips=False if args.no_lpips else "auto",
+        fid_on=_fid_setting(args.fid),
+        weights_dir=args.weights_dir,
+        progress=not args.no_progress,
+    )
     print(format_report(result))
     for path in result["files"].values():
         print(f"wrote {path}")
@@ -167,8 +204,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dest = weights.export(model, args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
     config = loaded.config
     widths = [config.base_channels * m for m in config.channel_multipliers]
-    print(f"read {loaded.source} ({loaded.kind}, {len(loaded.state_dict)} tensors, widths {widths}, "
-          f"{config.latent_channels} latent channels, scaling_factor {config.scaling_factor})")
+    print(
+        f"read {loaded.source} ({loaded.kind}, {len(loaded.state_dict)} tensors, widths {widths}, "
+        f"{config.latent_channels} latent channels, scaling_factor {config.scaling_factor})"
+    )
     print(f"wrote {dest} ({args.to})")
     return 0
 
@@ -182,18 +221,36 @@ def cmd_scale(args: argparse.Namespace) -> int:
     model, device = _load_model(args.run, args.device)
     image_size = _run_image_size(args.run, args.image_size)
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
-    stats = latent_statistics(model, dataset, max_images=args.max_images or None, batch_size=args.batch_size,
-                              device=device, sample_posterior=args.latents == "sample", seed=args.seed)
-    details = {**dataclasses.asdict(stats), "data": str(args.data), "split": args.split, "image_size": image_size,
-               "seed": args.seed, "previous_scaling_factor": model.config.scaling_factor}
-    config_path = store_scale(args.run, stats.scaling_factor, details, latents_mean=stats.channel_mean,
-                              latents_std=stats.channel_std)
-    print(f"latent std {stats.std:.6g} (mean {stats.mean:.4g}) over {stats.n_values:,} values of {stats.latents} "
-          f"from {stats.n_images} images")
+    stats = latent_statistics(
+        model,
+        dataset,
+        max_images=args.max_images or None,
+        batch_size=args.batch_size,
+        device=device,
+        sample_posterior=args.latents == "sample",
+        seed=args.seed,
+    )
+    details = {
+        **dataclasses.asdict(stats),
+        "data": str(args.data),
+        "split": args.split,
+        "image_size": image_size,
+        "seed": args.seed,
+        "previous_scaling_factor": model.config.scaling_factor,
+    }
+    config_path = store_scale(
+        args.run, stats.scaling_factor, details, latents_mean=stats.channel_mean, latents_std=stats.channel_std
+    )
+    print(
+        f"latent std {stats.std:.6g} (mean {stats.mean:.4g}) over {stats.n_values:,} values of {stats.latents} "
+        f"from {stats.n_images} images"
+    )
     for channel, (mean, std) in enumerate(zip(stats.channel_mean, stats.channel_std)):
         print(f"  channel {channel}: mean {mean:.4g}, std {std:.4g}")
-    print(f"scaling_factor {stats.scaling_factor:.6g} and per-channel latents_mean/latents_std stored in "
-          f"{config_path} (scaling_factor was {model.config.scaling_factor})")
+    print(
+        f"scaling_factor {stats.scaling_factor:.6g} and per-channel latents_mean/latents_std stored in "
+        f"{config_path} (scaling_factor was {model.config.scaling_factor})"
+    )
     return 0
 
 
@@ -217,8 +274,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_kaggle(args: argparse.Namespace) -> int:
     from vaehelpers import kaggle
 
-    kaggle.push(args.root, args.user, only=args.only, dataset=not args.no_dataset, pin=not args.no_pin,
-                wait_s=args.wait_minutes * 60)
+    kaggle.push(
+        args.root,
+        args.user,
+        only=args.only,
+        dataset=not args.no_dataset,
+        pin=not args.no_pin,
+        wait_s=args.wait_minutes * 60,
+    )
     return 0
 
 
@@ -226,11 +289,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from vaehelpers.bench import run_bench
 
     settings = dict(
-        part=args.part or ("data" if args.data_path else "model"), presets=args.preset, image_sizes=args.image_size,
-        batch_sizes=args.batch_size, repeats=args.repeats, warmup=args.warmup, device=args.device,
-        precision=args.precision, ops=args.ops, with_diffusers=not args.no_diffusers, ablate=args.ablate,
-        peak_tflops=args.peak_tflops, data_path=args.data_path or "auto", data_workers=args.workers,
-        data_repeats=args.data_repeats, seed=args.seed,
+        part=args.part or ("data" if args.data_path else "model"),
+        presets=args.preset,
+        image_sizes=args.image_size,
+        batch_sizes=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+        precision=args.precision,
+        ops=args.ops,
+        with_diffusers=not args.no_diffusers,
+        ablate=args.ablate,
+        peak_tflops=args.peak_tflops,
+        data_path=args.data_path or "auto",
+        data_workers=args.workers,
+        data_repeats=args.data_repeats,
+        seed=args.seed,
     )
     run_bench(**settings, json_path=args.json)  # the report's command line is rebuilt from these settings
     return 0
@@ -239,8 +313,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vaehelpers import doctor
 
-    report = doctor.run(device=args.device, preset=args.preset, image_size=args.image_size,
-                        batch_size=args.batch_size, precision=args.precision, steps=args.steps, json_path=args.json)
+    report = doctor.run(
+        device=args.device,
+        preset=args.preset,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        steps=args.steps,
+        json_path=args.json,
+    )
     if not report.ok:
         print(f"vaehelpers doctor: error: {report.reason}", file=sys.stderr)
     return 0 if report.ok else 1
@@ -253,19 +334,38 @@ def cmd_study(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(CANDIDATES))
     if unknown:
         raise ValueError(f"unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
-    rows = run_study(args.train_data, args.test_data, args.out, names, preset=args.preset, image_size=args.image_size,
-                     batch_size=args.batch_size, steps=args.steps, device=args.device,
-                     precision=args.precision, perceptual_weight=args.perceptual_weight, seed=args.seed)
+    rows = run_study(
+        args.train_data,
+        args.test_data,
+        args.out,
+        names,
+        preset=args.preset,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        device=args.device,
+        precision=args.precision,
+        perceptual_weight=args.perceptual_weight,
+        seed=args.seed,
+    )
     print(format_table(rows))
     return 0
 
 
 def _add_fid_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
-                        help="rFID (torch-fidelity's InceptionV3): on by default where its weights load, else null "
-                             "with the reason; --fid requires it, --no-fid turns it off")
-    parser.add_argument("--weights-dir", type=Path, help="folder holding pretrained files: VGG16 for LPIPS, "
-                                                        "InceptionV3 for rFID (else $VAEHELPERS_WEIGHTS, then the torch hub cache)")
+    parser.add_argument(
+        "--fid",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rFID (torch-fidelity's InceptionV3): on by default where its weights load, else null "
+        "with the reason; --fid requires it, --no-fid turns it off",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="folder holding pretrained files: VGG16 for LPIPS, "
+        "InceptionV3 for rFID (else $VAEHELPERS_WEIGHTS, then the torch hub cache)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,15 +390,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="train an autoencoder into a run directory")
     train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
-    train.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
-                       help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)")
+    train.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        type=Path,
+        required=True,
+        help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)",
+    )
     train.add_argument("--preset", choices=PRESETS)
-    train.add_argument("--recipe", choices=RECIPE_CHOICES,
-                       help="ldm (default): latent-diffusion's kl-f8 loss, needs VGG16 weights; pixel: L1 + KL, no "
-                            "pretrained files; seed: the original project's; default: old name of pixel. "
-                            "--resume keeps the run's own")
-    train.add_argument("--weights-dir", type=Path, help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, "
-                                                        "then the torch hub cache); see `vaehelpers weights status`")
+    train.add_argument(
+        "--recipe",
+        choices=RECIPE_CHOICES,
+        help="ldm (default): latent-diffusion's kl-f8 loss, needs VGG16 weights; pixel: L1 + KL, no "
+        "pretrained files; seed: the original project's; default: old name of pixel. "
+        "--resume keeps the run's own",
+    )
+    train.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, "
+        "then the torch hub cache); see `vaehelpers weights status`",
+    )
     train.add_argument("--image-size", type=int)
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int)
@@ -316,19 +429,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    train.add_argument("--precision", choices=PRECISIONS,
-                       help="auto: bf16 on GPUs of compute capability 8.0+ (A100, L4, H100), fp16 below (T4, V100, "
-                            "P100), bf16 on CPUs with native bf16, else fp32")
-    train.add_argument("--compile", action="store_true", default=None,
-                       help="torch.compile the training forward (a GPU option; it compiles for minutes first)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine")
+    train.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto: bf16 on GPUs of compute capability 8.0+ (A100, L4, H100), fp16 below (T4, V100, "
+        "P100), bf16 on CPUs with native bf16, else fp32",
+    )
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the training forward (a GPU option; it compiles for minutes first)",
+    )
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine",
+    )
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_train)
 
     evaluate = verbs.add_parser("evaluate", help="metrics on held-out images (pixel range [0,1])")
-    evaluate.add_argument("--model", "--run", dest="model", required=True, metavar="SRC",
-                          help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (--run: the old name)")
+    evaluate.add_argument(
+        "--model",
+        "--run",
+        dest="model",
+        required=True,
+        metavar="SRC",
+        help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (--run: the old name)",
+    )
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--split", choices=["test", "all", "train"], default="test")
     evaluate.add_argument("--image-size", type=int)
@@ -342,8 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     compare = verbs.add_parser("compare", help="several models on the same held-out images: table, JSON, figure")
-    compare.add_argument("models", nargs="+", metavar="SRC",
-                         help="run dirs, diffusers folders, LDM/SD .ckpt/.safetensors files or Hub ids")
+    compare.add_argument(
+        "models",
+        nargs="+",
+        metavar="SRC",
+        help="run dirs, diffusers folders, LDM/SD .ckpt/.safetensors files or Hub ids",
+    )
     compare.add_argument("--data", type=Path, required=True)
     compare.add_argument("--split", choices=["test", "all"], default="test")
     compare.add_argument("--image-size", type=int, help="default: the first model's own size, else 128")
@@ -359,14 +494,21 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--run", type=Path, required=True)
     reconstruct.add_argument("images", nargs="+", type=Path)
     reconstruct.add_argument("--out", type=Path, required=True)
-    reconstruct.add_argument("--mode", choices=["pad", "resize"], default="pad",
-                             help="pad to a multiple of 8 (default) or resize to --image-size")
+    reconstruct.add_argument(
+        "--mode",
+        choices=["pad", "resize"],
+        default="pad",
+        help="pad to a multiple of 8 (default) or resize to --image-size",
+    )
     reconstruct.add_argument("--image-size", type=int)
     reconstruct.add_argument("--device", default="auto")
     reconstruct.set_defaults(func=cmd_reconstruct)
 
-    convert = verbs.add_parser("convert", help="convert the autoencoder's weights between vaehelpers, diffusers and "
-                                                 "LDM/SD layouts (pretrained helper files: see `weights`)")
+    convert = verbs.add_parser(
+        "convert",
+        help="convert the autoencoder's weights between vaehelpers, diffusers and "
+        "LDM/SD layouts (pretrained helper files: see `weights`)",
+    )
     convert.add_argument("src", help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (owner/name)")
     convert.add_argument("dest", type=Path, help="a folder (diffusers, vaehelpers) or a .safetensors file (ldm)")
     convert.add_argument("--to", choices=["diffusers", "ldm", "vaehelpers"], required=True)
@@ -378,8 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--data", type=Path, required=True)
     scale.add_argument("--split", choices=["train", "test", "all"], default="train")
     scale.add_argument("--max-images", type=int, default=1000, help="images to measure on (0: all)")
-    scale.add_argument("--latents", choices=["sample", "mode"], default="sample",
-                       help="posterior samples (LDM's scale_by_std, default) or posterior means")
+    scale.add_argument(
+        "--latents",
+        choices=["sample", "mode"],
+        default="sample",
+        help="posterior samples (LDM's scale_by_std, default) or posterior means",
+    )
     scale.add_argument("--image-size", type=int, help="default: the run's training size, else 128")
     scale.add_argument("--batch-size", type=int, default=16)
     scale.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
@@ -397,30 +543,36 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--steps", type=int, default=600, help="the budget: steps of --batch-size images")
     study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
     study.add_argument("--device", default="auto")
-    study.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="training precision (evaluation is always fp32)")
+    study.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="training precision (evaluation is always fp32)"
+    )
     study.add_argument("--seed", type=int, default=0)
     study.set_defaults(func=cmd_study)
 
     # `weights` manages the pretrained files of the helper networks (VGG16, LPIPS, InceptionV3: pretrained.py);
     # `convert` (weights.py) reads and writes the autoencoder's own weights. Different files, different verbs.
     weights = verbs.add_parser(
-        "weights", help="pretrained helper-network files (VGG16 and LPIPS layers for the perceptual loss and metric, "
-                        "InceptionV3 for FID): status, download. Not the autoencoder's weights: see `convert`",
+        "weights",
+        help="pretrained helper-network files (VGG16 and LPIPS layers for the perceptual loss and metric, "
+        "InceptionV3 for FID): status, download. Not the autoencoder's weights: see `convert`",
         description="Pretrained files of the helper networks the losses and metrics use (VGG16, the LPIPS linear "
-                    "layers, InceptionV3): where each is looked for, whether it loads, and downloading them. The "
-                    "autoencoder's own weights (run dirs, diffusers, LDM/SD files) are `vaehelpers convert`'s.")
+        "layers, InceptionV3): where each is looked for, whether it loads, and downloading them. The "
+        "autoencoder's own weights (run dirs, diffusers, LDM/SD files) are `vaehelpers convert`'s.",
+    )
     weights_actions = weights.add_subparsers(dest="action", required=True)
     weights_status = weights_actions.add_parser("status", help="each file: where it is looked for, found, loads")
     weights_status.add_argument("--weights-dir", type=Path, help="also look here (else $VAEHELPERS_WEIGHTS)")
     weights_status.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], default=[])
     weights_download = weights_actions.add_parser("download", help="fetch them with torch's downloader, hash-checked")
-    weights_download.add_argument("--dest", type=Path, help="folder to fill (default: the torch hub cache, "
-                                                            "torch.hub.get_dir()/checkpoints)")
+    weights_download.add_argument(
+        "--dest", type=Path, help="folder to fill (default: the torch hub cache, torch.hub.get_dir()/checkpoints)"
+    )
     weights_download.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], default=[])
     weights.set_defaults(func=cmd_weights)
 
-    demo = verbs.add_parser("demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)")
+    demo = verbs.add_parser(
+        "demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)"
+    )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="training budget")
     demo.set_defaults(func=cmd_demo)
@@ -431,16 +583,29 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME, else your kaggle credentials')")
     push.add_argument("--only", nargs="+", default=[], metavar="PREFIX", help="only these kernels, e.g. --only 04 05")
     push.add_argument("--no-dataset", action="store_true", help="push the kernels without uploading the package again")
-    push.add_argument("--no-pin", action="store_true",
-                      help="attach the latest vaehelpers-src instead of the version just uploaded")
-    push.add_argument("--wait-minutes", type=float, default=10.0,
-                      help="how long to wait for Kaggle to process the uploaded package before giving up")
-    push.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1],
-                      help="the repository (holds kaggle/ and notebooks/)")
+    push.add_argument(
+        "--no-pin", action="store_true", help="attach the latest vaehelpers-src instead of the version just uploaded"
+    )
+    push.add_argument(
+        "--wait-minutes",
+        type=float,
+        default=10.0,
+        help="how long to wait for Kaggle to process the uploaded package before giving up",
+    )
+    push.add_argument(
+        "--root",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="the repository (holds kaggle/ and notebooks/)",
+    )
     kaggle.set_defaults(func=cmd_kaggle)
     bench = verbs.add_parser("bench", help="time ours against diffusers (train step, encode, decode) and the data path")
-    bench.add_argument("part", nargs="?", choices=["model", "data", "all"],
-                       help="what to time (default: model; data when --data-path is given)")
+    bench.add_argument(
+        "part",
+        nargs="?",
+        choices=["model", "data", "all"],
+        help="what to time (default: model; data when --data-path is given)",
+    )
     bench.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS)
     bench.add_argument("--image-size", nargs="+", type=int, default=[128])
     bench.add_argument("--batch-size", nargs="+", type=int, default=[8])
@@ -448,23 +613,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="untimed runs per model and op, first")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     bench.add_argument("--precision", choices=PRECISIONS, default="auto")
-    bench.add_argument("--ops", nargs="+", choices=["train_step", "encode", "decode"],
-                       default=["train_step", "encode", "decode"])
-    bench.add_argument("--peak-tflops", type=float,
-                       help="the GPU's dense peak in TFLOP/s for MFU (default: the datasheet figure of known GPUs)")
+    bench.add_argument(
+        "--ops", nargs="+", choices=["train_step", "encode", "decode"], default=["train_step", "encode", "decode"]
+    )
+    bench.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the GPU's dense peak in TFLOP/s for MFU (default: the datasheet figure of known GPUs)",
+    )
     bench.add_argument("--no-diffusers", action="store_true", help="time ours only")
-    bench.add_argument("--ablate", action="store_true",
-                       help="also time ours in fp32 and ours without the fused upsampler")
-    bench.add_argument("--data-path", help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
-                                           "when present, else synthetic; 'synthetic'")
+    bench.add_argument(
+        "--ablate", action="store_true", help="also time ours in fp32 and ours without the fused upsampler"
+    )
+    bench.add_argument(
+        "--data-path",
+        help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
+        "when present, else synthetic; 'synthetic'",
+    )
     bench.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers to try")
     bench.add_argument("--data-repeats", type=int, default=3, help="epochs per data-path setting")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", type=Path, help="write every figure here")
     bench.set_defaults(func=cmd_bench)
 
-    doctor = verbs.add_parser("doctor", help="check this machine before a long run: versions, GPU, precision, a short "
-                                             "live training check (exit 1 with the fix when something is wrong)")
+    doctor = verbs.add_parser(
+        "doctor",
+        help="check this machine before a long run: versions, GPU, precision, a short "
+        "live training check (exit 1 with the fix when something is wrong)",
+    )
     doctor.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     doctor.add_argument("--preset", choices=PRESETS, help="default: sd on a GPU, tiny on CPU")
     doctor.add_argument("--image-size", type=int, help="default: 128 on a GPU, 64 on CPU")

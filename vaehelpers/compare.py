@@ -6,15 +6,16 @@ held-out images reconstructed by each model, per-image PSNR in the labels. The m
 metrics.evaluate (one loop for every number), latent statistics from latents.latent_statistics. A model that
 cannot be loaded or fails on the images is reported by name with the reason and the others still run.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,21 +75,25 @@ def _number(value: Any, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The models' rows as a Markdown table (pixels in [0, 1]; rFID with its image count in the JSON)."""
-    lines = ["| model | kind | parameters | latent ch | PSNR dB | SSIM | LPIPS | rFID | MAE | MSE | "
-             "latent mean per ch | latent std per ch | enc+dec img/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    lines = [
+        "| model | kind | parameters | latent ch | PSNR dB | SSIM | LPIPS | rFID | MAE | MSE | "
+        "latent mean per ch | latent std per ch | enc+dec img/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['name']} | {row['kind']} | {row['parameters']:,} | {row['latent_channels']} | "
             f"{_number(row['psnr'], '.2f')} | {_number(row['ssim'], '.4f')} | {_number(row['lpips'], '.4f')} | "
             f"{_number(row['rfid'], '.2f')} | {_number(row['mae'], '.4f')} | {_number(row['mse'], '.5f')} | "
             f"{_channel_list(row['latents_mean'])} | {_channel_list(row['latents_std'])} | "
-            f"{_number(row['images_per_second'], '.1f')} |")
+            f"{_number(row['images_per_second'], '.1f')} |"
+        )
     return "\n".join(lines)
 
 
-def _shared_backbones(lpips: bool | str, fid_on: bool | str, weights_dir: str | Path | None,
-                      device: torch.device, notes: list[str]) -> tuple[Any, Any, str | None]:
+def _shared_backbones(
+    lpips: bool | str, fid_on: bool | str, weights_dir: str | Path | None, device: torch.device, notes: list[str]
+) -> tuple[Any, Any, str | None]:
     """LPIPS and Inception built once for every model: (lpips fn or False, Inception features or False, rfid reason).
     "auto" turns a missing backbone into a note; True makes it an error."""
     lpips_fn: Any = False
@@ -167,8 +172,9 @@ def compare(
         if labels.count(name) > 1:  # runs/a and other/a: keep the table unambiguous
             name = f"{name} ({index + 1})"
         try:
-            summary = metrics.evaluate(model, dataset, batch_size=batch_size, device=device, lpips=lpips_fn,
-                                       fid=inception, progress=progress)
+            summary = metrics.evaluate(
+                model, dataset, batch_size=batch_size, device=device, lpips=lpips_fn, fid=inception, progress=progress
+            )
             stats = latent_statistics(model, dataset, max_images=latent_images, batch_size=batch_size)
             speed = encode_decode_speed(model, shown if len(shown) else dataset[0][None])
             reconstructions = reconstruct(model, shown)
@@ -177,20 +183,41 @@ def compare(
             continue
         psnr_by_path = {row["path"]: row["psnr"] for row in summary["per_image"]}
         figure_columns.append((name, reconstructions, [psnr_by_path.get(path, math.nan) for path in shown_paths]))
-        rows.append({
-            "name": name, "source": source.source, "kind": source.kind,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "latent_channels": model.config.latent_channels,
-            **{key: summary[key] for key in ("n_images", "psnr", "ssim", "lpips", "rfid", "mae", "mse",
-                                             "mae_pm1", "mse_pm1", "n_skipped")},
-            "rfid_reason": rfid_reason if inception is False else summary["rfid_reason"],
-            "latents_mean": list(stats.channel_mean), "latents_std": list(stats.channel_std),
-            "latents_measured_on": f"{stats.latents} of {stats.n_images} images",
-            "stored_latents_mean": list(model.config.latents_mean), "stored_latents_std": list(model.config.latents_std),
-            "scaling_factor": model.config.scaling_factor,
-            "images_per_second": speed, "speed_batch": len(shown) or 1, "device": str(device),
-            "notes": source.notes,
-        })
+        rows.append(
+            {
+                "name": name,
+                "source": source.source,
+                "kind": source.kind,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "latent_channels": model.config.latent_channels,
+                **{
+                    key: summary[key]
+                    for key in (
+                        "n_images",
+                        "psnr",
+                        "ssim",
+                        "lpips",
+                        "rfid",
+                        "mae",
+                        "mse",
+                        "mae_pm1",
+                        "mse_pm1",
+                        "n_skipped",
+                    )
+                },
+                "rfid_reason": rfid_reason if inception is False else summary["rfid_reason"],
+                "latents_mean": list(stats.channel_mean),
+                "latents_std": list(stats.channel_std),
+                "latents_measured_on": f"{stats.latents} of {stats.n_images} images",
+                "stored_latents_mean": list(model.config.latents_mean),
+                "stored_latents_std": list(model.config.latents_std),
+                "scaling_factor": model.config.scaling_factor,
+                "images_per_second": speed,
+                "speed_batch": len(shown) or 1,
+                "device": str(device),
+                "notes": source.notes,
+            }
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": str(out / "compare.md"), "json": str(out / "compare.json")}
@@ -198,10 +225,17 @@ def compare(
         viz.save_figure(reconstructions_figure(shown, figure_columns), out / "reconstructions.png")
         files["figure"] = str(out / "reconstructions.png")
     result = {
-        "n_images": len(dataset), "image_size": size, "pixel_range": "[0,1]", "data": str(data), "split": split,
-        "models": rows, "failed": failed, "notes": notes,
+        "n_images": len(dataset),
+        "image_size": size,
+        "pixel_range": "[0,1]",
+        "data": str(data),
+        "split": split,
+        "models": rows,
+        "failed": failed,
+        "notes": notes,
         "rfid_warning": fid.bias_warning(len(dataset)) if any(r["rfid"] is not None for r in rows) else None,
-        "n_skipped_files": len(dataset.bad_files), "files": files,
+        "n_skipped_files": len(dataset.bad_files),
+        "files": files,
     }
     metrics.write_json(result, out / "compare.json")
     (out / "compare.md").write_text(format_report(result) + "\n")
@@ -215,11 +249,14 @@ def _one_line(error: BaseException) -> str:
 
 def format_report(result: dict[str, Any]) -> str:
     """compare.md: what was compared on which images, the table, then notes and failures."""
-    lines = [f"{len(result['models'])} models on {result['n_images']} images of {result['data']} "
-             f"(split {result['split']}, {result['image_size']}x{result['image_size']} centre crops, pixels in [0,1], "
-             "posterior mode; latent statistics from posterior samples; speed: encode+decode fp32 on "
-             f"{result['models'][0]['device'] if result['models'] else 'n/a'}, median of {SPEED_REPEATS})", "",
-             format_table(result["models"])]
+    lines = [
+        f"{len(result['models'])} models on {result['n_images']} images of {result['data']} "
+        f"(split {result['split']}, {result['image_size']}x{result['image_size']} centre crops, pixels in [0,1], "
+        "posterior mode; latent statistics from posterior samples; speed: encode+decode fp32 on "
+        f"{result['models'][0]['device'] if result['models'] else 'n/a'}, median of {SPEED_REPEATS})",
+        "",
+        format_table(result["models"]),
+    ]
     if result.get("rfid_warning"):
         lines += ["", f"Warning: {result['rfid_warning']}."]
     for note in result["notes"]:
@@ -243,18 +280,36 @@ def reconstructions_figure(images: torch.Tensor, columns: Sequence[tuple[str, to
     return viz.image_grid(panels, nrow=1 + len(columns), titles=titles)
 
 
-def compare_in_notebook(compare_with: str | Path | None, run_dir: str | Path, data: str | Path, out: str | Path, *,
-                        image_size: int, device: torch.device | str = "auto", cache_dir: str | Path | None = None,
-                        progress: bool = False) -> dict[str, Any] | None:
+def compare_in_notebook(
+    compare_with: str | Path | None,
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    image_size: int,
+    device: torch.device | str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any] | None:
     """Notebook 05's "Compare with another VAE" step: this run and `compare_with` (e.g. the released sd-vae-ft-mse
     attached on Kaggle) on the run's held-out images at its image size; prints the table and returns the compare
     dictionary (its files["figure"] is the side-by-side PNG). compare_with=None: says so in a sentence, returns None.
     """
     if compare_with is None:
-        print("No second model given (compare_with=None): comparison skipped. Set compare_with to a diffusers folder, "
-              "an LDM/SD .safetensors or a Hub id, e.g. /kaggle/input/sd-vae-ft-mse, to compare it with this run.")
+        print(
+            "No second model given (compare_with=None): comparison skipped. Set compare_with to a diffusers folder, "
+            "an LDM/SD .safetensors or a Hub id, e.g. /kaggle/input/sd-vae-ft-mse, to compare it with this run."
+        )
         return None
-    result = compare([str(run_dir), str(compare_with)], data, out, split="test", image_size=image_size,
-                     device=device, cache_dir=cache_dir, progress=progress)
+    result = compare(
+        [str(run_dir), str(compare_with)],
+        data,
+        out,
+        split="test",
+        image_size=image_size,
+        device=device,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
     print(format_report(result))
     return result

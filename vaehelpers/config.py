@@ -2,6 +2,7 @@
 
 Other modules (cli.py, notebook.py, demo.py) read their defaults and choices from here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,9 @@ class ModelConfig:
     norm_num_groups: int = 32  # GroupNorm groups; must divide every width
     norm_eps: float = 1e-6  # SD/diffusers value
     mid_attention: bool = True  # self-attention in the mid block
-    scaling_factor: float = 0.18215  # SD's latent scale (LDM paper, sec. 4.3.2 / scale_by_std); replaced by a measured one
+    scaling_factor: float = (
+        0.18215  # SD's latent scale (LDM paper, sec. 4.3.2 / scale_by_std); replaced by a measured one
+    )
     # per-channel mean and std of the latents, measured by `vaehelpers scale` (diffusers' AutoencoderKL config fields
     # latents_mean / latents_std, as newer VAEs ship them); empty: not measured
     latents_mean: tuple[float, ...] = ()
@@ -147,12 +150,26 @@ RECIPES: dict[str, dict[str, Any]] = {
     # - ldm/models/autoencoder.py configure_optimizers: Adam, betas (0.5, 0.9), the same lr for the
     #   discriminator; no weight decay, no schedule, no clipping, no EMA; training decodes a posterior sample.
     "ldm": {
-        "optimizer": "adam", "betas": (0.5, 0.9), "weight_decay": 0.0, "lr_per_image": 4.5e-6,
-        "schedule": "constant", "warmup_steps": 0, "grad_clip": 0.0, "ema_decay": 0.0, "sample_posterior": True,
-        "loss.reconstruction": "l1", "loss.reconstruction_weight": 1.0, "loss.nll_reduction": "sum",
-        "loss.perceptual": "lpips", "loss.perceptual_weight": 1.0,
-        "loss.kl_weight": 1e-6, "loss.kl_reduction": "sum", "loss.kl_warmup_epochs": 0.0,
-        "loss.disc_weight": 0.5, "loss.disc_start": 50001, "loss.disc_lr": 0.0,
+        "optimizer": "adam",
+        "betas": (0.5, 0.9),
+        "weight_decay": 0.0,
+        "lr_per_image": 4.5e-6,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "grad_clip": 0.0,
+        "ema_decay": 0.0,
+        "sample_posterior": True,
+        "loss.reconstruction": "l1",
+        "loss.reconstruction_weight": 1.0,
+        "loss.nll_reduction": "sum",
+        "loss.perceptual": "lpips",
+        "loss.perceptual_weight": 1.0,
+        "loss.kl_weight": 1e-6,
+        "loss.kl_reduction": "sum",
+        "loss.kl_warmup_epochs": 0.0,
+        "loss.disc_weight": 0.5,
+        "loss.disc_start": 50001,
+        "loss.disc_lr": 0.0,
     },
     # = the TrainConfig defaults: AdamW (no weight decay) lr 2e-3 constant, L1 + 1e-6 KL, no EMA, no pretrained
     # file needed; it beat the seed recipe by 2.9 dB PSNR (mean of 2 seeds) at equal images seen on held-out
@@ -161,11 +178,23 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The original project's loss and optimiser (DESIGN.md): 500*(BCE/B + 0.1*VGG relu3_3 MSE)
     # + min(1, epoch/20) * KL (channel sum, mean over the rest), Adam lr 1e-3, batch 16, squash resize.
     "seed": {
-        "optimizer": "adam", "lr": 1e-3, "batch_size": 16, "grad_clip": 0.0, "ema_decay": 0.0,
-        "warmup_steps": 0, "schedule": "constant", "data.resize": "squash",
-        "loss.reconstruction": "bce", "loss.batch_scaled_reconstruction": True, "loss.seed_scale": 500.0,
-        "loss.perceptual": "vgg", "loss.perceptual_weight": 0.1, "loss.kl_weight": 1.0,
-        "loss.kl_reduction": "seed", "loss.kl_warmup_epochs": 20.0, "loss.disc_weight": 0.0,
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "batch_size": 16,
+        "grad_clip": 0.0,
+        "ema_decay": 0.0,
+        "warmup_steps": 0,
+        "schedule": "constant",
+        "data.resize": "squash",
+        "loss.reconstruction": "bce",
+        "loss.batch_scaled_reconstruction": True,
+        "loss.seed_scale": 500.0,
+        "loss.perceptual": "vgg",
+        "loss.perceptual_weight": 0.1,
+        "loss.kl_weight": 1.0,
+        "loss.kl_reduction": "seed",
+        "loss.kl_warmup_epochs": 20.0,
+        "loss.disc_weight": 0.0,
     },
 }
 # A recipe's settings that depend on the model's size. The pixel recipe's lr of 2e-3 was chosen on `tiny`; on `sd`
@@ -182,8 +211,10 @@ def canonical_recipe(name: str, *, notice: bool = True) -> str:
     """A recipe name with deprecated aliases resolved; prints a one-line notice (to stderr) for an alias."""
     if name in RECIPE_ALIASES:
         if notice:
-            print(f"note: recipe {name!r} is deprecated, it is now called {RECIPE_ALIASES[name]!r} "
-                  f"(same settings)", file=sys.stderr)
+            print(
+                f"note: recipe {name!r} is deprecated, it is now called {RECIPE_ALIASES[name]!r} (same settings)",
+                file=sys.stderr,
+            )
         return RECIPE_ALIASES[name]
     return name
 
@@ -209,16 +240,34 @@ INFO_PRESET = "sd"  # `vaehelpers info` without --preset
 # The reference run: flickr8k, the Stable Diffusion KL-f8 model at 128 px, 600 epochs, stopping (with a
 # checkpoint) before Kaggle's 12-hour session limit. None: the recipe's value.
 REFERENCE_RUN: dict[str, Any] = {
-    "data_source": "flickr8k", "image_size": 128, "preset": "sd", "recipe": "ldm", "epochs": 600,
-    "device": "auto", "synthetic_count": 256, "max_minutes": 690.0, "max_steps": 0, "batch_size": None,
-    "lr": None, "perceptual_weight": None,
+    "data_source": "flickr8k",
+    "image_size": 128,
+    "preset": "sd",
+    "recipe": "ldm",
+    "epochs": 600,
+    "device": "auto",
+    "synthetic_count": 256,
+    "max_minutes": 690.0,
+    "max_steps": 0,
+    "batch_size": None,
+    "lr": None,
+    "perceptual_weight": None,
 }
 # Toy scale (`make demo`, the tests): seconds per notebook on a laptop CPU, nothing to download. The tiny
 # model learns faster with a larger step; the `pixel` recipe and no perceptual term: no pretrained file needed.
 SMOKE_RUN: dict[str, Any] = {
-    "data_source": "synthetic", "image_size": 64, "preset": "tiny", "recipe": "pixel", "epochs": 50,
-    "device": "cpu", "synthetic_count": 128, "max_minutes": 2.0, "max_steps": 0, "batch_size": 8,
-    "lr": 1e-3, "perceptual_weight": 0.0,
+    "data_source": "synthetic",
+    "image_size": 64,
+    "preset": "tiny",
+    "recipe": "pixel",
+    "epochs": 50,
+    "device": "cpu",
+    "synthetic_count": 128,
+    "max_minutes": 2.0,
+    "max_steps": 0,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "perceptual_weight": 0.0,
 }
 DEMO_MINUTES = 3.0  # `make demo` / `vaehelpers demo`: the training budget of the smoke run's notebook 04
 # What `vaehelpers doctor`'s live check trains when not told: on a GPU the reference run's model, size and batch;
@@ -266,8 +315,11 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
 
 def config_diff(a: Any, b: Any) -> str:
     """'field: a vs b' for each field in which two configs of one dataclass differ ("none" when equal)."""
-    diffs = [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
-             for f in fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    diffs = [
+        f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
+        for f in fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
     return ", ".join(diffs) or "none"
 
 
@@ -317,4 +369,3 @@ def build_config(preset: str = DEFAULT_PRESET, recipe: str = DEFAULT_RECIPE, **o
     elif cfg.lr_per_image > 0:
         cfg.lr = cfg.lr_per_image * cfg.batch_size
     return cfg
-

@@ -1,4 +1,5 @@
 """The training and evaluation dataset: one split of an image folder, decoded once into a uint8 cache."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,21 @@ from typing import Any
 import torch
 
 from vaehelpers.config import DataConfig
-from vaehelpers.images import (MAX_PIXELS, MIN_SIZE, BadImageError, Resize, ScanReport, Split, relative_key,
-                               crop_image, item_generator, list_images, load_image, resize_image, select_split)
+from vaehelpers.images import (
+    MAX_PIXELS,
+    MIN_SIZE,
+    BadImageError,
+    Resize,
+    ScanReport,
+    Split,
+    crop_image,
+    item_generator,
+    list_images,
+    load_image,
+    relative_key,
+    resize_image,
+    select_split,
+)
 
 logger = logging.getLogger("vaehelpers.data")
 
@@ -104,10 +118,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     NoImagesError when the split holds no usable image, unless allow_empty (the test split of a tiny folder).
     """
 
-    def __init__(self, root: str | Path, split: Split = "train", image_size: int = 128, resize: Resize = "crop",
-                 augment: bool = False, cache: bool = True, cache_dir: str | Path | None = None,
-                 test_fraction: float = 0.1, seed: int = 0, *, allow_empty: bool = False,
-                 min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self,
+        root: str | Path,
+        split: Split = "train",
+        image_size: int = 128,
+        resize: Resize = "crop",
+        augment: bool = False,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        *,
+        allow_empty: bool = False,
+        min_size: int = MIN_SIZE,
+        max_pixels: int = MAX_PIXELS,
+    ):
         if resize not in ("crop", "squash"):
             raise ValueError(f"unknown resize {resize!r}: choose crop or squash")
         if image_size < 1:
@@ -143,14 +169,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.bad_files: list[tuple[Path, str]] = bad
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, split: Split = "train", augment: bool = False, seed: int = 0,
-                    allow_empty: bool = False) -> ImageFolderDataset:
+    def from_config(
+        cls, cfg: DataConfig, split: Split = "train", augment: bool = False, seed: int = 0, allow_empty: bool = False
+    ) -> ImageFolderDataset:
         """The dataset that a DataConfig describes (data_dir, image_size, resize, test_fraction, cache)."""
         if not cfg.data_dir:
             raise ValueError("DataConfig.data_dir is empty: give the image folder (--data DIR)")
-        return cls(cfg.data_dir, split=split, image_size=cfg.image_size, resize=cfg.resize, augment=augment,
-                   cache=cfg.cache, cache_dir=cfg.cache_dir or None, test_fraction=cfg.test_fraction, seed=seed,
-                   allow_empty=allow_empty)
+        return cls(
+            cfg.data_dir,
+            split=split,
+            image_size=cfg.image_size,
+            resize=cfg.resize,
+            augment=augment,
+            cache=cfg.cache,
+            cache_dir=cfg.cache_dir or None,
+            test_fraction=cfg.test_fraction,
+            seed=seed,
+            allow_empty=allow_empty,
+        )
 
     # -- building -------------------------------------------------------------------------------
 
@@ -174,9 +210,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return good, bad
 
     def _settings(self) -> str:
-        return json.dumps({"version": CACHE_VERSION, "split": self.split, "image_size": self.image_size,
-                           "resize": self.resize, "test_fraction": self.test_fraction, "min_size": self.min_size,
-                           "max_pixels": self.max_pixels, "draft_size": self._draft_size()}, sort_keys=True)
+        return json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "split": self.split,
+                "image_size": self.image_size,
+                "resize": self.resize,
+                "test_fraction": self.test_fraction,
+                "min_size": self.min_size,
+                "max_pixels": self.max_pixels,
+                "draft_size": self._draft_size(),
+            },
+            sort_keys=True,
+        )
 
     def _load_or_build_cache(self, files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
         assert self.cache_path is not None
@@ -197,7 +243,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 image = None
                 if not reason:
                     offset, (height, width) = int(old["offsets"][good_index]), old["shapes"][good_index].tolist()
-                    image = old["pixels"][offset:offset + 3 * height * width].view(3, height, width)
+                    image = old["pixels"][offset : offset + 3 * height * width].view(3, height, width)
                     good_index += 1
                 reusable[(name, size, mtime)] = (reason, image)
         started, decoded = time.perf_counter(), 0
@@ -214,21 +260,38 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             reasons.append(hit[0])
             if hit[1] is not None:
                 images.append(hit[1])
-        logger.info("%s: decoded %d of %d images for the cache in %.1f s", self.root, decoded, len(files),
-                    time.perf_counter() - started)
+        logger.info(
+            "%s: decoded %d of %d images for the cache in %.1f s",
+            self.root,
+            decoded,
+            len(files),
+            time.perf_counter() - started,
+        )
         shapes = torch.tensor([list(image.shape[1:]) for image in images], dtype=torch.int64).view(-1, 2)
         sizes = shapes.prod(dim=1) * 3
         offsets = torch.cumsum(sizes, 0) - sizes
         pixels = torch.cat([image.reshape(-1) for image in images]) if images else torch.zeros(0, dtype=torch.uint8)
-        cache = {"format": "vaehelpers image cache", "settings": settings, "files": names,
-                 "sizes": [size for size, _ in stats], "mtimes": [mtime for _, mtime in stats], "reasons": reasons,
-                 "shapes": shapes, "offsets": offsets, "pixels": pixels}
+        cache = {
+            "format": "vaehelpers image cache",
+            "settings": settings,
+            "files": names,
+            "sizes": [size for size, _ in stats],
+            "mtimes": [mtime for _, mtime in stats],
+            "reasons": reasons,
+            "shapes": shapes,
+            "offsets": offsets,
+            "pixels": pixels,
+        }
         if images:  # an empty result raises in __init__; nothing worth keeping
             try:
                 _write_cache(self.cache_path, cache)
             except OSError as error:
-                warnings.warn(f"image cache {self.cache_path} cannot be written ({error}); running without a cache, "
-                              f"so every epoch decodes the images again", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"image cache {self.cache_path} cannot be written ({error}); running without a cache, "
+                    f"so every epoch decodes the images again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 self.cache_path = None
                 good, bad = self._use_cache(cache, files)
                 self._pixels = self._offsets = self._shapes = None
@@ -263,7 +326,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return self._decode(self.paths[index])
         assert self._offsets is not None and self._shapes is not None
         offset, (height, width) = int(self._offsets[index]), self._shapes[index].tolist()
-        return self._pixels[offset:offset + 3 * height * width].view(3, height, width)
+        return self._pixels[offset : offset + 3 * height * width].view(3, height, width)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """float (3, S, S) in [-1, 1]."""
@@ -273,8 +336,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         mode = "augment" if self.augment else "eval"
-        return (f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} images, "
-                f"{len(self.bad_files)} bad, {self.image_size}px {self.resize}, {mode}, "
-                f"cache={str(self.cache_path) if self._pixels is not None else None!r})")
-
-
+        return (
+            f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} images, "
+            f"{len(self.bad_files)} bad, {self.image_size}px {self.resize}, {mode}, "
+            f"cache={str(self.cache_path) if self._pixels is not None else None!r})"
+        )

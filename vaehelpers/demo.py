@@ -3,12 +3,14 @@
 `run_demo` writes the executed copies and their figures under one folder; the settings come from config.py's
 smoke run through notebook.py, as when a user runs a notebook with smoke=True.
 """
+
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vaehelpers.config import DEMO_MINUTES, SMOKE_RUN
 
@@ -16,6 +18,7 @@ NOTEBOOKS = ("01_data", "02_architecture", "03_loss", "04_training", "05_evaluat
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"  # the repository's notebooks/
 
 # ----------------------------------------------------------------------------- running the notebooks
+
 
 def notebook_kernel() -> str:
     """A Jupyter kernel that runs this interpreter (so the notebooks see this environment's vaehelpers).
@@ -47,10 +50,17 @@ def notebook_kernel() -> str:
     return "vaehelpers"
 
 
-def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, *, image_size: int = SMOKE_RUN["image_size"],
-             synthetic_count: int = SMOKE_RUN["synthetic_count"],
-             max_steps: int = 0, notebooks: Sequence[str] = NOTEBOOKS, fresh: bool = True,
-             log_output: bool = False) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    minutes: float = DEMO_MINUTES,
+    *,
+    image_size: int = SMOKE_RUN["image_size"],
+    synthetic_count: int = SMOKE_RUN["synthetic_count"],
+    max_steps: int = 0,
+    notebooks: Sequence[str] = NOTEBOOKS,
+    fresh: bool = True,
+    log_output: bool = False,
+) -> dict[str, Any]:
     """Run the notebooks in order with papermill at smoke scale (synthetic images, tiny model, CPU).
 
     Writes under out/: data/ (the synthetic images), run/ (the training run), figures/ (sample grid,
@@ -69,9 +79,16 @@ def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, *, image_size: int 
             shutil.rmtree(out / folder, ignore_errors=True)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     parameters = {
-        "smoke": True, "interactive": False, "data_dir": str(out / "data"), "run_dir": str(out / "run"),
-        "figures_dir": str(out / "figures"), "image_size": image_size, "synthetic_count": synthetic_count,
-        "max_minutes": float(minutes), "max_steps": int(max_steps), "plot_every": 25,
+        "smoke": True,
+        "interactive": False,
+        "data_dir": str(out / "data"),
+        "run_dir": str(out / "run"),
+        "figures_dir": str(out / "figures"),
+        "image_size": image_size,
+        "synthetic_count": synthetic_count,
+        "max_minutes": float(minutes),
+        "max_steps": int(max_steps),
+        "plot_every": 25,
     }
     kernel = notebook_kernel()
     executed, seconds = [], {}
@@ -80,9 +97,14 @@ def run_demo(out: str | Path, minutes: float = DEMO_MINUTES, *, image_size: int 
         declared = papermill.inspect_notebook(str(source))  # pass each notebook only what it declares
         started = time.perf_counter()
         papermill.execute_notebook(
-            str(source), str(out / "notebooks" / f"{name}.ipynb"), kernel_name=kernel, cwd=str(NOTEBOOK_DIR),
+            str(source),
+            str(out / "notebooks" / f"{name}.ipynb"),
+            kernel_name=kernel,
+            cwd=str(NOTEBOOK_DIR),
             parameters={key: value for key, value in parameters.items() if key in declared},
-            progress_bar=False, log_output=log_output)
+            progress_bar=False,
+            log_output=log_output,
+        )
         seconds[name] = round(time.perf_counter() - started, 1)
         executed.append(out / "notebooks" / f"{name}.ipynb")
         print(f"ran {name} in {seconds[name]:.1f} s -> {executed[-1]}", flush=True)

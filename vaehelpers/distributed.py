@@ -15,6 +15,7 @@ train like one process only approximately.
 
 (--run-dir, not --run: torchrun's own parser reads "--run" as an abbreviation of its "--run-path".)
 """
+
 from __future__ import annotations
 
 import os
@@ -58,7 +59,9 @@ class Distributed:
         """The model to call in training: DistributedDataParallel (gradients averaged in backward) or itself."""
         if not self.enabled:
             return model
-        return nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     def agree(self, value: float, op: str) -> float:
         """The min or max of a number over all ranks, so that every rank takes the same branch."""
@@ -109,16 +112,22 @@ class Distributed:
         """
         if not self.enabled:
             return
-        named = {f"{group}.{key}": tensor for group, tensors in states.items() if tensors is not None
-                 for key, tensor in (tensors.items() if isinstance(tensors, dict) else enumerate(tensors))}
+        named = {
+            f"{group}.{key}": tensor
+            for group, tensors in states.items()
+            if tensors is not None
+            for key, tensor in (tensors.items() if isinstance(tensors, dict) else enumerate(tensors))
+        }
         fingerprints = self.gather(torch.stack([_bits_sum(t) for t in named.values()]))  # world x (n,)
         for rank, theirs in enumerate(fingerprints[1:], start=1):
             differing = (theirs != fingerprints[0]).nonzero().flatten().tolist()
             if differing:
                 names = list(named)
                 more = f" (and {len(differing) - 1} more tensors)" if len(differing) > 1 else ""
-                raise RuntimeError(f"rank {rank}'s copy of {names[differing[0]]}{more} differs from rank 0's: the "
-                                   "processes have drifted apart, which is a bug; please report it")
+                raise RuntimeError(
+                    f"rank {rank}'s copy of {names[differing[0]]}{more} differs from rank 0's: the "
+                    "processes have drifted apart, which is a bug; please report it"
+                )
 
     def close(self) -> None:
         """Wait for every rank (rank 0 writes the final files meanwhile), then leave the process group."""
@@ -147,8 +156,10 @@ def init_distributed(device_name: str = "auto") -> Distributed:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if use_cuda and local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
-                           "start at most one process per GPU (--nproc_per_node)")
+        raise RuntimeError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+            "start at most one process per GPU (--nproc_per_node)"
+        )
     device = resolve_device(f"cuda:{local_rank}" if use_cuda else device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)

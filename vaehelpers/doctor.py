@@ -1,5 +1,6 @@
 """`vaehelpers doctor`: what this machine is (torch, CUDA, GPUs, kernels, precision) and a one-minute live check of
 training on it (a few steps through the real trainer, a checkpoint resumed, speed, memory, the batch that fits)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -90,10 +92,12 @@ def _train_step_fits(preset: str, image_size: int, batch_size: int, device: torc
         _release(device)
 
 
-def largest_fitting_batch(preset: str, image_size: int, device: torch.device, precision: str, start: int,
-                          limit: int = MAX_BATCH_PROBE) -> int:
+def largest_fitting_batch(
+    preset: str, image_size: int, device: torch.device, precision: str, start: int, limit: int = MAX_BATCH_PROBE
+) -> int:
     """The largest batch (<= limit) whose training step runs without running out of memory: doubling from `start`
     while it fits, then bisecting; halving from `start` when it does not. 0 when even one image does not fit."""
+
     def fits(batch: int) -> bool:
         return _train_step_fits(preset, image_size, batch, device, precision)
 
@@ -134,17 +138,27 @@ def environment(report: DoctorReport, log: Callable[[str], None]) -> None:
         facts["cudnn_error"] = str(error).split(". ")[0]
     add("torch", torch.__version__)
     cudnn = facts["cudnn"]  # e.g. 92000 = 9.20.0 (major * 10000 + minor * 100 + patch since cuDNN 9)
-    cudnn_text = f"{cudnn // 10000}.{cudnn % 10000 // 100}.{cudnn % 100}" if cudnn and cudnn >= 90000 else str(cudnn or facts.get("cudnn_error", "none"))
+    cudnn_text = (
+        f"{cudnn // 10000}.{cudnn % 10000 // 100}.{cudnn % 100}"
+        if cudnn and cudnn >= 90000
+        else str(cudnn or facts.get("cudnn_error", "none"))
+    )
     add("CUDA / cuDNN", f"{torch.version.cuda or 'none (CPU-only build)'} / {cudnn_text} (this torch build's)")
     facts["cpu_threads"], facts["cpu_native_bf16"] = torch.get_num_threads(), cpu_has_native_bf16()
-    add("CPU", f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, native bf16: "
-               f"{'yes' if facts['cpu_native_bf16'] else 'no'}")
+    add(
+        "CPU",
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, native bf16: "
+        f"{'yes' if facts['cpu_native_bf16'] else 'no'}",
+    )
     from vaehelpers import pretrained  # the ldm recipe (the default) needs VGG16 and the LPIPS layers
 
     found = {row["name"]: row["found"] for row in pretrained.status()}
     facts["pretrained"] = found
-    add("pretrained files", ", ".join(f"{name} {'yes' if ok else 'MISSING'}" for name, ok in found.items())
-        + ("" if all(found.values()) else " (`vaehelpers weights download`; --recipe pixel needs none)"))
+    add(
+        "pretrained files",
+        ", ".join(f"{name} {'yes' if ok else 'MISSING'}" for name, ok in found.items())
+        + ("" if all(found.values()) else " (`vaehelpers weights download`; --recipe pixel needs none)"),
+    )
     facts["gpus"] = []
     if not torch.cuda.is_available():
         add("GPUs", "none visible")
@@ -159,15 +173,32 @@ def environment(report: DoctorReport, log: Callable[[str], None]) -> None:
             covered = True
         except UnsupportedGPUError:  # resolve_device raises it again, with the fix, if this GPU is the one to use
             covered = False
-        facts["gpus"].append({"index": index, "name": props.name, "capability": [major, minor],
-                              "memory_bytes": props.total_memory, "kernels_in_build": covered})
-        add(f"GPU {index}", f"{props.name}, sm_{major}{minor}, {_gib(props.total_memory)}, "
-                            f"kernels in this build: {'yes' if covered else 'NO'}")
+        facts["gpus"].append(
+            {
+                "index": index,
+                "name": props.name,
+                "capability": [major, minor],
+                "memory_bytes": props.total_memory,
+                "kernels_in_build": covered,
+            }
+        )
+        add(
+            f"GPU {index}",
+            f"{props.name}, sm_{major}{minor}, {_gib(props.total_memory)}, "
+            f"kernels in this build: {'yes' if covered else 'NO'}",
+        )
 
 
-def run(device: str = "auto", preset: str | None = None, image_size: int | None = None, batch_size: int | None = None,
-        precision: str = "auto", steps: int = 3, json_path: str | Path | None = None,
-        log: Callable[[str], None] = print) -> DoctorReport:
+def run(
+    device: str = "auto",
+    preset: str | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    precision: str = "auto",
+    steps: int = 3,
+    json_path: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> DoctorReport:
     """Check this machine for training; returns a DoctorReport (report.ok, report.reason, report.table()).
 
     preset / image_size / batch_size default to DOCTOR_GPU_RUN on CUDA and DOCTOR_CPU_RUN on CPU. The live check trains
@@ -206,8 +237,15 @@ def run(device: str = "auto", preset: str | None = None, image_size: int | None 
     image_size = image_size or defaults["image_size"]
     batch_size = batch_size or defaults["batch_size"]
     device_name = torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else "CPU"
-    report.facts.update(device=str(torch_device), device_name=device_name, precision=chosen, precision_why=why,
-                        preset=preset, image_size=image_size, batch_size=batch_size)
+    report.facts.update(
+        device=str(torch_device),
+        device_name=device_name,
+        precision=chosen,
+        precision_why=why,
+        preset=preset,
+        image_size=image_size,
+        batch_size=batch_size,
+    )
     add("device", f"{torch_device} ({device_name})")
     add("precision", f"{chosen}: {why}")
     add("live check", f"{preset} preset, {image_size} px, batch {batch_size}, {steps} steps + 1 resumed")
@@ -218,20 +256,34 @@ def run(device: str = "auto", preset: str | None = None, image_size: int | None 
         fit = largest_fitting_batch(preset, image_size, torch_device, chosen, batch_size)
         report.facts["largest_batch"] = fit
         report.ok = False
-        report.reason = (f"out of memory at --batch-size {batch_size} ({preset}, {image_size} px, {chosen}) on "
-                         f"{device_name}: " + (f"batch {fit} fits, rerun with --batch-size {fit}" if fit else
-                                               "not even one image fits: use a smaller --image-size or preset"))
+        report.reason = (
+            f"out of memory at --batch-size {batch_size} ({preset}, {image_size} px, {chosen}) on "
+            f"{device_name}: "
+            + (
+                f"batch {fit} fits, rerun with --batch-size {fit}"
+                if fit
+                else "not even one image fits: use a smaller --image-size or preset"
+            )
+        )
     return finish()
 
 
-def live_check(report: DoctorReport, add: Callable[[str, str], None], device: torch.device, precision: str,
-               preset: str, image_size: int, batch_size: int, steps: int) -> None:
+def live_check(
+    report: DoctorReport,
+    add: Callable[[str, str], None],
+    device: torch.device,
+    precision: str,
+    preset: str,
+    image_size: int,
+    batch_size: int,
+    steps: int,
+) -> None:
     """Train, checkpoint, resume, time and size on `device`; fills report (sets ok/reason on a failed check)."""
     from safetensors.torch import load_file
 
     from vaehelpers.bench import bench_model
-    from vaehelpers.rundir import load_checkpoint
     from vaehelpers.config import build_config
+    from vaehelpers.rundir import load_checkpoint
     from vaehelpers.sources import make_synthetic
     from vaehelpers.train import train
 
@@ -246,9 +298,18 @@ def live_check(report: DoctorReport, add: Callable[[str, str], None], device: to
         # enough images that the hashed ~90% train split holds a full batch (train() trims a smaller one)
         make_synthetic(images, count=max(16, 2 * batch_size), size=image_size, seed=0)
         # the pixel recipe: this checks the runtime, not the pretrained files (their row above says what is there)
-        cfg = build_config(preset, "pixel", device=str(device), precision=precision, batch_size=batch_size,
-                           max_steps=steps + 1, run_dir=str(run_dir), checkpoint_every=10_000, log_every=1,
-                           **{"data.data_dir": str(images), "data.image_size": image_size, "data.cache": False})
+        cfg = build_config(
+            preset,
+            "pixel",
+            device=str(device),
+            precision=precision,
+            batch_size=batch_size,
+            max_steps=steps + 1,
+            run_dir=str(run_dir),
+            checkpoint_every=10_000,
+            log_every=1,
+            **{"data.data_dir": str(images), "data.image_size": image_size, "data.cache": False},
+        )
         rows: list[dict[str, Any]] = []
         chatter = io.StringIO()  # the trainer's own progress lines; the table says what matters
         with contextlib.redirect_stdout(chatter):
@@ -258,28 +319,44 @@ def live_check(report: DoctorReport, add: Callable[[str, str], None], device: to
             second = train(cfg, resume=True, progress=False, on_log=rows.append)
         losses = [row["train/total_loss"] for row in rows]
         finite = all(math.isfinite(x) for x in losses) and first.bad_steps == second.bad_steps == 0
-        scale = f", GradScaler scale {rows[-1]['scale']:g} ({second.scaler_skipped} skipped)" if "scale" in rows[-1] else ""
-        report.facts.update(losses=losses, scaler_skipped=second.scaler_skipped,
-                            scale=rows[-1].get("scale"))
-        add("train steps", f"{first.step} at {precision}: loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
-                           f"{'finite' if finite else 'NOT FINITE'}{scale}")
+        scale = (
+            f", GradScaler scale {rows[-1]['scale']:g} ({second.scaler_skipped} skipped)" if "scale" in rows[-1] else ""
+        )
+        report.facts.update(losses=losses, scaler_skipped=second.scaler_skipped, scale=rows[-1].get("scale"))
+        add(
+            "train steps",
+            f"{first.step} at {precision}: loss {losses[0]:.4g} -> {losses[-1]:.4g}, "
+            f"{'finite' if finite else 'NOT FINITE'}{scale}",
+        )
         if not finite:
             fail(f"the loss was not finite in {precision} on {device}: try --precision fp32 and report it")
-        same = state["step"] == steps and set(state["model"]) == set(final) and all(
-            torch.equal(state["model"][k].cpu(), final[k].cpu()) for k in final)
+        same = (
+            state["step"] == steps
+            and set(state["model"]) == set(final)
+            and all(torch.equal(state["model"][k].cpu(), final[k].cpu()) for k in final)
+        )
         resumed = second.step == steps + 1 and len(rows) == steps + 1
-        add("checkpoint + resume", f"step {state['step']} saved and read back to the same weights: "
-                                   f"{'yes' if same else 'NO'}; resumed to step {second.step}: {'yes' if resumed else 'NO'}")
+        add(
+            "checkpoint + resume",
+            f"step {state['step']} saved and read back to the same weights: "
+            f"{'yes' if same else 'NO'}; resumed to step {second.step}: {'yes' if resumed else 'NO'}",
+        )
         if not (same and resumed):
             fail(f"the checkpoint in {run_dir} did not read back to the trained weights or did not resume")
 
-    timings = bench_model(preset, image_size, batch_size, device=device, precision=precision, repeats=3, warmup=1,
-                          with_diffusers=False)
+    timings = bench_model(
+        preset, image_size, batch_size, device=device, precision=precision, repeats=3, warmup=1, with_diffusers=False
+    )
     speed = {row["op"]: row for row in timings}
-    report.facts["speed"] = {op: {"images_per_s": row["images_per_s"], "median_ms": row["median_ms"],
-                                  "peak_mem_mib": row["peak_mem_mib"]} for op, row in speed.items()}
-    add("images/s", ", ".join(f"{op} {row['images_per_s']:.1f}" for op, row in speed.items())
-        + f" (bench.py, median of 3, batch {batch_size})")
+    report.facts["speed"] = {
+        op: {"images_per_s": row["images_per_s"], "median_ms": row["median_ms"], "peak_mem_mib": row["peak_mem_mib"]}
+        for op, row in speed.items()
+    }
+    add(
+        "images/s",
+        ", ".join(f"{op} {row['images_per_s']:.1f}" for op, row in speed.items())
+        + f" (bench.py, median of 3, batch {batch_size})",
+    )
     step_mib = speed["train_step"]["peak_mem_mib"]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -288,17 +365,26 @@ def live_check(report: DoctorReport, add: Callable[[str, str], None], device: to
         add("peak memory", f"{_gib(peak)} of {_gib(total)} (torch.cuda.max_memory_allocated)")
         fit = largest_fitting_batch(preset, image_size, device, precision, batch_size)
         report.facts["largest_batch"] = fit
-        add("largest batch", f"{fit}{'+' if fit >= MAX_BATCH_PROBE else ''} (searched: a train step per size, "
-                             f"out-of-memory caught)")
+        add(
+            "largest batch",
+            f"{fit}{'+' if fit >= MAX_BATCH_PROBE else ''} (searched: a train step per size, out-of-memory caught)",
+        )
     else:
         available = _available_ram()
         report.facts["peak_memory_bytes"] = step_mib * 2**20 if step_mib is not None else None
-        add("peak memory", f"{step_mib:.0f} MiB above the baseline for one train step (sampled RSS)"
-            if step_mib is not None else "n/a (no /proc on this system)")
+        add(
+            "peak memory",
+            f"{step_mib:.0f} MiB above the baseline for one train step (sampled RSS)"
+            if step_mib is not None
+            else "n/a (no /proc on this system)",
+        )
         if step_mib and available:
             # half the free RAM, so the data cache and the OS keep room; CPU memory is not searched (swapping,
             # not an error, is what a too-large batch does there)
             recommended = max(1, min(MAX_BATCH_PROBE, int(available / 2 / (step_mib * 2**20 / batch_size))))
             report.facts["recommended_batch"] = recommended
-            add("largest batch", f"{recommended} recommended from memory (half of {_gib(available)} available / "
-                                 f"{step_mib / batch_size:.1f} MiB per image), not searched")
+            add(
+                "largest batch",
+                f"{recommended} recommended from memory (half of {_gib(available)} available / "
+                f"{step_mib / batch_size:.1f} MiB per image), not searched",
+            )

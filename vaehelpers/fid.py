@@ -17,12 +17,13 @@ and Inception Score and where to find them", CVPR 2020), and below 2048 images t
 cannot even be full rank (pytorch-fid's README asks for more samples than feature dimensions). Published rFIDs use
 thousands of images (sd-vae-ft-mse: 5,000 COCO images at 256 px); compare rFIDs only at the same N and size.
 """
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -38,12 +39,15 @@ def bias_warning(n_images: int) -> str | None:
     """The sentence the evaluate JSON carries when rFID rests on fewer than RFID_MIN_IMAGES images, else None."""
     if n_images >= RFID_MIN_IMAGES:
         return None
-    return (f"rFID on {n_images} images is biased upward (FID's bias shrinks as 1/N, Chong & Forsyth 2020) and its "
-            f"2048-d covariance is singular below {RFID_MIN_IMAGES} images: compare rFIDs only at the same number "
-            f"of images and size (published tables use 5,000 or more)")
+    return (
+        f"rFID on {n_images} images is biased upward (FID's bias shrinks as 1/N, Chong & Forsyth 2020) and its "
+        f"2048-d covariance is singular below {RFID_MIN_IMAGES} images: compare rFIDs only at the same number "
+        f"of images and size (published tables use 5,000 or more)"
+    )
 
 
 # --------------------------------------------------------------------------- the Inception network
+
 
 def find_inception_weights(weights_dir: str | Path | None = None) -> Path | None:
     """The Inception weights file where pretrained.py looks for it (weights_dir, $VAEHELPERS_WEIGHTS, the torch hub
@@ -90,16 +94,19 @@ def load_inception(weights_dir: str | Path | None = None, device: torch.device |
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         buffer.seek(0)
-        network = FeatureExtractorInceptionV3("inception-v3-compat", [str(FEATURE_DIM)],
-                                              feature_extractor_weights_path=buffer)
+        network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", [str(FEATURE_DIM)], feature_extractor_weights_path=buffer
+        )
     except Exception as error:  # refused pickle, wrong keys or shapes, truncated file: one line, with the file
         reason = (str(error).strip().splitlines() or [""])[0][:300]
-        raise RuntimeError(f"{path}: not usable as torch-fidelity's InceptionV3 weights "
-                           f"({type(error).__name__}: {reason})") from error
+        raise RuntimeError(
+            f"{path}: not usable as torch-fidelity's InceptionV3 weights ({type(error).__name__}: {reason})"
+        ) from error
     return InceptionFeatures(network).to(device).eval()
 
 
 # --------------------------------------------------------------------------- statistics and the distance
+
 
 class FeatureStatistics:
     """Running mean (F,) and covariance (F, F) of feature rows, in float64, one batch at a time.
@@ -158,8 +165,9 @@ def _clip_round_off(eigenvalues: Tensor) -> Tensor:
     return torch.where(eigenvalues > tolerance, eigenvalues, torch.zeros_like(eigenvalues))
 
 
-def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor, *,
-                     factor1: Tensor | None = None) -> float:
+def frechet_distance(
+    mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor, *, factor1: Tensor | None = None
+) -> float:
     """Frechet distance between N(mean1, cov1) and N(mean2, cov2): means (F,), covariances (F, F); float64 inside.
 
     tr sqrt(cov1 cov2) = tr sqrt(M), M = sqrt(cov1) cov2 sqrt(cov1), symmetric PSD, so the result is real even for
@@ -204,13 +212,21 @@ class ReconstructionFID:
 
     def compute(self) -> float:
         """The Frechet distance between the two feature sets (needs 2 images or more)."""
-        return frechet_distance(self.originals.mean, self.originals.covariance,
-                                self.reconstructions.mean, self.reconstructions.covariance,
-                                factor1=self.originals.covariance_factor)
+        return frechet_distance(
+            self.originals.mean,
+            self.originals.covariance,
+            self.reconstructions.mean,
+            self.reconstructions.covariance,
+            factor1=self.originals.covariance_factor,
+        )
 
 
-def build_rfid(features: bool | nn.Module | FeatureFn = True, *, weights_dir: str | Path | None = None,
-               device: torch.device | str = "cpu") -> ReconstructionFID:
+def build_rfid(
+    features: bool | nn.Module | FeatureFn = True,
+    *,
+    weights_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> ReconstructionFID:
     """A ReconstructionFID with the standard Inception features (features=True; RuntimeError with the reason when
     its weights are missing) or the given feature function ((B,3,H,W) in [0, 1] -> (B, F))."""
     if features is True:
@@ -223,5 +239,9 @@ def build_rfid(features: bool | nn.Module | FeatureFn = True, *, weights_dir: st
 def rfid_details(n_images: int, reason: str | None = None) -> dict[str, object]:
     """The evaluate JSON's rFID context: how many image pairs it rests on, the bias warning below RFID_MIN_IMAGES,
     and, when rfid is null, why (reason)."""
-    return {"rfid_n_images": n_images, "rfid_min_images": RFID_MIN_IMAGES,
-            "rfid_warning": bias_warning(n_images) if reason is None else None, "rfid_reason": reason}
+    return {
+        "rfid_n_images": n_images,
+        "rfid_min_images": RFID_MIN_IMAGES,
+        "rfid_warning": bias_warning(n_images) if reason is None else None,
+        "rfid_reason": reason,
+    }

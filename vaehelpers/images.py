@@ -1,4 +1,5 @@
 """Image files: listing, the path-hash split, safe decoding, scanning for bad files, and preprocessing."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,14 +9,14 @@ import os
 import stat
 import unicodedata
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-
 
 logger = logging.getLogger("vaehelpers.data")  # images, dataset and sources report under one name
 
@@ -85,8 +86,11 @@ def list_images(root: str | Path, exclude: Iterable[str | Path] = ()) -> list[Pa
                 seen.add(key)
                 kept.append(name)
         dirnames[:] = kept
-        found += [Path(dirpath, name) for name in filenames
-                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
@@ -100,7 +104,7 @@ def relative_key(path: str | Path, root: str | Path | None = None) -> str:
 
 
 def split_of(relative_path: str | Path, test_fraction: float = 0.1) -> Literal["train", "test"]:
-    """"test" for about `test_fraction` of paths, else "train"; depends on this one path only.
+    """ "test" for about `test_fraction` of paths, else "train"; depends on this one path only.
 
     The first 8 bytes of sha256(relative posix path) as a number in [0, 1) are compared with
     test_fraction, so adding or removing other files never moves a file between splits.
@@ -164,8 +168,9 @@ def _exif_transpose(image: Image.Image, path: Path) -> Image.Image:
         return image
 
 
-def load_image(path: str | Path, *, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS,
-               draft_size: int | None = None) -> Image.Image:
+def load_image(
+    path: str | Path, *, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
     """Decode one file fully into an 8-bit RGB PIL image, upright (EXIF orientation applied).
 
     draft_size: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size
@@ -241,11 +246,15 @@ class ScanReport:
         if self.good:
             return
         if self.bad:
-            raise NoImagesError(f"no usable images in {self.root} (split {self.split}): all {len(self.bad)} image "
-                                f"files are bad, e.g. {_display(self.bad[0][0], self.root)}: {self.bad[0][1]}")
+            raise NoImagesError(
+                f"no usable images in {self.root} (split {self.split}): all {len(self.bad)} image "
+                f"files are bad, e.g. {_display(self.bad[0][0], self.root)}: {self.bad[0][1]}"
+            )
         if n_files:
-            raise NoImagesError(f"split {self.split!r} of {self.root} is empty: its {n_files} image files all hash "
-                                f"into the other split (use split='all' for a small folder)")
+            raise NoImagesError(
+                f"split {self.split!r} of {self.root} is empty: its {n_files} image files all hash "
+                f"into the other split (use split='all' for a small folder)"
+            )
         raise NoImagesError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.root}")
 
 
@@ -256,8 +265,14 @@ def _display(path: Path, root: Path) -> str:
         return str(path)
 
 
-def scan_images(root: str | Path, split: Split = "all", min_size: int = MIN_SIZE, *, test_fraction: float = 0.1,
-                max_pixels: int = MAX_PIXELS) -> ScanReport:
+def scan_images(
+    root: str | Path,
+    split: Split = "all",
+    min_size: int = MIN_SIZE,
+    *,
+    test_fraction: float = 0.1,
+    max_pixels: int = MAX_PIXELS,
+) -> ScanReport:
     """Decode every image of one split; bad files are reported (path, reason) and skipped.
 
     Raises NoImagesError naming the folder when no usable image is left.
@@ -315,14 +330,15 @@ def crop_image(image: torch.Tensor, image_size: int = 128, generator: torch.Gene
         top = int(torch.randint(0, height - image_size + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - image_size + 1, (1,), generator=generator))
         flip = bool(torch.rand((), generator=generator) < 0.5)
-    crop = image[:, top:top + image_size, left:left + image_size]  # (3, S, S)
+    crop = image[:, top : top + image_size, left : left + image_size]  # (3, S, S)
     if flip:
         crop = crop.flip(-1)
     return crop.float().div_(127.5).sub_(1.0)  # .float() copies, so cached pixels are never written
 
 
-def preprocess(image: Image.Image, image_size: int = 128, resize: Resize = "crop",
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def preprocess(
+    image: Image.Image, image_size: int = 128, resize: Resize = "crop", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """RGB PIL image -> float (3, S, S) in [-1, 1]; eval transform without a generator, train with one."""
     return crop_image(resize_image(image, image_size, resize), image_size, generator)
 
@@ -331,5 +347,3 @@ def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A torch.Generator seeded from (seed, epoch, index) only: no global RNG, any number of workers."""
     digest = hashlib.blake2b(f"{int(seed)}/{int(epoch)}/{int(index)}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)  # 63 bits: a valid seed
-
-

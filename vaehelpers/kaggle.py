@@ -7,6 +7,7 @@ torchvision that Kaggle preinstalled (so nothing replaces them; pip fetches only
 rather than `pip install git+https://...`: it needs no public repository, works with internet off once the
 light dependencies are present, and pins each kernel version to the exact code that was pushed with it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +42,7 @@ LEGACY_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
 # The install cell every notebook opens with (after its parameters, which declare vaehelpers_source). It runs
 # before vaehelpers can be imported, so it stands alone in each notebook as this text, word for word
 # (tests/test_notebooks.py checks that every notebook's copy equals it). Without the dataset (a "Copy & Edit" copy keeps no inputs) it names both ways on instead of failing with an IndexError.
-INSTALL_CELL = '''\
+INSTALL_CELL = """\
 # Install vaehelpers, keeping Kaggle's own torch: from the attached dataset vaehelpers-src, else (internet on)
 # from vaehelpers_source, a pip requirement such as "git+https://github.com/OWNER/vaehelpers".
 import glob, importlib.metadata, importlib.util, runpy, subprocess, sys
@@ -56,7 +58,7 @@ if importlib.util.find_spec("vaehelpers") is None:
             "vaehelpers is not installed and the dataset vaehelpers-src is not attached. Either attach it (right-hand "
             "panel, Input: '+ Add Input' > 'Your Work' > 'Datasets' > vaehelpers-src, uploaded by `vaehelpers kaggle "
             "push`), or turn the internet on (Settings > Internet) and set vaehelpers_source = 'git+https://github.com/"
-            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")'''
+            "OWNER/vaehelpers' (the repository) in the parameters cell. Then run this cell again.")"""
 
 Installer = Callable[[Sequence[str]], Any]  # pip arguments -> anything; raises on failure
 
@@ -82,6 +84,7 @@ def workspace(cwd: str | Path | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------- credentials and /kaggle/input
+
 
 def credentials() -> str | None:
     """Where the kaggle package would find credentials (a short description), or None; reads nothing secret."""
@@ -136,8 +139,9 @@ def api() -> Any:
     return client
 
 
-def input_folders(kaggle_input: str | Path = KAGGLE_INPUT, max_depth: int = 6,
-                  skip: Sequence[str] = ()) -> Iterator[tuple[int, Path]]:
+def input_folders(
+    kaggle_input: str | Path = KAGGLE_INPUT, max_depth: int = 6, skip: Sequence[str] = ()
+) -> Iterator[tuple[int, Path]]:
     """(depth, folder) for the folders under an attached-inputs root, breadth first, sorted, hidden ones left out.
 
     Bounded (max_depth levels) and never entering the folders named in `skip`, so that a large image dataset
@@ -155,6 +159,7 @@ def input_folders(kaggle_input: str | Path = KAGGLE_INPUT, max_depth: int = 6,
 
 
 # ----------------------------------------------------------------------------- the GPU check
+
 
 def pip_install(arguments: Sequence[str]) -> None:
     """`python -m pip install ARGUMENTS` in this interpreter; raises CalledProcessError on failure."""
@@ -184,14 +189,17 @@ def ensure_gpu_supported(install_legacy_torch: bool = False, *, installer: Insta
     if not errors:
         return f"{len(names)} GPU(s): {', '.join(names)}; supported by torch {torch.__version__}"
     if not install_legacy_torch:
-        raise UnsupportedGPUError(f"{errors[0]} In the notebooks: set install_legacy_torch=True (internet on) "
-                                  "to install that build, then restart the kernel.")
+        raise UnsupportedGPUError(
+            f"{errors[0]} In the notebooks: set install_legacy_torch=True (internet on) "
+            "to install that build, then restart the kernel."
+        )
     requirements = legacy_torch_requirements()
     (installer or pip_install)([*requirements, "--index-url", LEGACY_TORCH_INDEX])
     raise RestartRequired(
         f"installed {' and '.join(requirements)} built for CUDA 12.6 (with sm_60 kernels) for {', '.join(names)}; "
         "the running kernel still has the old torch: restart it (Run > Restart & clear cell outputs) and run all "
-        "cells again.")
+        "cells again."
+    )
 
 
 def legacy_torch_requirements() -> list[str]:
@@ -209,6 +217,7 @@ def legacy_torch_requirements() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- runs from earlier sessions
+
 
 def find_attached_run(name: str, kaggle_input: str | Path = KAGGLE_INPUT, max_depth: int = 6) -> Path | None:
     """A run directory called `name` (holding config.json and weights or a checkpoint) in an attached input,
@@ -240,7 +249,8 @@ def require_run(run_dir: str | Path, kaggle_input: str | Path = KAGGLE_INPUT) ->
         raise FileNotFoundError(
             f"no trained run named {run_dir.name!r}: {run_dir} holds none and no attached input has one. This "
             f"notebook evaluates the output of {TRAINING_TITLE}: let that notebook finish first (locally: run it "
-            f"with the same settings), or {attach_hint('evaluate it')}")
+            f"with the same settings), or {attach_hint('evaluate it')}"
+        )
     return restore_run(run_dir, kaggle_input)
 
 
@@ -249,9 +259,11 @@ TRAINING_TITLE = "vaehelpers 04 training"  # kaggle/04_training/kernel-metadata.
 
 def attach_hint(purpose: str) -> str:
     """The buttons that attach 04_training's output of an earlier session to the notebook open in Kaggle's editor."""
-    return (f"On Kaggle, to {purpose} from an earlier session's output: in the editor's right-hand panel, under "
-            f"Input, click \"+ Add Input\", choose \"Your Work\", then \"Notebooks\", click the + beside "
-            f"\"{TRAINING_TITLE}\" (its latest finished version), and run all cells again.")
+    return (
+        f"On Kaggle, to {purpose} from an earlier session's output: in the editor's right-hand panel, under "
+        f'Input, click "+ Add Input", choose "Your Work", then "Notebooks", click the + beside '
+        f'"{TRAINING_TITLE}" (its latest finished version), and run all cells again.'
+    )
 
 
 class FullScaleOnCPU(RuntimeError):
@@ -270,10 +282,12 @@ def check_scale_fits_device(settings: Any, device: Any, allow_cpu: bool = False)
         f"the full-scale run ({settings.preset} model, {settings.epochs} epochs, up to {settings.max_minutes:g} "
         "minutes a session) would train on the CPU, where it makes almost no progress. Turn the GPU on (Kaggle: "
         "Settings > Accelerator > GPU T4 x2, then run all again), or set smoke=True for a quick check at toy "
-        "scale, or set allow_cpu=True to train on the CPU anyway.")
+        "scale, or set allow_cpu=True to train on the CPU anyway."
+    )
 
 
 # ----------------------------------------------------------------------------- `vaehelpers kaggle push`
+
 
 def kernel_folders(kaggle_dir: str | Path) -> list[Path]:
     """The kernel folders under kaggle/ (each holds a kernel-metadata.json), in notebook order."""
@@ -295,22 +309,38 @@ def build_wheel(root: str | Path, dest: str | Path) -> Path:
     """A wheel of the package at root, built offline (no isolation: setuptools is already installed)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(dest), str(root)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(dest),
+            str(root),
+        ],
+        check=True,
+    )
     wheels = sorted(dest.glob("vaehelpers-*.whl"))
     if not wheels:
         raise RuntimeError(f"pip wheel left no vaehelpers wheel in {dest}")
     return wheels[-1]
 
 
-def stage(root: str | Path, user: str, dest: str | Path, *,
-          wheel_builder: Callable[[Path, Path], Path] = build_wheel) -> tuple[Path, list[Path]]:
+def stage(
+    root: str | Path, user: str, dest: str | Path, *, wheel_builder: Callable[[Path, Path], Path] = build_wheel
+) -> tuple[Path, list[Path]]:
     """Fill build folders for upload: dest/vaehelpers-src (dataset metadata, the wheel, the installer) and one
     folder per kernel (its metadata with the user filled in, and the notebook). Returns (dataset, kernels)."""
     root, dest = Path(root), Path(dest)
     if not (root / "kaggle" / "dataset-metadata.json").is_file():
-        raise FileNotFoundError(f"{root} holds no kaggle/dataset-metadata.json: push from a checkout of the "
-                                "vaehelpers repository, or pass --root REPOSITORY")
+        raise FileNotFoundError(
+            f"{root} holds no kaggle/dataset-metadata.json: push from a checkout of the "
+            "vaehelpers repository, or pass --root REPOSITORY"
+        )
     if dest.exists():
         shutil.rmtree(dest)
     dataset = dest / SOURCE_DATASET
@@ -340,8 +370,12 @@ def kaggle_client() -> Any:
 
 # The sources a kernel push can drop: the kernel version is saved without them, and the client says so only in
 # these fields of its response (ApiSaveKernelResponse; older clients spell them in camelCase).
-DROPPABLE_SOURCES = {"dataset": "invalid_dataset_sources", "kernel": "invalid_kernel_sources",
-                     "competition": "invalid_competition_sources", "model": "invalid_model_sources"}
+DROPPABLE_SOURCES = {
+    "dataset": "invalid_dataset_sources",
+    "kernel": "invalid_kernel_sources",
+    "competition": "invalid_competition_sources",
+    "model": "invalid_model_sources",
+}
 TRAINING_KERNEL, EVALUATION_KERNEL = "04", "05"  # folder prefixes: 05 evaluates 04's output
 
 
@@ -362,7 +396,8 @@ def _check(response: Any, what: str) -> str:
         if dropped:
             raise RuntimeError(
                 f"{what}: Kaggle dropped the {kind} source(s) {', '.join(map(str, dropped))} ({name}), so the version "
-                f"it saved runs without them. Check that each exists and that you can read it, then push again.")
+                f"it saved runs without them. Check that each exists and that you can read it, then push again."
+            )
     return str(_field(response, "url") or what)
 
 
@@ -382,9 +417,16 @@ def _dataset_state(client: Any, ref: str) -> tuple[str, int | None]:
         return _status_name(client.dataset_status(ref)), None
 
 
-def wait_for_dataset(client: Any, ref: str, *, newer_than: int | None = None, timeout_s: float = 600.0,
-                     poll_s: float = 10.0, sleep: Callable[[float], Any] = time.sleep,
-                     say: Callable[[str], Any] = print) -> int | None:
+def wait_for_dataset(
+    client: Any,
+    ref: str,
+    *,
+    newer_than: int | None = None,
+    timeout_s: float = 600.0,
+    poll_s: float = 10.0,
+    sleep: Callable[[float], Any] = time.sleep,
+    say: Callable[[str], Any] = print,
+) -> int | None:
     """Wait until Kaggle has processed the dataset's new version (status "ready", version > newer_than); returns
     that version number (None if the client cannot tell). Raises RuntimeError if processing failed, TimeoutError
     after timeout_s: a kernel pushed before then would start without its files."""
@@ -395,13 +437,16 @@ def wait_for_dataset(client: Any, ref: str, *, newer_than: int | None = None, ti
         if status == "ready" and fresh:
             return version
         if status in ("failed", "deleted") and fresh:
-            raise RuntimeError(f"Kaggle could not process {ref} (status {status}): see https://www.kaggle.com/datasets/{ref}")
+            raise RuntimeError(
+                f"Kaggle could not process {ref} (status {status}): see https://www.kaggle.com/datasets/{ref}"
+            )
         waited = time.monotonic() - started
         if waited >= timeout_s:
             raise TimeoutError(
                 f"{ref} is still being processed by Kaggle after {waited:.0f} s (status {status}, version {version}); "
                 f"no kernel was pushed, since it would start without the package. When "
-                f"https://www.kaggle.com/datasets/{ref} shows the new version, run `vaehelpers kaggle push --no-dataset`.")
+                f"https://www.kaggle.com/datasets/{ref} shows the new version, run `vaehelpers kaggle push --no-dataset`."
+            )
         say(f"waiting for Kaggle to process {ref} (status {status})")
         sleep(poll_s)
 
@@ -427,10 +472,21 @@ def _edit_metadata(folder: Path, change: Callable[[dict[str, Any]], None]) -> No
     path.write_text(json.dumps(metadata, indent=2) + "\n")
 
 
-def push(root: str | Path, user: str | None = None, *, client: Any = None, only: Sequence[str] = (),
-         dataset: bool = True, pin: bool = True, wait_s: float = 600.0, poll_s: float = 10.0,
-         sleep: Callable[[float], Any] = time.sleep, dest: str | Path | None = None,
-         wheel_builder: Callable[[Path, Path], Path] | None = None, say: Callable[[str], Any] = print) -> list[str]:
+def push(
+    root: str | Path,
+    user: str | None = None,
+    *,
+    client: Any = None,
+    only: Sequence[str] = (),
+    dataset: bool = True,
+    pin: bool = True,
+    wait_s: float = 600.0,
+    poll_s: float = 10.0,
+    sleep: Callable[[float], Any] = time.sleep,
+    dest: str | Path | None = None,
+    wheel_builder: Callable[[Path, Path], Path] | None = None,
+    say: Callable[[str], Any] = print,
+) -> list[str]:
     """Upload the package dataset, wait until Kaggle has processed it, then push the kernels (all, or those whose
     folder name starts with one of `only`, e.g. "04"); returns the URLs.
 
@@ -456,33 +512,51 @@ def push(root: str | Path, user: str | None = None, *, client: Any = None, only:
         except Exception:  # kaggle raises an HTTP error for a dataset that does not exist yet
             exists, before = False, None
         if exists:
-            response = client.dataset_create_version(str(dataset_dir), version_notes="vaehelpers kaggle push",
-                                                     quiet=True, dir_mode="skip")
+            response = client.dataset_create_version(
+                str(dataset_dir), version_notes="vaehelpers kaggle push", quiet=True, dir_mode="skip"
+            )
         else:
             response = client.dataset_create_new(str(dataset_dir), public=False, quiet=True, dir_mode="skip")
         urls.append(_check(response, f"uploading {ref}"))
         say(f"dataset {ref}: {urls[-1]}")
         if kernels:
-            version = wait_for_dataset(client, ref, newer_than=before if exists else None, timeout_s=wait_s,
-                                       poll_s=poll_s, sleep=sleep, say=say)
+            version = wait_for_dataset(
+                client,
+                ref,
+                newer_than=before if exists else None,
+                timeout_s=wait_s,
+                poll_s=poll_s,
+                sleep=sleep,
+                say=say,
+            )
     elif kernels:
         version = wait_for_dataset(client, ref, timeout_s=wait_s, poll_s=poll_s, sleep=sleep, say=say)
     if kernels and pin and version is not None:
         say(f"kernels attach {ref} version {version}")
         for folder in kernels:
-            _edit_metadata(folder, lambda meta: meta.update(dataset_sources=[
-                f"{source}/{version}" if source == ref else source for source in meta["dataset_sources"]]))
+            _edit_metadata(
+                folder,
+                lambda meta: meta.update(
+                    dataset_sources=[
+                        f"{source}/{version}" if source == ref else source for source in meta["dataset_sources"]
+                    ]
+                ),
+            )
 
     for folder in kernels:
         kernel = _kernel_ref(folder)
         if folder.name.startswith(TRAINING_KERNEL):
             status, _ = kernel_status(client, kernel)
             if status in ("queued", "running"):
-                say(f"kernel {folder.name} not pushed: its latest version is {status} on Kaggle (a new version would "
-                    "start a second run beside it); push it again when it has ended")
+                say(
+                    f"kernel {folder.name} not pushed: its latest version is {status} on Kaggle (a new version would "
+                    "start a second run beside it); push it again when it has ended"
+                )
                 continue
             if status == "complete":  # resume: this version reads the last one's run directory (restore_run)
-                _edit_metadata(folder, lambda meta: meta.update(kernel_sources=[*meta["kernel_sources"], kernel]))
+                _edit_metadata(
+                    folder, lambda meta, kernel=kernel: meta.update(kernel_sources=[*meta["kernel_sources"], kernel])
+                )
                 say(f"kernel {folder.name} attaches the output of its finished version, and resumes that run")
             else:
                 say(f"kernel {folder.name} starts a new run (no finished version of it yet: {status})")
@@ -490,9 +564,11 @@ def push(root: str | Path, user: str | None = None, *, client: Any = None, only:
             training = next(_kernel_ref(f) for f in kernel_folders(folder.parent) if f.name.startswith(TRAINING_KERNEL))
             status, failure = kernel_status(client, training)
             if status != "complete":
-                say(f"kernel {folder.name} not pushed: it evaluates the output of {training}, whose latest version is "
+                say(
+                    f"kernel {folder.name} not pushed: it evaluates the output of {training}, whose latest version is "
                     f"{status}{': ' + failure if failure else ''}; when it has finished, run "
-                    f"`vaehelpers kaggle push --no-dataset --only {EVALUATION_KERNEL}`")
+                    f"`vaehelpers kaggle push --no-dataset --only {EVALUATION_KERNEL}`"
+                )
                 continue
         response = client.kernels_push(str(folder))
         urls.append(_check(response, f"pushing {folder.name}"))

@@ -12,13 +12,15 @@ is measured, ModelConfig's default 0.18215 stays.
 Per latent channel, the same pass measures mean and std (model.latents_mean / latents_std, the fields diffusers'
 AutoencoderKL config has for VAEs whose channels differ in offset and spread); prior samples use them when stored.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +28,8 @@ from torch import nn
 from vaehelpers.config import ModelConfig, from_dict
 from vaehelpers.rundir import RunDir, atomic_write, read_config, write_config
 
-
 # ----------------------------------------------------------------------------- encode, decode, walk, sample
+
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
@@ -74,7 +76,9 @@ def prior_latents(config: ModelConfig, count: int, side: int, generator: torch.G
     return noise / config.scaling_factor
 
 
-def prior_samples(model: nn.Module, count: int = 8, image_size: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
+def prior_samples(
+    model: nn.Module, count: int = 8, image_size: int = 128, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Decode latents drawn from the prior (prior_latents: the measured per-channel mean and std where stored, else
     N(0, I) / scaling_factor; the model's latents are unscaled), (count, 3, image_size, image_size)."""
     side = image_size // model.config.downsample_factor
@@ -82,6 +86,7 @@ def prior_samples(model: nn.Module, count: int = 8, image_size: int = 128, gener
 
 
 # ----------------------------------------------------------------------------- the latent scale
+
 
 @dataclass
 class LatentStats:
@@ -166,9 +171,15 @@ def latent_statistics(
     if not math.isfinite(std) or std <= 0:
         raise ValueError(f"latent std is {std}: cannot set a scale (are the weights trained and finite?)")
     channel_std = (channel_m2 / max(channel_n - 1, 1)).sqrt()
-    return LatentStats(std=std, mean=mean, n_images=count, n_values=n_values,
-                       latents="posterior samples" if sample_posterior else "posterior mode",
-                       channel_mean=tuple(channel_mean.tolist()), channel_std=tuple(channel_std.tolist()))
+    return LatentStats(
+        std=std,
+        mean=mean,
+        n_images=count,
+        n_values=n_values,
+        latents="posterior samples" if sample_posterior else "posterior mode",
+        channel_mean=tuple(channel_mean.tolist()),
+        channel_std=tuple(channel_std.tolist()),
+    )
 
 
 def measure_scale(
@@ -185,12 +196,25 @@ def measure_scale(
 
     See latent_statistics for the arguments; latents are posterior samples unless sample_posterior=False.
     """
-    return latent_statistics(model, dataset, max_images=max_images, batch_size=batch_size, device=device,
-                             sample_posterior=sample_posterior, seed=seed).scaling_factor
+    return latent_statistics(
+        model,
+        dataset,
+        max_images=max_images,
+        batch_size=batch_size,
+        device=device,
+        sample_posterior=sample_posterior,
+        seed=seed,
+    ).scaling_factor
 
 
-def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | None = None, *,
-                latents_mean: Sequence[float] | None = None, latents_std: Sequence[float] | None = None) -> Path:
+def store_scale(
+    run_dir: str | Path,
+    value: float,
+    details: dict[str, Any] | None = None,
+    *,
+    latents_mean: Sequence[float] | None = None,
+    latents_std: Sequence[float] | None = None,
+) -> Path:
     """Set model.scaling_factor in run_dir/config.json to `value` (AutoencoderKL.load then has it), and
     model.latents_mean / latents_std (one value per latent channel) when given.
 
@@ -213,8 +237,9 @@ def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | Non
             continue
         values = [float(v) for v in values]
         if len(values) != current.latent_channels or not all(map(math.isfinite, values)):
-            raise ValueError(f"{name} must be {current.latent_channels} finite numbers (one per latent channel), "
-                             f"got {values}")
+            raise ValueError(
+                f"{name} must be {current.latent_channels} finite numbers (one per latent channel), got {values}"
+            )
         if name == "latents_std" and min(values) <= 0:
             raise ValueError(f"latents_std must be positive, got {values}")
         model_settings[name] = values
@@ -223,4 +248,3 @@ def store_scale(run_dir: str | Path, value: float, details: dict[str, Any] | Non
         record = {"scaling_factor": value, **details}
         atomic_write(run.scale, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     return run.config
-

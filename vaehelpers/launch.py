@@ -5,6 +5,7 @@
 
 Each process joins the process group through distributed.init_distributed (as under torchrun).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ import pickle
 import queue
 import signal
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.multiprocessing.spawn import ProcessException
@@ -26,7 +28,9 @@ class TrainingProcessError(RuntimeError):
     """A process of a launch() run failed; the others were stopped. The message names the rank and its error."""
 
 
-def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, **train_kwargs: Any) -> TrainResult | None:
+def launch(
+    cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, **train_kwargs: Any
+) -> TrainResult | None:
     """Train on `nproc` processes of this machine (default: one per visible GPU) and return rank 0's result.
 
     For notebooks (Kaggle T4x2), where torchrun is awkward: it spawns fresh interpreters with
@@ -63,8 +67,12 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
 
     with RunLock(cfg.run_dir):
         context = torch.multiprocessing.start_processes(
-            _worker, args=(nproc, port, cfg, resume, train_kwargs, results, rows, os.getpid()), nprocs=nproc,
-            join=False, start_method="spawn")
+            _worker,
+            args=(nproc, port, cfg, resume, train_kwargs, results, rows, os.getpid()),
+            nprocs=nproc,
+            join=False,
+            start_method="spawn",
+        )
         try:
             try:
                 _join(context, forward_rows)
@@ -85,11 +93,26 @@ def launch(cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, 
     return results.get() if not results.empty() else None
 
 
-def _worker(rank: int, world_size: int, port: int, cfg: TrainConfig, resume: bool, train_kwargs: dict[str, Any],
-            results: Any, rows: Any, parent_pid: int) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    cfg: TrainConfig,
+    resume: bool,
+    train_kwargs: dict[str, Any],
+    results: Any,
+    rows: Any,
+    parent_pid: int,
+) -> None:
     """One spawned process of launch(): torchrun's environment variables, then train(); rank 0 sends its log rows."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     os.environ[LOCKED_BY_PARENT_ENV] = str(parent_pid)  # launch() holds the run directory's lock for us
     if "OMP_NUM_THREADS" not in os.environ:  # share the CPU cores instead of each rank taking all (torchrun does too)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -142,9 +165,11 @@ def _failure_message(context: Any, error: ProcessException, nproc: int) -> str:
             detail = ""
         lines.append(f"  rank {rank}: {_exit_status(process.exitcode)}{detail}")
     first_traceback = tracebacks[error.error_index]
-    return (f"training on {nproc} processes failed, rank {error.error_index} first; the rest were stopped. "
-            f"How each ended:\n" + "\n".join(lines) + "\nFix the cause and run again; resume=True continues from the "
-            "last checkpoint." + (f"\nTraceback of rank {error.error_index}:\n{first_traceback}" if first_traceback else ""))
+    return (
+        f"training on {nproc} processes failed, rank {error.error_index} first; the rest were stopped. "
+        f"How each ended:\n" + "\n".join(lines) + "\nFix the cause and run again; resume=True continues from the "
+        "last checkpoint." + (f"\nTraceback of rank {error.error_index}:\n{first_traceback}" if first_traceback else "")
+    )
 
 
 def _read_traceback(path: str) -> str:

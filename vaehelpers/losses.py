@@ -21,6 +21,7 @@ Sources for the constants below:
   as copied into taming-transformers' discriminator/model.py.
 - The seed recipe (500 * (BCE / B + 0.1 * VGG relu3_3 MSE) + min(1, epoch / 20) * KL): DESIGN.md.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,6 +43,7 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 
 
 # ----------------------------------------------------------------------------- reconstruction
+
 
 def reconstruction_loss(
     images: Tensor,
@@ -76,6 +78,7 @@ def reconstruction_loss(
 
 # ----------------------------------------------------------------------------- perceptual
 
+
 def load_vgg16_features(weights_dir: str | Path | None = None) -> nn.Sequential:
     """torchvision's ImageNet VGG16 `features` (conv part) with the pretrained weights (pretrained.py finds them).
 
@@ -91,7 +94,9 @@ def load_vgg16_features(weights_dir: str | Path | None = None) -> nn.Sequential:
     with torch.device("meta"):  # the classifier (102 M weights) is never used: build no memory, no random init
         model = vgg16()
     features = model.features.to_empty(device="cpu")
-    features.load_state_dict({key[len("features."):]: value for key, value in state.items() if key.startswith("features.")})
+    features.load_state_dict(
+        {key[len("features.") :]: value for key, value in state.items() if key.startswith("features.")}
+    )
     return features
 
 
@@ -194,6 +199,7 @@ class LPIPS(_FrozenModule):
 
 # ----------------------------------------------------------------------------- KL
 
+
 def kl_loss(posterior, reduction: Literal["sum", "seed"] = "sum") -> Tensor:
     """KL(posterior || N(0, I)) reduced to a scalar; posterior has .mean, .logvar (B, L, h, w) and .kl().
 
@@ -217,6 +223,7 @@ def kl_weight_at(epoch: float, kl_weight: float, kl_warmup_epochs: float = 0.0) 
 
 
 # ----------------------------------------------------------------------------- PatchGAN
+
 
 class NLayerDiscriminator(nn.Module):
     """PatchGAN discriminator (pix2pix / LDM): images (B, 3, H, W) -> patch logits (B, 1, H/8 - 2, W/8 - 2)."""
@@ -277,6 +284,7 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_w
 
 # ----------------------------------------------------------------------------- the whole loss
 
+
 def pretrained_files(cfg: LossConfig, perceptual_backbone: nn.Module | None = None) -> list[str]:
     """Names (pretrained.REGISTRY) of the files VAELoss(cfg) will load; none when a backbone is passed in."""
     if cfg.perceptual_weight <= 0:
@@ -299,8 +307,9 @@ class VAELoss(nn.Module):
     disc_weight > 0 (else `.discriminator` is None).
     """
 
-    def __init__(self, cfg: LossConfig, perceptual_backbone: nn.Module | None = None,
-                 weights_dir: str | Path | None = None):
+    def __init__(
+        self, cfg: LossConfig, perceptual_backbone: nn.Module | None = None, weights_dir: str | Path | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.perceptual: nn.Module | None = None

@@ -10,6 +10,7 @@ per-image values keep that inf (in Python and in the CSV; strict JSON gets the s
 summary's mean `psnr` caps each image at PSNR_CAP_DB (100 dB, far above any real 8-bit reconstruction:
 one grey level of error everywhere is 48 dB) so that a single exact copy cannot turn the mean into inf.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,7 @@ LpipsFn = Callable[[Tensor, Tensor], Tensor]  # (images, reconstructions) in [0,
 
 
 # --------------------------------------------------------------------------- per-image metrics
+
 
 def to_unit_range(images: Tensor) -> Tensor:
     """images in [-1, 1] -> [0, 1], clamped, float32."""
@@ -63,8 +66,10 @@ def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tens
     on [-1, 1] (clamped the same way, so exactly 2x and 4x mae and mse).
     """
     if images.shape != reconstructions.shape or images.dim() != 4:
-        raise ValueError(f"expected two (B, 3, H, W) tensors of one shape, got {tuple(images.shape)} "
-                         f"and {tuple(reconstructions.shape)}")
+        raise ValueError(
+            f"expected two (B, 3, H, W) tensors of one shape, got {tuple(images.shape)} "
+            f"and {tuple(reconstructions.shape)}"
+        )
     images01, reconstructions01 = to_unit_range(images), to_unit_range(reconstructions)
     error = reconstructions01 - images01
     mae = error.abs().flatten(1).mean(1)
@@ -91,6 +96,7 @@ def image_psnr(image: Tensor, reconstruction: Tensor) -> float:
 
 # --------------------------------------------------------------------------- LPIPS backbone (rFID: fid.py)
 
+
 def build_lpips(device: torch.device | str = "cpu", weights_dir: str | Path | None = None) -> LpipsFn:
     """VGG LPIPS (v0.1, as torchmetrics' and the lpips package's) as a per-image function of images in [0, 1].
 
@@ -113,6 +119,7 @@ def build_lpips(device: torch.device | str = "cpu", weights_dir: str | Path | No
 
 
 # --------------------------------------------------------------------------- the evaluation loop
+
 
 def _mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
@@ -151,14 +158,16 @@ class Evaluator:
         values = {name: tensor.double().cpu().tolist() for name, tensor in metrics.items()}
         lpips_values = lpips.double().cpu().tolist() if lpips is not None else [None] * len(images)
         for i, path in enumerate(paths):
-            self.rows.append({
-                "path": str(path),
-                "mae": values["mae"][i],
-                "mse": values["mse"][i],
-                "psnr": values["psnr"][i],
-                "ssim": values["ssim"][i],
-                "lpips": lpips_values[i],
-            })
+            self.rows.append(
+                {
+                    "path": str(path),
+                    "mae": values["mae"][i],
+                    "mse": values["mse"][i],
+                    "psnr": values["psnr"][i],
+                    "ssim": values["ssim"][i],
+                    "lpips": lpips_values[i],
+                }
+            )
             for name in self._pm1:
                 self._pm1[name].append(values[name][i])
 
@@ -188,8 +197,10 @@ class Evaluator:
             "lpips": _mean([row["lpips"] for row in self.rows]) if self.lpips is not None else None,
             "lpips_net": "vgg",
             "rfid": rfid,
-            **fid_module.rfid_details(self.fid.n_images if self.fid is not None else 0,
-                                      None if rfid is not None else self.rfid_reason or "not computed"),
+            **fid_module.rfid_details(
+                self.fid.n_images if self.fid is not None else 0,
+                None if rfid is not None else self.rfid_reason or "not computed",
+            ),
             "pm1_range": "[-1,1]",
             "mae_pm1": _mean(self._pm1["mae_pm1"]),
             "mse_pm1": _mean(self._pm1["mse_pm1"]),
@@ -200,8 +211,9 @@ class Evaluator:
         }
 
 
-def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, notes: list[str],
-                   weights_dir: str | Path | None = None) -> LpipsFn | None:
+def _resolve_lpips(
+    lpips: bool | str | LpipsFn | None, device: torch.device, notes: list[str], weights_dir: str | Path | None = None
+) -> LpipsFn | None:
     """lpips="auto": try, and on failure warn once and go on; True: must work; False/None: off; callable: use it."""
     if callable(lpips):
         return lpips
@@ -212,16 +224,24 @@ def _resolve_lpips(lpips: bool | str | LpipsFn | None, device: torch.device, not
     return _optional("LPIPS", lambda: build_lpips(device, weights_dir), lpips is True, notes)[0]
 
 
-def _resolve_fid(fid: bool | str | nn.Module | fid_module.FeatureFn | None, device: torch.device,
-                 weights_dir: str | Path | None, notes: list[str]) -> tuple[fid_module.ReconstructionFID | None, str | None]:
+def _resolve_fid(
+    fid: bool | str | nn.Module | fid_module.FeatureFn | None,
+    device: torch.device,
+    weights_dir: str | Path | None,
+    notes: list[str],
+) -> tuple[fid_module.ReconstructionFID | None, str | None]:
     """(the rFID accumulator or None, why it is None). fid="auto": Inception rFID, or null with a warning when its
     weights are missing; True: must load; False/None: off; a module or callable: its features (tests)."""
     if fid is False or fid is None:
         return None, "rFID turned off (fid=False / --no-fid)"
     if fid not in (True, "auto") and not callable(fid):
         raise ValueError(f"fid must be 'auto', True, False or a feature module, got {fid!r}")
-    return _optional("rFID", lambda: fid_module.build_rfid(True if fid == "auto" else fid, weights_dir=weights_dir,
-                                                           device=device), fid is True, notes)
+    return _optional(
+        "rFID",
+        lambda: fid_module.build_rfid(True if fid == "auto" else fid, weights_dir=weights_dir, device=device),
+        fid is True,
+        notes,
+    )
 
 
 def _optional(what: str, build: Callable[[], Any], required: bool, notes: list[str]) -> tuple[Any, str | None]:
@@ -333,12 +353,17 @@ def evaluate(
         model.train(was_training)
 
     summary = evaluator.summary()
-    summary.update(sample_posterior=sample_posterior, precision=precision, device=str(device),
-                   seconds=round(time.perf_counter() - start, 3))
+    summary.update(
+        sample_posterior=sample_posterior,
+        precision=precision,
+        device=str(device),
+        seconds=round(time.perf_counter() - start, 3),
+    )
     return summary
 
 
 # --------------------------------------------------------------------------- printing and files
+
 
 def _format_value(value: Any, spec: str = ".5g") -> str:
     if value is None:
@@ -360,11 +385,18 @@ def format_table(summary: dict[str, Any]) -> str:
         (f"PSNR on {pixel} (dB, mean over images)", _format_value(summary.get("psnr"), ".2f")),
         (f"PSNR on {pixel} (dB, of the mean MSE)", _format_value(summary.get("psnr_from_mean_mse"), ".2f")),
         (f"SSIM on {pixel}", summary.get("ssim")),
-        (f"LPIPS ({summary.get('lpips_net', 'vgg')})",
-         lpips if lpips is not None else "n/a (weights unavailable or turned off)"),
-        (f"rFID (Inception pool3, {summary.get('rfid_n_images')} image pairs)" if summary.get("rfid") is not None
-         else "rFID", summary.get("rfid")
-         if summary.get("rfid") is not None else "n/a (weights unavailable or turned off: see rfid_reason)"),
+        (
+            f"LPIPS ({summary.get('lpips_net', 'vgg')})",
+            lpips if lpips is not None else "n/a (weights unavailable or turned off)",
+        ),
+        (
+            f"rFID (Inception pool3, {summary.get('rfid_n_images')} image pairs)"
+            if summary.get("rfid") is not None
+            else "rFID",
+            summary.get("rfid")
+            if summary.get("rfid") is not None
+            else "n/a (weights unavailable or turned off: see rfid_reason)",
+        ),
         (f"MAE  on {pm1} (seed's range)", summary.get("mae_pm1")),
         (f"MSE  on {pm1} (seed's range)", summary.get("mse_pm1")),
         ("skipped files", summary.get("n_skipped", 0)),

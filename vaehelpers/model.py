@@ -1,4 +1,5 @@
 """The KL autoencoder (Stable Diffusion's KL-f8 shape): encoder, decoder, posterior, save and load."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -107,7 +108,9 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(_silu(self.norm1(x), self.fast_paths))
         h = self.conv2(_silu(self.norm2(h), self.fast_paths))  # SD's dropout is 0 for the autoencoder: left out
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        if self.fast_paths and skip.dtype == h.dtype:  # a conv's backward does not need its output: adding into it is safe
+        if (
+            self.fast_paths and skip.dtype == h.dtype
+        ):  # a conv's backward does not need its output: adding into it is safe
             return h.add_(skip)
         return skip + h  # diffusers' sum (and, under autocast, PyTorch's type promotion)
 
@@ -284,9 +287,7 @@ class Encoder(nn.Module):
         groups, eps = config.norm_num_groups, config.norm_eps
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(
-                widths[max(i - 1, 0)], width, config.layers_per_block, i < len(widths) - 1, groups, eps
-            )
+            DownEncoderBlock2D(widths[max(i - 1, 0)], width, config.layers_per_block, i < len(widths) - 1, groups, eps)
             for i, width in enumerate(widths)
         )
         self.mid_block = MidBlock2D(widths[-1], config.mid_attention, groups, eps)
@@ -459,7 +460,9 @@ class AutoencoderKL(nn.Module):
         return RunDir(run_dir).weights
 
     @classmethod
-    def load(cls, src: str | Path, config: ModelConfig | None = None, *, like: ModelConfig | None = None) -> AutoencoderKL:
+    def load(
+        cls, src: str | Path, config: ModelConfig | None = None, *, like: ModelConfig | None = None
+    ) -> AutoencoderKL:
         """A model (float32, CPU) from any source weights.load reads: a run directory, a .safetensors file,
         a diffusers folder, an LDM/SD checkpoint or a Hub id. config: build this shape instead of the one the
         source names; like: settings a bare file cannot show (weights.load). Keys and shapes are checked strictly.
@@ -475,8 +478,10 @@ class AutoencoderKL(nn.Module):
             with torch.device("meta"):
                 model = cls(config)
         except ValueError as error:
-            raise ValueError(f"{loaded.source}: no model can be built for these weights ({error}); norm_num_groups "
-                             "cannot be read from weights: pass like=ModelConfig(norm_num_groups=...)") from error
+            raise ValueError(
+                f"{loaded.source}: no model can be built for these weights ({error}); norm_num_groups "
+                "cannot be read from weights: pass like=ModelConfig(norm_num_groups=...)"
+            ) from error
         problems = state_dict_mismatch(model.state_dict(), loaded.state_dict)
         missing = sorted(set(model.state_dict()) - set(loaded.state_dict))
         if problems and loaded.kind == "ldm" and missing:
@@ -594,8 +599,7 @@ def describe(config: ModelConfig, image_size: int | tuple[int, int] = 128) -> st
         f"AutoencoderKL, preset {name}" if name else "AutoencoderKL (custom config)",
         f"  widths {widths}, {config.layers_per_block} ResNet blocks per encoder level "
         f"({config.layers_per_block + 1} per decoder level), mid attention {'on' if config.mid_attention else 'off'}",
-        f"  downsample factor {f}, {config.latent_channels} latent channels, "
-        f"scaling factor {config.scaling_factor}",
+        f"  downsample factor {f}, {config.latent_channels} latent channels, scaling factor {config.scaling_factor}",
         "",
         "Parameters",
     ]

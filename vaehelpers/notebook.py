@@ -5,6 +5,7 @@ setup() fills them in from config.py's reference run (or its smoke run when smok
 folders, prints the settings and, for the notebooks that compute on a GPU, checks that this PyTorch can run
 on it. Installing the package on Kaggle stays a cell of its own: it runs before this module can be imported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,17 +73,23 @@ class NotebookSettings:
     def dataset(self, split: str = "train", augment: bool = False) -> Any:
         """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
         images = self.image_folder()
-        return ImageFolderDataset(images, split=split, image_size=self.image_size, augment=augment,
-                                  cache_dir=self.cache_dir(images))
+        return ImageFolderDataset(
+            images, split=split, image_size=self.image_size, augment=augment, cache_dir=self.cache_dir(images)
+        )
 
     def train_config(self, **overrides: Any) -> Any:
         """The TrainConfig of this run: preset, then recipe, then these settings, then `overrides` (dotted keys)."""
         images = self.image_folder()
         cache_dir = self.cache_dir(images)
         settings: dict[str, Any] = {
-            "run_dir": str(self.run_dir), "epochs": self.epochs, "device": self.device,
-            "max_minutes": self.max_minutes, "max_steps": self.max_steps, "data.data_dir": str(images),
-            "data.image_size": self.image_size, "data.cache_dir": str(cache_dir) if cache_dir else "",
+            "run_dir": str(self.run_dir),
+            "epochs": self.epochs,
+            "device": self.device,
+            "max_minutes": self.max_minutes,
+            "max_steps": self.max_steps,
+            "data.data_dir": str(images),
+            "data.image_size": self.image_size,
+            "data.cache_dir": str(cache_dir) if cache_dir else "",
         }
         optional = {"batch_size": self.batch_size, "lr": self.lr, "loss.perceptual_weight": self.perceptual_weight}
         settings.update({key: value for key, value in optional.items() if value is not None})
@@ -111,8 +118,14 @@ class NotebookSettings:
         return "\n".join(f"{field.name:<{width}}  {getattr(self, field.name)}" for field in dataclasses.fields(self))
 
 
-def settings(smoke: bool = False, *, data_dir: str | Path | None = None, run_dir: str | Path | None = None,
-                      figures_dir: str | Path | None = None, **given: Any) -> NotebookSettings:
+def settings(
+    smoke: bool = False,
+    *,
+    data_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    figures_dir: str | Path | None = None,
+    **given: Any,
+) -> NotebookSettings:
     """The notebooks' settings from their parameters: None takes the reference run's value (config.REFERENCE_RUN;
     config.SMOKE_RUN when smoke).
 
@@ -127,15 +140,20 @@ def settings(smoke: bool = False, *, data_dir: str | Path | None = None, run_dir
     values = {name: default if given.get(name) is None else given[name] for name, default in defaults.items()}
     root = workspace()
     data_dir = Path(data_dir) if data_dir else root / "data" / values["data_source"]
-    run_dir = Path(run_dir) if run_dir else root / "runs" / f"{values['data_source']}-{values['preset']}-{values['image_size']}"
+    run_dir = (
+        Path(run_dir)
+        if run_dir
+        else root / "runs" / f"{values['data_source']}-{values['preset']}-{values['image_size']}"
+    )
     if given.get("recipe") is None:  # a run already in run_dir keeps the recipe it was started with (it resumes)
         values["recipe"] = saved_recipe(run_dir) or values["recipe"]
     figures_dir = Path(figures_dir) if figures_dir else RunDir(run_dir).figures
     return NotebookSettings(data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir, smoke=bool(smoke), **values)
 
 
-def setup(smoke: bool = False, *, check_gpu: bool = False, install_legacy_torch: bool = False,
-          **parameters: Any) -> NotebookSettings:
+def setup(
+    smoke: bool = False, *, check_gpu: bool = False, install_legacy_torch: bool = False, **parameters: Any
+) -> NotebookSettings:
     """settings(smoke, **parameters), printed; with check_gpu, the GPU check first (kaggle.ensure_gpu_supported:
     on a GPU this PyTorch has no kernels for, it stops with what to do, or installs a build that has them when
     install_legacy_torch is True and asks for a restart). Returns the settings (settings.torch_device: where to compute).

@@ -10,12 +10,14 @@ Nothing is downloaded behind the user's back: `download()` (`vaehelpers weights 
 torch's own downloader and checks their SHA-256 prefix; `require()` raises MissingWeightsError with one line naming
 the file, the folders searched and the three ways out.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -105,6 +107,7 @@ def entry(name: str) -> Pretrained:
 
 # ----------------------------------------------------------------------------- where
 
+
 def hub_checkpoints() -> Path:
     """torch.hub.get_dir()/checkpoints: torch's download cache ($TORCH_HOME/hub/checkpoints)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
@@ -172,6 +175,7 @@ def require(name: str, weights_dir: str | Path | None = None, *, instead: str | 
 
 # ----------------------------------------------------------------------------- load
 
+
 def _expected(item: Pretrained) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return _vgg16_expected() if item.name == "vgg16" else item.expected
 
@@ -190,20 +194,26 @@ def _load(item: Pretrained, path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a checkpoint, or a pickle that would run code: all unusable
-        raise BadWeightsError(f"{path} does not load ({type(error).__name__}: {str(error).splitlines()[0]}): {advice}") from error
+        raise BadWeightsError(
+            f"{path} does not load ({type(error).__name__}: {str(error).splitlines()[0]}): {advice}"
+        ) from error
     if not isinstance(state, dict):
         raise BadWeightsError(f"{path} holds a {type(state).__name__}, not a state dict: {advice}")
     expected = _expected(item)
     missing = [key for key, _ in expected if key not in state]
-    wrong = [f"{key} {tuple(state[key].shape)} (expected {shape})" for key, shape in expected
-             if key in state and (not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape)]
+    wrong = [
+        f"{key} {tuple(state[key].shape)} (expected {shape})"
+        for key, shape in expected
+        if key in state and (not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != shape)
+    ]
     if missing or wrong:
-        detail = (f"missing {len(missing)} key(s) such as {missing[0]}" if missing else f"wrong shape: {wrong[0]}")
+        detail = f"missing {len(missing)} key(s) such as {missing[0]}" if missing else f"wrong shape: {wrong[0]}"
         raise BadWeightsError(f"{path} is not {item.file} ({item.purpose}): {detail}: {advice}")
     return state
 
 
 # ----------------------------------------------------------------------------- status and download
+
 
 def status(weights_dir: str | Path | None = None, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """One row per pretrained file: name, purpose, file, looked_in [places], path (or None), found, loads, problem.
@@ -221,9 +231,18 @@ def status(weights_dir: str | Path | None = None, names: Iterable[str] | None = 
                 loads = True
             except BadWeightsError as error:
                 loads, problem = False, str(error)
-        rows.append({"name": name, "purpose": item.purpose, "file": item.file,
-                     "looked_in": looked_in(name, weights_dir), "path": str(path) if path else None,
-                     "found": path is not None, "loads": loads, "problem": problem})
+        rows.append(
+            {
+                "name": name,
+                "purpose": item.purpose,
+                "file": item.file,
+                "looked_in": looked_in(name, weights_dir),
+                "path": str(path) if path else None,
+                "found": path is not None,
+                "loads": loads,
+                "problem": problem,
+            }
+        )
     return rows
 
 
@@ -231,8 +250,15 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     """The status rows as a text table, then the places searched and any problem, one line each."""
     header = ("name", "file", "found", "loads", "where / purpose")
     table = [header] + [
-        (row["name"], row["file"], "yes" if row["found"] else "MISSING",
-         {True: "yes", False: "NO", None: "-"}[row["loads"]], row["path"] or row["purpose"]) for row in rows]
+        (
+            row["name"],
+            row["file"],
+            "yes" if row["found"] else "MISSING",
+            {True: "yes", False: "NO", None: "-"}[row["loads"]],
+            row["path"] or row["purpose"],
+        )
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1] for line in table]
     lines.insert(1, "  ".join("-" * width for width in widths) + "  " + "-" * 15)
@@ -240,13 +266,16 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     lines.append("looked in: " + ", ".join(places))
     lines += [f"problem: {row['problem']}" for row in rows if row["problem"]]
     if any(not row["found"] for row in rows):
-        lines.append(f"fetch missing files with `vaehelpers weights download [--dest DIR]`, or point --weights-dir "
-                     f"(or {WEIGHTS_ENV}) at a folder holding them")
+        lines.append(
+            f"fetch missing files with `vaehelpers weights download [--dest DIR]`, or point --weights-dir "
+            f"(or {WEIGHTS_ENV}) at a folder holding them"
+        )
     return "\n".join(lines)
 
 
-def download(dest: str | Path | None = None, names: Iterable[str] | None = None, *, progress: bool = True,
-             say: Any = print) -> list[Path]:
+def download(
+    dest: str | Path | None = None, names: Iterable[str] | None = None, *, progress: bool = True, say: Any = print
+) -> list[Path]:
     """Fetch pretrained files with torch.hub.download_url_to_file, checking each one's SHA-256 prefix.
 
     dest: the folder to fill (default: the torch hub cache, where the files are looked for). A file already
@@ -269,7 +298,9 @@ def download(dest: str | Path | None = None, names: Iterable[str] | None = None,
         try:
             torch.hub.download_url_to_file(item.url, str(path), hash_prefix=item.sha256_prefix, progress=progress)
         except Exception as error:  # URLError offline, HTTPError, the hash check's RuntimeError
-            raise RuntimeError(f"could not download {item.file} from {item.url} "
-                               f"({type(error).__name__}: {error}); nothing was written to {target}") from error
+            raise RuntimeError(
+                f"could not download {item.file} from {item.url} "
+                f"({type(error).__name__}: {error}); nothing was written to {target}"
+            ) from error
         paths.append(path)
     return paths

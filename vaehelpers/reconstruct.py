@@ -1,9 +1,11 @@
 """Reconstruct image files of any size: pad or resize, encode, decode, measure, save figures."""
+
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +98,18 @@ def reconstruct_files(
     rows, used_stems = [], set()
     try:
         for path in map(Path, paths):
-            row: dict[str, Any] = {"path": str(path), "width": None, "height": None, "mode": mode, "mae": None,
-                                   "mse": None, "psnr": None, "reconstruction_png": None, "latents_png": None,
-                                   "error": None}
+            row: dict[str, Any] = {
+                "path": str(path),
+                "width": None,
+                "height": None,
+                "mode": mode,
+                "mae": None,
+                "mse": None,
+                "psnr": None,
+                "reconstruction_png": None,
+                "latents_png": None,
+                "error": None,
+            }
             rows.append(row)
             try:
                 picture = load_image(path)
@@ -131,8 +142,10 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'file':<{name_width}}  {'size':>11}  {'MAE[0,1]':>8}  {'MSE[0,1]':>9}  {'PSNR dB':>7}"]
     for row in done:
         size = f"{row['width']}x{row['height']}"
-        lines.append(f"{Path(row['path']).name:<{name_width}}  {size:>11}  {row['mae']:8.4f}  {row['mse']:9.6f}  "
-                     f"{row['psnr']:7.2f}")
+        lines.append(
+            f"{Path(row['path']).name:<{name_width}}  {size:>11}  {row['mae']:8.4f}  {row['mse']:9.6f}  "
+            f"{row['psnr']:7.2f}"
+        )
     lines.append(f"{len(done)} reconstructed, {len(skipped)} skipped")
     lines += [f"skipped {row['path']}: {row['error']}" for row in skipped]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """The run directory: where each file of a run lives, atomic writes, checkpoints (weights_only) and config.json.
 
-    RUN/config.json            every setting (TrainConfig as a dict; a bare model's {"model": ...}): write_config
-    RUN/checkpoints/last.pt    the whole training state (train.TrainState), written atomically
-    RUN/model.safetensors      final weights (EMA where enabled)
-    RUN/log.csv  RUN/tensorboard/  RUN/figures/  RUN/evaluation.json  RUN/scale.json
+RUN/config.json            every setting (TrainConfig as a dict; a bare model's {"model": ...}): write_config
+RUN/checkpoints/last.pt    the whole training state (train.TrainState), written atomically
+RUN/model.safetensors      final weights (EMA where enabled)
+RUN/log.csv  RUN/tensorboard/  RUN/figures/  RUN/evaluation.json  RUN/scale.json
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,9 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -25,11 +27,26 @@ WEIGHTS_NAME = "model.safetensors"
 SCALE_NAME = "scale.json"  # beside config.json: how the stored scaling_factor was measured
 # Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
 RESUMABLE_CHANGES = {
-    "epochs", "max_steps", "max_minutes", "device", "precision", "tf32", "compile", "checkpoint_every", "log_every",
-    "image_every", "run_dir", "max_bad_steps", "data.data_dir", "data.num_workers", "data.cache", "data.cache_dir",
+    "epochs",
+    "max_steps",
+    "max_minutes",
+    "device",
+    "precision",
+    "tf32",
+    "compile",
+    "checkpoint_every",
+    "log_every",
+    "image_every",
+    "run_dir",
+    "max_bad_steps",
+    "data.data_dir",
+    "data.num_workers",
+    "data.cache",
+    "data.cache_dir",
     "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
     "weights_dir",  # where the pretrained files are: a location, not a setting
-    "model.latents_mean", "model.latents_std",  # the same, per latent channel
+    "model.latents_mean",
+    "model.latents_std",  # the same, per latent channel
 }
 MEASURED_MODEL_SETTINGS = ("scaling_factor", "latents_mean", "latents_std")  # `vaehelpers scale` writes these
 
@@ -103,7 +120,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException as error:
         tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise CheckpointError(f"could not write {path}: {error}; the previous file (if any) is untouched") from error
+            raise CheckpointError(
+                f"could not write {path}: {error}; the previous file (if any) is untouched"
+            ) from error
         raise
     # fsync the directory so the rename itself survives a power cut
     with contextlib.suppress(OSError):  # some filesystems refuse a directory fsync
@@ -174,14 +193,19 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
     """
     run = RunDir(cfg.run_dir)
     if run.checkpoint.exists() and not resume:
-        raise FileExistsError(f"{run.root} already holds a checkpoint: pass --resume to continue it, or choose a new --run")
+        raise FileExistsError(
+            f"{run.root} already holds a checkpoint: pass --resume to continue it, or choose a new --run"
+        )
     if resume and run.checkpoint.exists() and run.config.exists():
         # a setting added to vaehelpers after the run was saved counts as its default
         saved = {**_flatten(to_dict(TrainConfig())), **_flatten(read_config(run.root))}
         saved["recipe"] = RECIPE_ALIASES.get(saved["recipe"], saved["recipe"])  # a run saved as "default" is `pixel`
         current = _flatten(to_dict(cfg))
-        differing = sorted(k for k in saved.keys() | current.keys()
-                           if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k)))
+        differing = sorted(
+            k
+            for k in saved.keys() | current.keys()
+            if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k))
+        )
         if differing:
             detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume {run.root}: settings differ from its config.json ({detail})")

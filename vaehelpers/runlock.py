@@ -10,6 +10,7 @@ torchrun only rank 0 does (every rank opening it would refuse its own siblings);
 (the notebook kernel) locks it before spawning and holds it until every process has ended, and its rank 0
 knows not to lock again (LOCKED_BY_PARENT_ENV).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 LOCK_NAME = ".lock"
 # Set by launch() in the processes it spawns to the launching process's pid: that process holds the lock.
@@ -60,7 +62,7 @@ class RunLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock now, or raise RunDirInUse naming the holder (pid, host, since when)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,12 +72,18 @@ class RunLock:
         if not _try_lock(fd):
             holder = holder_of(self.path)
             os.close(fd)
-            raise RunDirInUse(f"{self.run_dir} is in use by another training ({holder}): wait for it to end, stop "
-                              "it, or choose another run directory")
+            raise RunDirInUse(
+                f"{self.run_dir} is in use by another training ({holder}): wait for it to end, stop "
+                "it, or choose another run directory"
+            )
         os.ftruncate(fd, 0)  # the lock is ours: replace a dead holder's details with ours
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            ).encode(),
+        )
         os.fsync(fd)
         self._fd = fd
         return self
@@ -86,7 +94,7 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
@@ -114,6 +122,7 @@ def holds_run_dir(function: F) -> F:
 
     That is rank 0 (or the only process, as init_distributed decides), unless launch()'s parent holds it already.
     """
+
     @functools.wraps(function)
     def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ

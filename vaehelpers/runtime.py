@@ -1,4 +1,5 @@
 """Where code runs: device and precision choice, the CUDA build check, seeding (several processes: distributed.py)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,8 @@ def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
         if precision == "bf16" and not native_bf16:
             raise UnsupportedPrecisionError(
                 f"--precision bf16: GPU {torch.cuda.get_device_name(index)} ({sm}) has no native bf16 (it needs "
-                f"compute capability 8.0 or newer; here it would be emulated and slow): use --precision fp16 or auto")
+                f"compute capability 8.0 or newer; here it would be emulated and slow): use --precision fp16 or auto"
+            )
         if precision != "auto":
             return precision, f"asked for (--precision {precision})"
         if native_bf16:

@@ -1,4 +1,5 @@
 """Where images come from: procedural synthetic pictures (the offline default) and flickr8k (attached or downloaded)."""
+
 from __future__ import annotations
 
 import logging
@@ -179,8 +180,12 @@ def safe_extract(archive: str | Path, dest: str | Path, max_bytes: int = 20 * 2*
     return written
 
 
-def get_flickr8k(dest: str | Path, client: Any = None, kaggle_input: str | Path = kaggle.KAGGLE_INPUT,
-                 expected_count: int | None = None) -> Path:
+def get_flickr8k(
+    dest: str | Path,
+    client: Any = None,
+    kaggle_input: str | Path = kaggle.KAGGLE_INPUT,
+    expected_count: int | None = None,
+) -> Path:
     """The folder of flickr8k's 8091 jpgs: an attached Kaggle input as it is, else downloaded into dest/Images.
 
     client: anything with kaggle's `dataset_download_files(dataset, path=, unzip=, quiet=)`; None builds the
@@ -200,8 +205,10 @@ def get_flickr8k(dest: str | Path, client: Any = None, kaggle_input: str | Path 
         try:
             client = kaggle.api()
         except kaggle.KaggleLoginError as error:
-            raise DownloadError(f"flickr8k is not attached and {error} Or attach the dataset to the notebook "
-                                f"(Kaggle: Add Input -> search '{FLICKR8K_DATASET}').") from None
+            raise DownloadError(
+                f"flickr8k is not attached and {error} Or attach the dataset to the notebook "
+                f"(Kaggle: Add Input -> search '{FLICKR8K_DATASET}')."
+            ) from None
     dest.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s into %s", FLICKR8K_DATASET, dest)
     try:
@@ -218,7 +225,9 @@ def get_flickr8k(dest: str | Path, client: Any = None, kaggle_input: str | Path 
     safe_extract(archive, dest)
     count = _count_jpgs(images)
     if count != expected:
-        raise DownloadError(f"{images} holds {count} jpgs after extracting {archive}, expected {expected}; "
-                            f"delete {dest} and download again")
+        raise DownloadError(
+            f"{images} holds {count} jpgs after extracting {archive}, expected {expected}; "
+            f"delete {dest} and download again"
+        )
     archive.unlink()  # about 1 GB that is no longer needed
     return images

@@ -1,4 +1,5 @@
 """Training: the state a checkpoint holds (TrainState), the steps of the loop, then train(), which reads top to bottom."""
+
 from __future__ import annotations
 
 import csv
@@ -8,9 +9,10 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +52,7 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- small helpers
+
 
 class EMA:
     """Exponential moving average of the model's parameters (the model has no buffers that need one).
@@ -102,10 +105,12 @@ def epoch_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n_images, generator=generator).tolist()
     stop = n_images - n_images % batch_size if n_images >= batch_size else n_images
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def make_optimizer(cfg: TrainConfig, params: Iterator[nn.Parameter], lr: float, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    cfg: TrainConfig, params: Iterator[nn.Parameter], lr: float, device: torch.device
+) -> torch.optim.Optimizer:
     fused = device.type == "cuda"  # fused kernels exist for CUDA only
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
@@ -148,7 +153,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals can only be set there
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -165,8 +170,15 @@ class StopRequest:
 
 
 @torch.no_grad()
-def validate(model: AutoencoderKL, loader: DataLoader, loss_fn: VAELoss, device: torch.device, precision: str,
-             step: int, epoch: float) -> dict[str, float]:
+def validate(
+    model: AutoencoderKL,
+    loader: DataLoader,
+    loss_fn: VAELoss,
+    device: torch.device,
+    precision: str,
+    step: int,
+    epoch: float,
+) -> dict[str, float]:
     """Held-out loss and PSNR (posterior mode, pixels in [0,1]) over the test split."""
     from vaehelpers.metrics import PSNR_CAP_DB, per_image_metrics
 
@@ -198,13 +210,16 @@ def save_figures(run: RunDir, model: AutoencoderKL, fixed_images: torch.Tensor) 
     """figures/reconstructions.png on fixed held-out images, figures/loss_curve.png from log.csv."""
     from vaehelpers import viz
 
-    viz.save_figure(viz.reconstruction_figure(fixed_images.cpu(), reconstruct(model, fixed_images)),
-                    run.figures / "reconstructions.png")
+    viz.save_figure(
+        viz.reconstruction_figure(fixed_images.cpu(), reconstruct(model, fixed_images)),
+        run.figures / "reconstructions.png",
+    )
     if run.log.exists() and run.log.stat().st_size > 0:
         viz.save_figure(viz.loss_curve_figure(run.log), run.figures / "loss_curve.png")
 
 
 # ----------------------------------------------------------------------------- the state a checkpoint holds
+
 
 @dataclass
 class TrainState:
@@ -232,11 +247,16 @@ class TrainState:
     def state_dict(self, generator_states: list[torch.Tensor], session_s: float, cfg: TrainConfig) -> dict[str, Any]:
         """The checkpoint: every STATEFUL part (None where absent), the COUNTERS (elapsed_s with this session's
         session_s added), every rank's sampling generator (gathered by the caller), the CPU RNG and the settings."""
-        state: dict[str, Any] = {name: None if getattr(self, name) is None else getattr(self, name).state_dict()
-                                 for name in self.STATEFUL}
+        state: dict[str, Any] = {
+            name: None if getattr(self, name) is None else getattr(self, name).state_dict() for name in self.STATEFUL
+        }
         state.update({name: getattr(self, name) for name in self.COUNTERS})
-        state.update(elapsed_s=self.elapsed_s + session_s, sample_generator=generator_states,
-                     cpu_rng=torch.get_rng_state(), config=to_dict(cfg))
+        state.update(
+            elapsed_s=self.elapsed_s + session_s,
+            sample_generator=generator_states,
+            cpu_rng=torch.get_rng_state(),
+            config=to_dict(cfg),
+        )
         return state
 
     def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
@@ -247,7 +267,9 @@ class TrainState:
         for name in self.COUNTERS:  # a counter newer than the checkpoint (scaler_skipped) keeps its fresh value
             setattr(self, name, state.get(name, getattr(self, name)))
         generator_states = state["sample_generator"]  # one per rank of the run that saved it
-        self.sample_generator.set_state(generator_states[rank % len(generator_states)].cpu())  # %: resumed on more ranks
+        self.sample_generator.set_state(
+            generator_states[rank % len(generator_states)].cpu()
+        )  # %: resumed on more ranks
         torch.set_rng_state(state["cpu_rng"].cpu())
 
 
@@ -259,12 +281,16 @@ def load_data(cfg: TrainConfig, ddp: Distributed) -> tuple[ImageFolderDataset, I
     test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
     global_batch = min(cfg.batch_size, len(train_set))
     if ddp.enabled and global_batch < cfg.batch_size:
-        raise ValueError(f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
-                         "too few to share between processes")
+        raise ValueError(
+            f"the train split has {len(train_set)} images, fewer than one batch of {cfg.batch_size}: "
+            "too few to share between processes"
+        )
     return train_set, test_set, global_batch
 
 
-def build_state(cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: Distributed, precision: str) -> TrainState:
+def build_state(
+    cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: Distributed, precision: str
+) -> TrainState:
     """Optimisers, scalers (on for fp16 only), EMA and the sampling generator around a model on ddp.device (fresh:
     step 0); precision is the resolved one (fp32 | bf16 | fp16)."""
     device, fp16 = ddp.device, precision == "fp16"
@@ -277,7 +303,9 @@ def build_state(cfg: TrainConfig, model: AutoencoderKL, loss_fn: VAELoss, ddp: D
     )
     if loss_fn.discriminator is not None:
         state.discriminator = loss_fn.discriminator
-        state.disc_optimizer = make_optimizer(cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device)
+        state.disc_optimizer = make_optimizer(
+            cfg, loss_fn.discriminator.parameters(), cfg.loss.disc_lr or cfg.lr, device
+        )
         state.disc_scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # its own: one update per step each
     return state
 
@@ -295,6 +323,7 @@ def build_model(cfg: TrainConfig, initial: AutoencoderKL | None, device: torch.d
 
 # ----------------------------------------------------------------------------- one step of the loop
 
+
 def set_lr(state: TrainState, cfg: TrainConfig, total_steps: int) -> float:
     """This step's learning rate (warm-up, schedule), set on the optimiser; returns it."""
     lr = cfg.lr * lr_factor(state.step, cfg.warmup_steps, total_steps, cfg.schedule)
@@ -309,8 +338,14 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-def count_bad_step(state: TrainState, skipped: bool, scaler_skipped: bool, consecutive_bad: int, cfg: TrainConfig,
-                   say: Callable[[str], Any]) -> int:
+def count_bad_step(
+    state: TrainState,
+    skipped: bool,
+    scaler_skipped: bool,
+    consecutive_bad: int,
+    cfg: TrainConfig,
+    say: Callable[[str], Any],
+) -> int:
     """Count a skipped step (and say so); returns the skipped steps in a row, raising at cfg.max_bad_steps.
 
     skipped: a non-finite loss or gradient (bad_steps). scaler_skipped: fp16's GradScaler found inf/NaN gradients
@@ -326,20 +361,31 @@ def count_bad_step(state: TrainState, skipped: bool, scaler_skipped: bool, conse
             raise NonFiniteLossError(
                 f"{consecutive_bad} fp16 steps in a row skipped by the GradScaler at step {state.step} (scale now "
                 f"{state.scaler.get_scale():g}): the gradients are not finite at any scale. The last good checkpoint "
-                f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr, check the data, or use --precision fp32.")
+                f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr, check the data, or use --precision fp32."
+            )
         return consecutive_bad
     state.bad_steps += 1
     say(f"step {state.step}: non-finite loss or gradient, step skipped ({state.bad_steps} so far)")
     if consecutive_bad >= cfg.max_bad_steps:
         raise NonFiniteLossError(
             f"{consecutive_bad} non-finite steps in a row at step {state.step}: stopping. The last good checkpoint "
-            f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr or check the data.")
+            f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr or check the data."
+        )
     return consecutive_bad
 
 
-def optimizer_step(state: TrainState, train_model: nn.Module, loss_fn: VAELoss, images: torch.Tensor, *,
-                   cfg: TrainConfig, ddp: Distributed, precision: str, epoch: float,
-                   global_batch: int) -> tuple[dict[str, Any], bool, bool, torch.Tensor]:
+def optimizer_step(
+    state: TrainState,
+    train_model: nn.Module,
+    loss_fn: VAELoss,
+    images: torch.Tensor,
+    *,
+    cfg: TrainConfig,
+    ddp: Distributed,
+    precision: str,
+    epoch: float,
+    global_batch: int,
+) -> tuple[dict[str, Any], bool, bool, torch.Tensor]:
     """Forward, loss, backward, clip and step of the autoencoder; returns (logs, skipped, scaler_skipped,
     reconstructions).
 
@@ -348,10 +394,18 @@ def optimizer_step(state: TrainState, train_model: nn.Module, loss_fn: VAELoss, 
     The EMA follows only the steps taken.
     """
     with autocast(ddp.device, precision):
-        reconstructions, posterior = train_model(images, sample_posterior=cfg.sample_posterior,
-                                                 generator=state.sample_generator)
-        loss, logs = loss_fn(images, reconstructions, posterior, step=state.step, epoch=epoch,
-                             last_layer=state.model.last_layer, batch_size_for_scaling=global_batch)
+        reconstructions, posterior = train_model(
+            images, sample_posterior=cfg.sample_posterior, generator=state.sample_generator
+        )
+        loss, logs = loss_fn(
+            images,
+            reconstructions,
+            posterior,
+            step=state.step,
+            epoch=epoch,
+            last_layer=state.model.last_layer,
+            batch_size_for_scaling=global_batch,
+        )
     skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
     scaler_skipped = False
     if not skipped:
@@ -372,8 +426,14 @@ def optimizer_step(state: TrainState, train_model: nn.Module, loss_fn: VAELoss, 
     return logs, skipped, scaler_skipped, reconstructions
 
 
-def discriminator_step(state: TrainState, loss_fn: VAELoss, images: torch.Tensor, reconstructions: torch.Tensor,
-                       ddp: Distributed, precision: str) -> dict[str, Any]:
+def discriminator_step(
+    state: TrainState,
+    loss_fn: VAELoss,
+    images: torch.Tensor,
+    reconstructions: torch.Tensor,
+    ddp: Distributed,
+    precision: str,
+) -> dict[str, Any]:
     """One PatchGAN step on real images and detached reconstructions; returns its logs."""
     state.disc_optimizer.zero_grad(set_to_none=True)  # drop the grads the generator term left on D
     with autocast(ddp.device, precision):
@@ -407,7 +467,9 @@ class RunLog:
         self.scalars({key: value for key, value in row.items() if "/" in key}, row["step"])
         self.scalars({"train/lr": row["lr"], "train/images_per_s": row["images_per_s"]}, row["step"])
         if "scale" in row:  # fp16
-            self.scalars({"train/scaler_skipped": row["scaler_skipped_total"], "train/scale": row["scale"]}, row["step"])
+            self.scalars(
+                {"train/scaler_skipped": row["scaler_skipped_total"], "train/scale": row["scale"]}, row["step"]
+            )
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items() if self.enabled else ():
@@ -418,8 +480,16 @@ class RunLog:
             self.writer.close()
 
 
-def stop_reason(state: TrainState, cfg: TrainConfig, *, signalled: bool, until_step: int | None, deadline: float,
-                reserve_s: float, ddp: Distributed) -> str:
+def stop_reason(
+    state: TrainState,
+    cfg: TrainConfig,
+    *,
+    signalled: bool,
+    until_step: int | None,
+    deadline: float,
+    reserve_s: float,
+    ddp: Distributed,
+) -> str:
     """Why to stop now ("finished": not yet); every rank takes the most urgent reason any rank saw (clocks and
     signals differ per rank). reserve_s: the time a step and a checkpoint take, kept before the deadline."""
     stopped = "finished"
@@ -434,8 +504,16 @@ def stop_reason(state: TrainState, cfg: TrainConfig, *, signalled: bool, until_s
     return STOP_REASONS[int(ddp.agree(STOP_REASONS.index(stopped), "max"))]
 
 
-def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, val_loader: DataLoader | None,
-            fixed_images: torch.Tensor, device: torch.device, precision: str) -> dict[str, float]:
+def _finish(
+    cfg: TrainConfig,
+    state: TrainState,
+    loss_fn: VAELoss,
+    log: RunLog,
+    val_loader: DataLoader | None,
+    fixed_images: torch.Tensor,
+    device: torch.device,
+    precision: str,
+) -> dict[str, float]:
     """The final weights (EMA where enabled) as model.safetensors, a last validation and the figures; returns it."""
     run = RunDir(cfg.run_dir)
     final = AutoencoderKL(cfg.model).enable_fast_paths()
@@ -443,8 +521,11 @@ def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, 
     if state.ema is not None:
         state.ema.copy_to(final)
     final.save(run.root)
-    results = validate(final.to(device), val_loader, loss_fn, device, precision, state.step,
-                       state.epoch) if val_loader else {}
+    results = (
+        validate(final.to(device), val_loader, loss_fn, device, precision, state.step, state.epoch)
+        if val_loader
+        else {}
+    )
     log.scalars(results, state.step)
     log.close()
     save_figures(run, final, fixed_images)
@@ -452,6 +533,7 @@ def _finish(cfg: TrainConfig, state: TrainState, loss_fn: VAELoss, log: RunLog, 
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = None, *, download: bool = False) -> None:
     """Stop before any work when a pretrained file the run needs is missing (pretrained.MissingWeightsError).
@@ -473,6 +555,7 @@ def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = N
 def checks_pretrained(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
     """Decorate train(cfg, ...): check_pretrained first, within seconds, before the run directory is even locked
     (and so created), the data read or a model built."""
+
     @functools.wraps(function)
     def wrapper(cfg: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
         check_pretrained(cfg, kwargs.get("perceptual_backbone"))
@@ -519,8 +602,11 @@ def train(
     pin = device.type == "cuda"
     fixed_set = test_set if len(test_set) else train_set
     fixed_images = torch.stack([fixed_set[i] for i in range(min(4, len(fixed_set)))]).to(device)
-    val_loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
-                            pin_memory=pin) if len(test_set) else None
+    val_loader = (
+        DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, pin_memory=pin)
+        if len(test_set)
+        else None
+    )
 
     # ---- model, loss, optimisers, then resume
     model = build_model(cfg, initial, device)
@@ -537,16 +623,20 @@ def train(
     log = RunLog(run, state.step, ddp.is_main, on_log)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and ddp.is_main), desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=state.step, disable=not (progress and ddp.is_main), desc="train", dynamic_ncols=True
+    )
     start = time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
 
     def checkpoint() -> None:
         """Every rank's generator gathered and the weights checked in sync; rank 0 writes the checkpoint."""
         generator_states = ddp.gather(state.sample_generator.get_state())
-        ddp.check_in_sync(model=model.state_dict(), ema=state.ema.shadow if state.ema else None,
-                          discriminator=state.discriminator.state_dict() if state.discriminator else None)
+        ddp.check_in_sync(
+            model=model.state_dict(),
+            ema=state.ema.shadow if state.ema else None,
+            discriminator=state.discriminator.state_dict() if state.discriminator else None,
+        )
         if ddp.is_main:
             save_checkpoint(state.state_dict(generator_states, time.monotonic() - start, cfg), run.checkpoint)
 
@@ -557,17 +647,34 @@ def train(
         while state.epoch < cfg.epochs and stopped == "finished":
             train_set.set_epoch(state.epoch)
             # a distributed sampler: every rank draws the same seeded order of global batches and takes its share
-            batches = [b[ddp.rank::ddp.world_size] for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state.epoch)]
-            loader = DataLoader(train_set, batch_sampler=batches[state.batch_in_epoch:], num_workers=cfg.data.num_workers,
-                                pin_memory=pin)
+            batches = [
+                b[ddp.rank :: ddp.world_size]
+                for b in epoch_batches(len(train_set), cfg.batch_size, cfg.seed, state.epoch)
+            ]
+            loader = DataLoader(
+                train_set,
+                batch_sampler=batches[state.batch_in_epoch :],
+                num_workers=cfg.data.num_workers,
+                pin_memory=pin,
+            )
             for images in loader:
                 step_start = time.monotonic()
                 lr = set_lr(state, cfg, total_steps)
-                images = to_device(images, device) if on_batch is None else on_batch(state.step, to_device(images, device))
+                images = (
+                    to_device(images, device) if on_batch is None else on_batch(state.step, to_device(images, device))
+                )
                 epoch_float = state.epoch + state.batch_in_epoch / batches_per_epoch
                 logs, skipped, scaler_skipped, reconstructions = optimizer_step(
-                    state, train_model, loss_fn, images, cfg=cfg, ddp=ddp, precision=precision, epoch=epoch_float,
-                    global_batch=global_batch)
+                    state,
+                    train_model,
+                    loss_fn,
+                    images,
+                    cfg=cfg,
+                    ddp=ddp,
+                    precision=precision,
+                    epoch=epoch_float,
+                    global_batch=global_batch,
+                )
                 consecutive_bad = count_bad_step(state, skipped, scaler_skipped, consecutive_bad, cfg, say)
                 if state.disc_optimizer is not None and loss_fn.uses_discriminator(state.step):
                     logs.update(discriminator_step(state, loss_fn, images, reconstructions, ddp, precision))
@@ -580,23 +687,50 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=state.epoch)
                 if state.step % cfg.log_every == 0 or skipped or scaler_skipped:
-                    fp16 = {"scaler_skipped": int(scaler_skipped), "scaler_skipped_total": state.scaler_skipped,
-                            "scale": state.scaler.get_scale()} if state.scaler.is_enabled() else {}
-                    log.row({"step": state.step, "epoch": round(epoch_float, 4), "lr": lr,
-                             "images_per_s": round(images_per_s, 2), "skipped": int(skipped),
-                             "bad_steps": state.bad_steps, **fp16, **{k: float(v) for k, v in logs.items()}})
+                    fp16 = (
+                        {
+                            "scaler_skipped": int(scaler_skipped),
+                            "scaler_skipped_total": state.scaler_skipped,
+                            "scale": state.scaler.get_scale(),
+                        }
+                        if state.scaler.is_enabled()
+                        else {}
+                    )
+                    log.row(
+                        {
+                            "step": state.step,
+                            "epoch": round(epoch_float, 4),
+                            "lr": lr,
+                            "images_per_s": round(images_per_s, 2),
+                            "skipped": int(skipped),
+                            "bad_steps": state.bad_steps,
+                            **fp16,
+                            **{k: float(v) for k, v in logs.items()},
+                        }
+                    )
                 if state.batch_in_epoch == len(batches):
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                stopped = stop_reason(state, cfg, signalled=bool(stop_request.signal_name), until_step=until_step,
-                                      deadline=deadline, reserve_s=2 * slowest_step + 2 * checkpoint_seconds + 5, ddp=ddp)
+                stopped = stop_reason(
+                    state,
+                    cfg,
+                    signalled=bool(stop_request.signal_name),
+                    until_step=until_step,
+                    deadline=deadline,
+                    reserve_s=2 * slowest_step + 2 * checkpoint_seconds + 5,
+                    ddp=ddp,
+                )
                 # during a run of non-finite steps only a stop saves: the last scheduled checkpoint stays the last good step
                 if stopped != "finished" or (state.step % cfg.checkpoint_every == 0 and not consecutive_bad):
                     saved_at = time.monotonic()
                     checkpoint()
                     checkpoint_seconds = time.monotonic() - saved_at
                     if ddp.is_main and stopped == "finished":
-                        log.scalars(validate(model, val_loader, loss_fn, device, precision, state.step, epoch_float)
-                                    if val_loader else {}, state.step)
+                        log.scalars(
+                            validate(model, val_loader, loss_fn, device, precision, state.step, epoch_float)
+                            if val_loader
+                            else {},
+                            state.step,
+                        )
                         log.writer.add_images("val/reconstructions", _pairs(model, fixed_images), state.step)
                 if stopped != "finished":
                     break
@@ -612,12 +746,20 @@ def train(
         results = _finish(cfg, state, loss_fn, log, val_loader, fixed_images, device, precision)
         say(_ending(cfg, state, stopped, stop_request.signal_name, results, run, skipped_files))
     ddp.close()
-    return TrainResult(run.root, state.step, state.epoch, stopped, state.bad_steps, images_per_s, skipped_files,
-                       state.scaler_skipped)
+    return TrainResult(
+        run.root, state.step, state.epoch, stopped, state.bad_steps, images_per_s, skipped_files, state.scaler_skipped
+    )
 
 
-def _ending(cfg: TrainConfig, state: TrainState, stopped: str, signal_name: str | None, results: dict[str, float],
-            run: RunDir, skipped_files: int) -> str:
+def _ending(
+    cfg: TrainConfig,
+    state: TrainState,
+    stopped: str,
+    signal_name: str | None,
+    results: dict[str, float],
+    run: RunDir,
+    skipped_files: int,
+) -> str:
     """The line train() prints when it returns."""
     messages = {
         "finished": f"finished {cfg.epochs} epochs",
@@ -629,8 +771,10 @@ def _ending(cfg: TrainConfig, state: TrainState, stopped: str, signal_name: str 
     held_out = f", held-out PSNR {results['val/psnr']:.2f} dB" if "val/psnr" in results else ""
     resume = "; resume with --resume" if stopped in ("signal", "time_limit", "until_step") else ""
     scaler = f" (+{state.scaler_skipped} by the fp16 GradScaler)" if state.scaler_skipped else ""
-    return (f"{messages[stopped]} at step {state.step}; checkpoint {run.checkpoint}, weights {run.weights}{held_out}; "
-            f"skipped steps: {state.bad_steps}{scaler}; skipped files: {skipped_files}{resume}")
+    return (
+        f"{messages[stopped]} at step {state.step}; checkpoint {run.checkpoint}, weights {run.weights}{held_out}; "
+        f"skipped steps: {state.bad_steps}{scaler}; skipped files: {skipped_files}{resume}"
+    )
 
 
 def _pairs(model: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:

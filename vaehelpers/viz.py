@@ -4,12 +4,14 @@ Every function returns a matplotlib Figure built without pyplot (no global figur
 Agg backend, shows once in Jupyter when it is a cell's value). Save one with `save_figure(fig, path)`.
 Images are tensors (3, H, W) or (B, 3, H, W) in [-1, 1], as the model takes and returns them.
 """
+
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -23,6 +25,7 @@ LATENT_CMAP = "RdBu_r"  # diverging, centred on 0: latents are signed
 
 
 # --------------------------------------------------------------------------- conversions
+
 
 def to_numpy_image(image: Tensor, *, as_uint8: bool = False) -> np.ndarray:
     """(3, H, W) (or (1, 3, H, W)) in [-1, 1] -> (H, W, 3) float32 in [0, 1], or uint8 with as_uint8."""
@@ -66,6 +69,7 @@ def _hide_axes(ax: Any) -> None:
 
 
 # --------------------------------------------------------------------------- static figures
+
 
 def image_grid(
     images: Tensor | Sequence[Tensor],
@@ -245,6 +249,7 @@ def prior_samples_figure(images: Tensor | Sequence[Tensor], nrow: int = 8) -> Fi
 
 # --------------------------------------------------------------------------- saving
 
+
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     """Write a figure (PNG, PDF, SVG by the suffix), creating the folder; returns the path."""
     path = Path(path)
@@ -256,6 +261,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
 # =========================================================================== the loss and the notebooks' figures
 
 # --------------------------------------------------------------------------- the loss, pictured
+
 
 def loss_weights_figure(loss_configs: dict[str, Any], epochs: float, image_size: int | None = None) -> Figure:
     """The weight each loss term gets over training, one panel per named LossConfig (log scale).
@@ -279,12 +285,18 @@ def loss_weights_figure(loss_configs: dict[str, Any], epochs: float, image_size:
             scale, reduction = scale * 3 * image_size**2, f", summed over 3x{image_size}x{image_size}"
         kl = [kl_weight_at(epoch, cfg.kl_weight, cfg.kl_warmup_epochs) for epoch in epoch_axis]
         ax.plot(epoch_axis, kl, label=f"KL ({cfg.kl_reduction})")
-        ax.plot(epoch_axis, np.full_like(epoch_axis, scale * cfg.reconstruction_weight),
-                label=f"reconstruction ({cfg.reconstruction}{' / batch size' if cfg.batch_scaled_reconstruction else ''}"
-                      f"{reduction})")
+        ax.plot(
+            epoch_axis,
+            np.full_like(epoch_axis, scale * cfg.reconstruction_weight),
+            label=f"reconstruction ({cfg.reconstruction}{' / batch size' if cfg.batch_scaled_reconstruction else ''}"
+            f"{reduction})",
+        )
         if cfg.perceptual_weight > 0:
-            ax.plot(epoch_axis, np.full_like(epoch_axis, scale * cfg.perceptual_weight),
-                    label=f"perceptual ({cfg.perceptual}{reduction})")
+            ax.plot(
+                epoch_axis,
+                np.full_like(epoch_axis, scale * cfg.perceptual_weight),
+                label=f"perceptual ({cfg.perceptual}{reduction})",
+            )
         gan = f"; GAN x{cfg.disc_weight:g} from step {cfg.disc_start}" if cfg.disc_weight > 0 else ""
         ax.set_title(f"recipe {name}{gan}", fontsize=10)
         ax.set_yscale("log")
@@ -313,8 +325,14 @@ def perceptual_figure(images: Tensor, reconstructions: Tensor, backbone: Any = N
         fig = Figure(figsize=(9, 2.2))
         ax = fig.subplots()
         ax.set_axis_off()
-        ax.text(0, 0.5, "The perceptual term is not shown here:\n" + textwrap.fill(str(error), 110),
-                va="center", fontsize=8, family="monospace")
+        ax.text(
+            0,
+            0.5,
+            "The perceptual term is not shown here:\n" + textwrap.fill(str(error), 110),
+            va="center",
+            fontsize=8,
+            family="monospace",
+        )
         return fig
     with torch.no_grad():
         pairs = zip(lpips.linears, lpips.features(images[:1]), lpips.features(reconstructions[:1]))

@@ -12,6 +12,7 @@ This module knows file formats, not the network: AutoencoderKL.load(src) = Autoe
 which checks every key and shape. Pickled files (.ckpt, .pt, .pth, .bin) are read only with
 torch.load(weights_only=True): a file that would run code while loading is refused, never executed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,15 @@ from typing import Any, Literal, Protocol
 import torch
 
 from vaehelpers.config import ModelConfig, config_diff, from_dict, to_dict
-from vaehelpers.rundir import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, RunDir, load_checkpoint, save_checkpoint,
-                               write_config)
+from vaehelpers.rundir import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    RunDir,
+    load_checkpoint,
+    save_checkpoint,
+    write_config,
+)
 
 StateDict = dict[str, torch.Tensor]
 Target = Literal["diffusers", "ldm", "vaehelpers"]
@@ -105,12 +113,18 @@ Naming = Literal["ldm", "diffusers"]
 def _pattern(template: str) -> re.Pattern[str]:
     """A rule's side as a regex: {rest} takes the tail, any other field an index."""
     parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
-    return re.compile("".join(re.escape(part) if n % 2 == 0 else (f"(?P<{part}>.+)" if part == "rest" else f"(?P<{part}>\\d+)")
-                              for n, part in enumerate(parts)))
+    return re.compile(
+        "".join(
+            re.escape(part) if n % 2 == 0 else (f"(?P<{part}>.+)" if part == "rest" else f"(?P<{part}>\\d+)")
+            for n, part in enumerate(parts)
+        )
+    )
 
 
-_COMPILED = {"ldm": [(_pattern(ldm), diffusers) for ldm, diffusers in KEY_RULES],
-             "diffusers": [(_pattern(diffusers), ldm) for ldm, diffusers in KEY_RULES]}
+_COMPILED = {
+    "ldm": [(_pattern(ldm), diffusers) for ldm, diffusers in KEY_RULES],
+    "diffusers": [(_pattern(diffusers), ldm) for ldm, diffusers in KEY_RULES],
+}
 
 
 def _index(name: str, value: int, levels: int, to: Naming) -> int:
@@ -132,8 +146,10 @@ def rename_key(key: str, levels: int, to: Naming) -> str:
     source = "diffusers" if to == "ldm" else "ldm"
     for pattern, template in _COMPILED[source]:
         if m := pattern.fullmatch(rest):
-            fields = {name: (value if name == "rest" else _index(name, int(value), levels, to))
-                      for name, value in m.groupdict().items()}
+            fields = {
+                name: (value if name == "rest" else _index(name, int(value), levels, to))
+                for name, value in m.groupdict().items()
+            }
             for ldm_name, diffusers_name in TAIL_NAMES:
                 old, new = (diffusers_name, ldm_name) if to == "ldm" else (ldm_name, diffusers_name)
                 fields["rest"] = fields["rest"].replace(old, new)
@@ -151,8 +167,10 @@ def rename_keys(state_dict: StateDict, to: Naming) -> StateDict:
     Attention projections become (C, C, 1, 1) convs for LDM and (C, C) linears for diffusers (an LDM file may
     store them as (C, C, 1, 1) or (C, C, 1)). Tensors are the same objects or views of them (no copy).
     """
-    levels_pattern = {"ldm": (r"decoder\.up_blocks\.(\d+)\.", r"encoder\.down_blocks\.(\d+)\."),
-                      "diffusers": (r"decoder\.up\.(\d+)\.", r"encoder\.down\.(\d+)\.")}[to]
+    levels_pattern = {
+        "ldm": (r"decoder\.up_blocks\.(\d+)\.", r"encoder\.down_blocks\.(\d+)\."),
+        "diffusers": (r"decoder\.up\.(\d+)\.", r"encoder\.down\.(\d+)\."),
+    }[to]
     levels = _levels(state_dict, levels_pattern[0]) or _levels(state_dict, levels_pattern[1])
     converted: StateDict = {}
     for key, tensor in state_dict.items():
@@ -205,8 +223,10 @@ def detect_naming(keys: Any) -> Literal["diffusers", "ldm"] | None:
 def diffusers_config(model_config: ModelConfig, sample_size: int = 128) -> dict[str, Any]:
     """The config.json of diffusers' AutoencoderKL for a ModelConfig (sample_size: the training image size)."""
     if model_config.norm_eps != EXPORT_NORM_EPS:
-        raise ValueError(f"norm_eps={model_config.norm_eps} cannot be exported: diffusers and LDM fix "
-                         f"GroupNorm eps at {EXPORT_NORM_EPS}")
+        raise ValueError(
+            f"norm_eps={model_config.norm_eps} cannot be exported: diffusers and LDM fix "
+            f"GroupNorm eps at {EXPORT_NORM_EPS}"
+        )
     from importlib.metadata import PackageNotFoundError, version
 
     levels = len(model_config.channel_multipliers)
@@ -244,7 +264,9 @@ def model_config_from_diffusers(values: dict[str, Any]) -> ModelConfig:
     """Our ModelConfig for diffusers' AutoencoderKL config.json values; raises on what our model cannot build."""
     name = values.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-        raise ValueError(f"config.json is for diffusers' {name}; only AutoencoderKL (SD-style KL autoencoders) converts")
+        raise ValueError(
+            f"config.json is for diffusers' {name}; only AutoencoderKL (SD-style KL autoencoders) converts"
+        )
     if values.get("act_fn", "silu") != "silu":
         raise ValueError(f"act_fn={values['act_fn']!r} is not supported: SD's autoencoder (and ours) uses silu")
     widths = list(values.get("block_out_channels", (64,)))
@@ -318,7 +340,9 @@ def _read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         except SafetensorError as error:  # truncated, or not safetensors at all: one line, not a traceback
             raise ValueError(f"{path}: not a readable .safetensors file ({error})") from error
     if path.suffix not in PICKLE_SUFFIXES:
-        raise ValueError(f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+        raise ValueError(
+            f"{path}: unknown weights format; expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}"
+        )
     values = _read_pickle(path)
     if not isinstance(values, dict):
         raise ValueError(f"{path}: holds a {type(values).__name__}, not a dict of tensors")
@@ -338,15 +362,19 @@ def _fill_identity_convs(state_dict: StateDict, values: dict[str, Any], notes: l
     them, so the missing ones become exact identities (weight I, bias 0): the outputs are unchanged."""
     state_dict = dict(state_dict)
     latent = int(values.get("latent_channels", 4))
-    for flag, name, channels in (("use_quant_conv", "quant_conv", 2 * latent),
-                                 ("use_post_quant_conv", "post_quant_conv", latent)):
+    for flag, name, channels in (
+        ("use_quant_conv", "quant_conv", 2 * latent),
+        ("use_post_quant_conv", "post_quant_conv", latent),
+    ):
         if values.get(flag, True) is False and f"{name}.weight" not in state_dict:
             state_dict[f"{name}.weight"] = torch.eye(channels).reshape(channels, channels, 1, 1)
             state_dict[f"{name}.bias"] = torch.zeros(channels)
             notes.append(f"{flag}=False: {name} filled in as an identity 1x1 conv (outputs unchanged)")
     if values.get("shift_factor") is not None:
-        notes.append(f"shift_factor={values['shift_factor']!r} is not kept: our config has scaling_factor and "
-                     "per-channel latents_mean/latents_std; pipelines that need it must set it again")
+        notes.append(
+            f"shift_factor={values['shift_factor']!r} is not kept: our config has scaling_factor and "
+            "per-channel latents_mean/latents_std; pipelines that need it must set it again"
+        )
     return state_dict
 
 
@@ -368,8 +396,13 @@ def _infer(state_dict: StateDict, like: ModelConfig | None, source: str, ldm: bo
         ) from error
 
 
-def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str, like: ModelConfig | None,
-                  config: ModelConfig | None = None) -> Weights:
+def _from_tensors(
+    values: dict[str, Any],
+    metadata: dict[str, str],
+    source: str,
+    like: ModelConfig | None,
+    config: ModelConfig | None = None,
+) -> Weights:
     """Take the autoencoder out of a flat dict (bare, or under first_stage_model.), in our names, with its config."""
     tensors = _tensors_only(values)
     notes: list[str] = []
@@ -377,7 +410,7 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
     if prefix and any(key.startswith(VAE_ROOTS) for key in tensors) and prefix != "first_stage_model.":
         prefix = ""  # a bare autoencoder with an unrelated "vae." entry: the bare keys win
     wanted = (prefix,) if prefix else VAE_ROOTS
-    taken = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(wanted)}
+    taken = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(wanted)}
     skipped = sorted(key for key in tensors if not key.startswith(wanted))
     if skipped:
         where = f"outside {prefix!r}" if prefix else "outside encoder./decoder./quant_conv./post_quant_conv."
@@ -387,7 +420,7 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
         examples = ", ".join(sorted(tensors)[:5]) or "none"
         raise ValueError(f"{source}: no autoencoder weights found (first keys: {examples})")
     if naming == "ldm":
-        taken = rename_keys(taken, 'diffusers')
+        taken = rename_keys(taken, "diffusers")
         notes.append(f"LDM key names{f' under {prefix!r}' if prefix else ''} converted to diffusers names")
     else:
         taken, legacy = _rename_legacy_attention(taken)
@@ -403,8 +436,10 @@ def _from_tensors(values: dict[str, Any], metadata: dict[str, str], source: str,
         if scale is not None:
             config = dataclasses.replace(config, scaling_factor=scale)
         origin = "from the checkpoint" if scale is not None else "assumed"
-        notes.append(f"model shape inferred from the tensors; norm_num_groups={config.norm_num_groups} and "
-                     f"scaling_factor={config.scaling_factor} {origin}")
+        notes.append(
+            f"model shape inferred from the tensors; norm_num_groups={config.norm_num_groups} and "
+            f"scaling_factor={config.scaling_factor} {origin}"
+        )
     return Weights(taken, config, kind, source, notes=notes)
 
 
@@ -424,7 +459,11 @@ def _load_file(path: Path, like: ModelConfig | None) -> Weights:
     if config is None and beside.exists() and detect_naming(values) == "diffusers":
         settings = json.loads(beside.read_text())
         if _is_our_config(settings):
-            config, kind, config_from = from_dict(ModelConfig, settings.get("model", settings)), "vaehelpers", str(beside)
+            config, kind, config_from = (
+                from_dict(ModelConfig, settings.get("model", settings)),
+                "vaehelpers",
+                str(beside),
+            )
             sample_size = settings.get("data", {}).get("image_size") if "model" in settings else None
         elif _is_diffusers_config(settings):
             config, kind, config_from = model_config_from_diffusers(settings), "diffusers", str(beside)
@@ -462,16 +501,18 @@ def _load_dir(path: Path, like: ModelConfig | None) -> Weights:
             state_dict = _read_pickle(RunDir(path).checkpoint)["model"]
             notes.append(f"no {WEIGHTS_NAME} yet: used checkpoints/last.pt (the raw weights, not the EMA)")
         else:
-            raise FileNotFoundError(f"{path}: a vaehelpers run without weights "
-                                    f"(no {WEIGHTS_NAME}, no checkpoints/last.pt)")
+            raise FileNotFoundError(
+                f"{path}: a vaehelpers run without weights (no {WEIGHTS_NAME}, no checkpoints/last.pt)"
+            )
         return Weights(state_dict, config, "vaehelpers", str(path), sample_size=image_size, notes=notes)
     if not _is_diffusers_config(settings):
         raise ValueError(f"{config_path}: neither a vaehelpers config nor a diffusers AutoencoderKL config")
     config = model_config_from_diffusers(settings)
     weights = next((path / name for name in DIFFUSERS_WEIGHTS if (path / name).exists()), None)
     if weights is None:
-        raise FileNotFoundError(f"{path}: a diffusers config.json but no weights "
-                                f"(looked for {', '.join(DIFFUSERS_WEIGHTS)})")
+        raise FileNotFoundError(
+            f"{path}: a diffusers config.json but no weights (looked for {', '.join(DIFFUSERS_WEIGHTS)})"
+        )
     values, _ = _read_tensors(weights)
     state_dict, legacy = _rename_legacy_attention(_tensors_only(values))
     if legacy:
@@ -486,8 +527,12 @@ def _load_dir(path: Path, like: ModelConfig | None) -> Weights:
 # The Hugging Face Hub
 
 _HUB_PATTERNS = {
-    "safetensors": ["config.json", "diffusion_pytorch_model.safetensors", "vae/config.json",
-                    "vae/diffusion_pytorch_model.safetensors"],
+    "safetensors": [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ],
     "bin": ["config.json", "diffusion_pytorch_model.bin", "vae/config.json", "vae/diffusion_pytorch_model.bin"],
 }
 
@@ -499,14 +544,18 @@ def is_hub_id(src: str) -> bool:
 
 def download_from_hub(repo_id: str) -> Path:
     """Download a diffusers AutoencoderKL (or a pipeline's vae/) with huggingface_hub; returns the local folder."""
-    advice = (f"Without network access (e.g. Kaggle with the internet off), download it where you have network, "
-              f"e.g. `hf download {repo_id} --local-dir DIR` (add --include 'vae/*' for a pipeline), or attach it "
-              "as a Kaggle dataset, then pass that folder's path instead of the Hub id")
+    advice = (
+        f"Without network access (e.g. Kaggle with the internet off), download it where you have network, "
+        f"e.g. `hf download {repo_id} --local-dir DIR` (add --include 'vae/*' for a pipeline), or attach it "
+        "as a Kaggle dataset, then pass that folder's path instead of the Hub id"
+    )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as error:
-        raise HubDownloadError(f"{repo_id!r} looks like a Hugging Face Hub id, but huggingface_hub is not installed "
-                               f"(pip install huggingface_hub). {advice}") from error
+        raise HubDownloadError(
+            f"{repo_id!r} looks like a Hugging Face Hub id, but huggingface_hub is not installed "
+            f"(pip install huggingface_hub). {advice}"
+        ) from error
     try:
         for patterns in _HUB_PATTERNS.values():  # safetensors first; the .bin only where there is none
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -514,10 +563,13 @@ def download_from_hub(repo_id: str) -> Path:
                 return folder
     except Exception as error:  # offline, unknown or gated repo, ...: whatever huggingface_hub raises, say what to do
         reason = (str(error).strip().splitlines() or [""])[0]
-        raise HubDownloadError(f"could not download {repo_id!r} from the Hugging Face Hub "
-                               f"({type(error).__name__}: {reason}). {advice}") from error
-    raise HubDownloadError(f"{repo_id!r} on the Hub has no diffusers AutoencoderKL weights (config.json + "
-                           f"{DIFFUSERS_WEIGHTS_NAME}, at the top or in vae/)")
+        raise HubDownloadError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: {reason}). {advice}"
+        ) from error
+    raise HubDownloadError(
+        f"{repo_id!r} on the Hub has no diffusers AutoencoderKL weights (config.json + "
+        f"{DIFFUSERS_WEIGHTS_NAME}, at the top or in vae/)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,8 +636,9 @@ def _write_ldm(model: Model, dest: Path, prefix: str = "") -> Path:
     if dest.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{dest}: give a file name ending in .safetensors (or .ckpt)")
     if model.config.norm_eps != EXPORT_NORM_EPS:
-        raise ValueError(f"norm_eps={model.config.norm_eps} cannot be exported: LDM fixes GroupNorm eps "
-                         f"at {EXPORT_NORM_EPS}")
+        raise ValueError(
+            f"norm_eps={model.config.norm_eps} cannot be exported: LDM fixes GroupNorm eps at {EXPORT_NORM_EPS}"
+        )
     tensors = {prefix + key: value for key, value in rename_keys(_cpu_tensors(model.state_dict()), "ldm").items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.suffix == ".safetensors":
@@ -612,8 +665,10 @@ def _write_run_dir(model: Model, dest: Path) -> None:
     if keep_config:
         saved = from_dict(ModelConfig, existing["model"])
         if saved != model.config:
-            raise ValueError(f"{run.config} holds different model settings ({config_diff(saved, model.config)}); "
-                             "update its 'model' entry before saving")
+            raise ValueError(
+                f"{run.config} holds different model settings ({config_diff(saved, model.config)}); "
+                "update its 'model' entry before saving"
+            )
     elif existing is not None:
         from_dict(ModelConfig, existing)  # raises unless it is a bare model config
     run.root.mkdir(parents=True, exist_ok=True)
@@ -654,9 +709,7 @@ def infer_config(state_dict: StateDict, like: ModelConfig | None = None) -> Mode
     multipliers = tuple(
         state_dict[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // base for i in range(levels)
     )
-    layers = 1 + max(
-        int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets.")
-    )
+    layers = 1 + max(int(key.split(".")[4]) for key in state_dict if key.startswith("encoder.down_blocks.0.resnets."))
     return dataclasses.replace(
         like,
         in_channels=conv_in.shape[1],

@@ -2,9 +2,11 @@
 
 ipywidgets and IPython are imported only when used; each explorer has a static `figure` stand-in for papermill.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -14,8 +16,8 @@ from vaehelpers.latents import decode, encode, interpolate
 from vaehelpers.metrics import image_psnr
 from vaehelpers.viz import image_grid, interpolation_figure, loss_curve_figure, to_numpy_image
 
-
 # --------------------------------------------------------------------------- live loss plot
+
 
 class LiveLossPlot:
     """A train(on_log=...) callback: keeps the rows, and every `every` rows redraws the loss curve in place (one
@@ -31,8 +33,11 @@ class LiveLossPlot:
         if len(self.rows) % self.every:
             return
         if not self.interactive:
-            losses = "  ".join(f"{key.split('/')[-1]} {value:.4g}" for key, value in row.items()
-                               if key in ("train/total_loss", "train/rec_loss", "train/kl_loss"))
+            losses = "  ".join(
+                f"{key.split('/')[-1]} {value:.4g}"
+                for key, value in row.items()
+                if key in ("train/total_loss", "train/rec_loss", "train/kl_loss")
+            )
             print(f"step {row.get('step')}  epoch {row.get('epoch')}  {losses}", flush=True)
             return
         from IPython.display import display
@@ -49,6 +54,7 @@ class LiveLossPlot:
 
 
 # --------------------------------------------------------------------------- widgets
+
 
 def png_bytes(images: Sequence[Tensor], height: int = 192, gap: int = 4) -> bytes:
     """Images (3, H, W) in [-1, 1] side by side as one PNG, each scaled (nearest) to `height` pixels."""
@@ -78,22 +84,30 @@ class LatentExplorer:
     In a notebook the explorer displays as its widget; `channel_figure()` is the static stand-in (papermill).
     """
 
-    def __init__(self, model: Any, images: Tensor, *, max_offset: float = 3.0, max_scale: float = 3.0,
-                 height: int = 192) -> None:
+    def __init__(
+        self, model: Any, images: Tensor, *, max_offset: float = 3.0, max_scale: float = 3.0, height: int = 192
+    ) -> None:
         import ipywidgets as widgets
         import torch
 
         self.model, self.images, self.height = model, images.detach().float().cpu(), height
         self.latents = encode(model, self.images)  # (N, L, h, w)
         measured = getattr(getattr(model, "config", None), "latents_std", ())
-        self.channel_std = (torch.tensor(measured, dtype=torch.float32) if measured  # (L,), over a whole dataset
-                            else self.latents.std(dim=(0, 2, 3)).clamp(min=1e-6))  # (L,); N=1 still has h*w values
+        self.channel_std = (
+            torch.tensor(measured, dtype=torch.float32)
+            if measured  # (L,), over a whole dataset
+            else self.latents.std(dim=(0, 2, 3)).clamp(min=1e-6)
+        )  # (L,); N=1 still has h*w values
         channels = self.latents.shape[1]
         self.picker = widgets.IntSlider(value=0, min=0, max=len(self.images) - 1, description="image")
-        self.offsets = [widgets.FloatSlider(value=0.0, min=-max_offset, max=max_offset, step=0.1,
-                                            description=f"offset {c}") for c in range(channels)]
-        self.scales = [widgets.FloatSlider(value=1.0, min=0.0, max=max_scale, step=0.1, description=f"scale {c}")
-                       for c in range(channels)]
+        self.offsets = [
+            widgets.FloatSlider(value=0.0, min=-max_offset, max=max_offset, step=0.1, description=f"offset {c}")
+            for c in range(channels)
+        ]
+        self.scales = [
+            widgets.FloatSlider(value=1.0, min=0.0, max=max_scale, step=0.1, description=f"scale {c}")
+            for c in range(channels)
+        ]
         self.reset_button = widgets.Button(description="reset sliders")
         self.image = widgets.Image(format="png")
         self.caption = widgets.Label()
@@ -101,8 +115,15 @@ class LatentExplorer:
         for slider in (self.picker, *self.offsets, *self.scales):
             slider.observe(self._update, names="value")
         self.reset_button.on_click(lambda _button: self.reset())
-        self.widget = widgets.VBox([self.picker, widgets.HBox([widgets.VBox(self.offsets), widgets.VBox(self.scales)]),
-                                    self.reset_button, self.image, self.caption])
+        self.widget = widgets.VBox(
+            [
+                self.picker,
+                widgets.HBox([widgets.VBox(self.offsets), widgets.VBox(self.scales)]),
+                self.reset_button,
+                self.image,
+                self.caption,
+            ]
+        )
         self._update()
 
     def edited_latents(self) -> Tensor:
