@@ -22,6 +22,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_model_bench_times_ours_and_diffusers_and_writes_json(tmp_path, capsys):
     pytest.importorskip("diffusers")
     path = tmp_path / "bench.json"

@@ -164,6 +164,7 @@ def test_evaluate_with_fid_required_and_missing_weights_stops_with_the_file(sour
     assert "weights-inception-2015-12-05-6726825d.pth" in error and "\n" not in error
 
 
+@pytest.mark.slow
 def test_compare_three_kinds_with_rfid_and_a_broken_source(images, tmp_path, inception_dir, empty_torch_home, capsys):
     ours = tiny_model(0)
     run = tmp_path / "ours"

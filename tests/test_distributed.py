@@ -93,6 +93,7 @@ def test_loss_divides_by_the_global_batch():
     assert torch.allclose(halves, whole, rtol=1e-5) and not torch.allclose(wrong, whole, rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(images, tmp_path):
     # posterior mode (sample_posterior=False): each rank would draw its own sampling noise, see TrainConfig.
     # Seed recipe's BCE / B (global B), EMA, and a step that is non-finite on rank 1 only: both ranks must skip it.
@@ -141,6 +142,7 @@ def test_two_processes_train_like_one(images, tmp_path):
             assert math.isclose(x, y, rel_tol=1e-4) or (math.isnan(x) and math.isnan(y)), (key, x, y)
 
 
+@pytest.mark.slow
 def test_launch_brings_rank_0s_log_rows_to_the_caller_in_order(images, tmp_path):
     # a notebook's live loss plot: on_log runs here, in the calling process, with every row rank 0 logged
     received = []
@@ -160,6 +162,7 @@ def test_launch_brings_rank_0s_log_rows_to_the_caller_in_order(images, tmp_path)
             assert math.isclose(row[key], float(written[key]), rel_tol=1e-6), key
 
 
+@pytest.mark.slow
 def test_a_failing_on_log_stops_the_processes_with_a_checkpoint(images, tmp_path):
     from vaehelpers.runlock import RunLock
 
@@ -239,6 +242,7 @@ def _wait_for(condition, process: subprocess.Popen, seconds: float = 90) -> None
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_other_and_the_run_resumes_exactly(images, tmp_path):
     # torchrun and the command line; the GAN from step 0 (its grads all-reduced by hand), posterior sampling (one
     # generator per rank, all saved), EMA, and a checkpoint (with its cross-rank weight check) after every step.
@@ -308,6 +312,7 @@ def raise_on_rank_1(step: int, images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+@pytest.mark.slow
 def test_launch_surfaces_a_rank_error_and_stops_the_others(images, tmp_path):
     started = time.monotonic()
     with pytest.raises(TrainingProcessError, match="training on 2 processes failed") as error:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +30,7 @@ def fake_gpu(monkeypatch, capability, arch_list, name, memory_gib=16):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
 
 
+@pytest.mark.slow
 def test_doctor_on_this_cpu_exits_0_and_prints_the_table(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vaehelpers", "doctor", "--device", "cpu", "--json", str(tmp_path / "d.json")],
@@ -95,6 +97,7 @@ def memory_for(images: int):
     return conv2d
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_the_requested_batch_names_the_batch_that_fits(monkeypatch):
     monkeypatch.setattr(F, "conv2d", memory_for(2))
     report = doctor.run(device="cpu", preset="tiny", image_size=32, batch_size=8, steps=1, log=lambda line: None)
@@ -105,6 +108,7 @@ def test_out_of_memory_at_the_requested_batch_names_the_batch_that_fits(monkeypa
     assert not report.ok and "not even one image fits" in report.reason
 
 
+@pytest.mark.slow
 def test_largest_batch_search_doubles_then_bisects(monkeypatch):
     monkeypatch.setattr(F, "conv2d", memory_for(5))
     assert doctor.largest_fitting_batch("tiny", 16, torch.device("cpu"), "fp32", start=1) == 5

@@ -159,6 +159,7 @@ def test_standin_inception_rfid_plumbing(inception_dir, empty_torch_home):
     assert far > 100 * slightly_off > 0
 
 
+@pytest.mark.slow
 def test_evaluate_reports_rfid_with_the_bias_warning(inception_dir, empty_torch_home, recwarn):
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny").eval()

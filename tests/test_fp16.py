@@ -80,6 +80,7 @@ def test_fp16_training_learns(images, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_fp16_resume_is_exact_including_the_scaler(images, tmp_path):
     # a scaler skip at step 3 (scale 65536 -> 32768) before the split at 7: the resumed run must carry the lowered scale
     extra = {"max_steps": 12, "warmup_steps": 3, "schedule": "cosine", "ema_decay": 0.9, "loss.reconstruction": "l2"}
@@ -98,6 +99,7 @@ def test_fp16_resume_is_exact_including_the_scaler(images, tmp_path):
     assert [r["step"] for r in log_rows(tmp_path / "b")] == [str(s) for s in range(1, 13)]
 
 
+@pytest.mark.slow
 def test_scaler_skip_lowers_the_scale_is_counted_leaves_ema_and_weights_and_training_goes_on(images, tmp_path):
     run = tmp_path / "run"
     settings = {"max_steps": 6, "ema_decay": 0.9, "loss.reconstruction": "l2"}

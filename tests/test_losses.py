@@ -201,6 +201,7 @@ def test_missing_vgg_weights_raise_a_clear_error(cls, tmp_path, monkeypatch):
     assert attempts == []  # nothing is downloaded behind the user's back
 
 
+@pytest.mark.slow
 def test_vgg_weights_on_disk_are_used_and_none_are_fetched(tmp_path, monkeypatch):
     # the notebooks at smoke scale: never start the 528 MB download; a file already there is used
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

@@ -221,6 +221,7 @@ def test_sample_posterior_uses_the_generator(tiny_model, image_folder):
 # ----------------------------------------------------------------------------- reconstruct_files
 
 
+@pytest.mark.slow
 def test_reconstruct_odd_size_image_pads_and_crops_back(tiny_model, tmp_path):
     odd = tmp_path / "odd.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (53, 37, 3), dtype=np.uint8)).save(
@@ -260,6 +261,7 @@ def test_pad_to_multiple_handles_images_smaller_than_the_pad():
     assert reflected.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_reconstruct_a_real_photo_keeps_its_size(tiny_model, bsds500, tmp_path):
     photo = sorted((bsds500 / "test").glob("*.jpg"))[0]  # 481x321 or 321x481: neither side a multiple of 8
     rows = reconstruct_files(tiny_model, [photo], tmp_path)

@@ -84,6 +84,7 @@ def test_without_mid_attention_matches_diffusers_both_ways():
     assert_matches_diffusers(ours, theirs, images(1, 64, 64))
 
 
+@pytest.mark.slow
 def test_sd_preset_matches_diffusers_at_64():
     ours = randomized(model_config("sd"))
     theirs = diffusers_vae(model_config("sd"))

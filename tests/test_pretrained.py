@@ -263,6 +263,7 @@ def test_default_is_a_deprecated_alias_of_pixel(capsys):
     assert recipe_settings("default") == recipe_settings("pixel") == {}
 
 
+@pytest.mark.slow
 def test_runs_resume_with_the_recipe_they_started_with(torch_home, images, tmp_path, capsys):
     base = [
         "train",
@@ -339,6 +340,7 @@ def test_missing_weights_stop_train_before_anything_in_one_line(torch_home, imag
 # ----------------------------------------------------------------------------- training with stand-in weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["hub_cache", "weights_dir"])
 def test_ldm_trains_with_perceptual_kl_and_gan_from_disc_start(where, torch_home, images, tmp_path, vgg16_file):
     folder = torch_home / "hub" / "checkpoints" if where == "hub_cache" else tmp_path / "attached"
@@ -393,6 +395,7 @@ def test_ldm_trains_with_perceptual_kl_and_gan_from_disc_start(where, torch_home
         assert float(row["train/g_loss"]) != 0 and float(row["train/disc_loss"]) > 0
 
 
+@pytest.mark.slow
 def test_seed_recipe_with_weights_present_is_the_seeds_vgg_relu3_3_loss(torch_home, tmp_path, vgg16_file, images):
     from torchvision.models import vgg16
 

@@ -128,6 +128,7 @@ def _bad_lines(output: str, bad: dict[str, str]) -> dict[str, list[str]]:
     return {name: [line for line in output.splitlines() if name in line] for name in bad}
 
 
+@pytest.mark.slow
 def test_train_evaluate_reconstruct_report_each_bad_file_once_and_go_on(corpus, tmp_path):
     folder, bad, good = corpus
     run = tmp_path / "run"

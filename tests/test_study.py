@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from vaehelpers.cli import main as cli
 from vaehelpers.sources import make_synthetic
 
 
+@pytest.mark.slow
 def test_study_trains_each_candidate_on_the_same_budget_and_tables_them(tmp_path, capsys):
     make_synthetic(tmp_path / "train", count=12, size=16, seed=0)
     make_synthetic(tmp_path / "test", count=4, size=16, seed=1)

@@ -83,6 +83,7 @@ def test_training_lowers_held_out_loss_and_raises_psnr(images, tmp_path):
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_is_exact(images, tmp_path):
     # warm-up + cosine + EMA + crossing an epoch boundary (43 train images / 4 = 10 batches an epoch)
     extra = {"max_steps": 14, "warmup_steps": 3, "schedule": "cosine", "ema_decay": 0.9}
@@ -102,6 +103,7 @@ def test_resume_is_exact(images, tmp_path):
     assert steps == list(range(1, 15))  # no step logged twice, none missing
 
 
+@pytest.mark.slow
 def test_compile_wraps_the_training_forward_and_checkpoints_keep_plain_keys(images, tmp_path, monkeypatch):
     """--compile: every training forward goes through torch.compile's module; what is saved is the plain model.
     (A stand-in for torch.compile: compiling for real takes minutes on this CPU, see results/benchmarks.md.)"""
@@ -134,6 +136,7 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_existing(images, 
         train(tiny(images, tmp_path / "run", max_steps=2, lr=1e-2), resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_time_limit_checkpoints_before_it_runs_out(images, tmp_path):
     started = time.monotonic()
     result = train(tiny(images, tmp_path / "run", max_minutes=0.15), progress=False)  # 9 s, 5 s kept in reserve
@@ -142,6 +145,7 @@ def test_time_limit_checkpoints_before_it_runs_out(images, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == result.step
 
 
+@pytest.mark.slow
 def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
     from vaehelpers.latents import store_scale
 
@@ -153,6 +157,7 @@ def test_resume_keeps_a_measured_latent_scale(images, tmp_path):
     assert config.latents_mean == (0.1, -0.2, 0.3, 0.0) and config.latents_std == (1.5, 2.0, 0.5, 1.0)
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped_counted_and_weights_stay_finite(images, tmp_path):
     def poison(step, batch):
         return batch * float("nan") if step == 2 else batch
@@ -166,6 +171,7 @@ def test_non_finite_step_is_skipped_counted_and_weights_stay_finite(images, tmp_
     assert [row.split(",")[header.index("skipped")] for row in rows[1:]] == ["0", "0", "1", "0", "0"]
 
 
+@pytest.mark.slow
 def test_many_non_finite_steps_stop_and_keep_last_good_checkpoint(images, tmp_path):
     run = tmp_path / "run"
 
@@ -227,6 +233,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(images, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == state["step"] + 2
 
 
+@pytest.mark.slow
 def test_cli_evaluate_json_has_every_design_key(images, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(_train_command(images, run, "--max-steps", "2")[3:]) == 0

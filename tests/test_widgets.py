@@ -81,6 +81,7 @@ def test_latent_explorer_reset_and_static_figure(model, images):
     assert "application/vnd.jupyter.widget-view+json" in explorer._repr_mimebundle_()
 
 
+@pytest.mark.slow
 def test_interpolation_explorer(model, images):
     walk = widgets.InterpolationExplorer(model, images[0], images[1], height=32)
     middle_png = walk.image.value
@@ -94,6 +95,7 @@ def test_interpolation_explorer(model, images):
     assert len([ax for ax in walk.figure(steps=5).axes if ax.images]) == 5
 
 
+@pytest.mark.slow
 def test_interpolate_and_prior_samples(model, images):
     path = latents.interpolate(model, images[0], images[1], steps=4)
     assert path.shape == (4, 3, 32, 32)
@@ -157,6 +159,7 @@ def test_loss_weights_figure_counts_the_ldm_pixel_sum():
         viz.loss_weights_figure(recipes, epochs=10)
 
 
+@pytest.mark.slow
 def test_perceptual_figure_with_and_without_weights(monkeypatch, images, tmp_path):
     from torchvision.models import vgg16
 
