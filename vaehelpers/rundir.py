@@ -15,6 +15,7 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,48 @@ RESUMABLE_CHANGES = {
     "model.latents_std",  # the same, per latent channel
 }
 MEASURED_MODEL_SETTINGS = ("scaling_factor", "latents_mean", "latents_std")  # `vaehelpers scale` writes these
+
+
+@dataclass(frozen=True)
+class CheckpointKeys:
+    """The keys of checkpoints/last.pt (train.TrainState.state_dict writes them; weights.py and doctor.py read them)."""
+
+    model: str = "model"  # the autoencoder's state_dict
+    optimizer: str = "optimizer"
+    discriminator: str = "discriminator"  # None where the run has no PatchGAN
+    disc_optimizer: str = "disc_optimizer"
+    scaler: str = "scaler"  # the GradScaler (fp16); disabled otherwise
+    disc_scaler: str = "disc_scaler"
+    ema: str = "ema"  # None without EMA
+    step: str = "step"  # optimiser steps taken
+    epoch: str = "epoch"
+    batch_in_epoch: str = "batch_in_epoch"
+    bad_steps: str = "bad_steps"
+    scaler_skipped: str = "scaler_skipped"
+    elapsed_s: str = "elapsed_s"
+    sample_generator: str = "sample_generator"  # one generator state per rank
+    cpu_rng: str = "cpu_rng"
+    config: str = "config"  # the TrainConfig as a dict, as in config.json
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts with a state_dict (each None where the run has none)."""
+        return (
+            self.model,
+            self.optimizer,
+            self.discriminator,
+            self.disc_optimizer,
+            self.scaler,
+            self.disc_scaler,
+            self.ema,
+        )
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        return (self.step, self.epoch, self.batch_in_epoch, self.bad_steps, self.scaler_skipped, self.elapsed_s)
+
+
+CHECKPOINT = CheckpointKeys()
 
 
 class RunDir:
