@@ -21,34 +21,24 @@ from typing import Any
 
 import torch
 
-from vaehelpers.config import RECIPE_ALIASES, ModelConfig, TrainConfig, canonical_recipe, from_dict, save_json, to_dict
+from vaehelpers.config import (
+    ModelConfig,
+    TrainConfig,
+    canonical_recipe,
+    flag_of,
+    from_dict,
+    resumable_settings,
+    save_json,
+    saved_train_config,
+    to_dict,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SCALE_NAME = "scale.json"  # beside config.json: how the stored scaling_factor was measured
-# Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
-RESUMABLE_CHANGES = {
-    "epochs",
-    "max_steps",
-    "max_minutes",
-    "device",
-    "precision",
-    "tf32",
-    "compile",
-    "checkpoint_every",
-    "log_every",
-    "image_every",
-    "run_dir",
-    "max_bad_steps",
-    "data.data_dir",
-    "data.num_workers",
-    "data.cache",
-    "data.cache_dir",
-    "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
-    "weights_dir",  # where the pretrained files are: a location, not a setting
-    "model.latents_mean",
-    "model.latents_std",  # the same, per latent channel
-}
+# Settings that may change when a run is resumed (declared with setting(resumable=True) in config.py); any other
+# difference is an error (it would not be the same run).
+RESUMABLE_CHANGES = resumable_settings()
 MEASURED_MODEL_SETTINGS = ("scaling_factor", "latents_mean", "latents_std")  # `vaehelpers scale` writes these
 
 
@@ -240,9 +230,8 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
             f"{run.root} already holds a checkpoint: pass --resume to continue it, or choose a new --run"
         )
     if resume and run.checkpoint.exists() and run.config.exists():
-        # a setting added to vaehelpers after the run was saved counts as its default
-        saved = {**_flatten(to_dict(TrainConfig())), **_flatten(read_config(run.root))}
-        saved["recipe"] = RECIPE_ALIASES.get(saved["recipe"], saved["recipe"])  # a run saved as "default" is `pixel`
+        # a setting added to vaehelpers after the run was saved counts as its default; see saved_train_config
+        saved = _flatten(to_dict(saved_train_config(read_config(run.root))))
         current = _flatten(to_dict(cfg))
         differing = sorted(
             k
@@ -250,7 +239,7 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
             if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k))
         )
         if differing:
-            detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
+            detail = ", ".join(f"{_named(k)}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume {run.root}: settings differ from its config.json ({detail})")
         measured = {name: saved[f"model.{name}"] for name in MEASURED_MODEL_SETTINGS}
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, {**to_dict(cfg.model), **measured}))
@@ -264,6 +253,11 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
         except (OSError, CheckpointError) as error:
             raise PermissionError(f"run directory {run.root} is not writable: {error}") from error
     return cfg
+
+
+def _named(key: str) -> str:
+    """A setting as the user gives it: its `train` flag ("--kl-weight"), else its dotted key (for --set)."""
+    return flag_of(key) or key
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
