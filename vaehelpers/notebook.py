@@ -9,7 +9,6 @@ on it. Installing the package on Kaggle stays a cell of its own: it runs before 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from vaehelpers import kaggle, sources
 from vaehelpers.config import TrainConfig, build_config, notebook_settings, run_settings
-from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.dataset import ImageFolderDataset, is_writable
 from vaehelpers.images import list_images
 from vaehelpers.kaggle import workspace
 from vaehelpers.rundir import RunDir, saved_recipe
@@ -70,7 +69,7 @@ class NotebookSettings:
     def cache_dir(self, images: Path) -> Path | None:
         """Where the decoded-image cache goes: beside the images, or in the workspace when they are read-only
         (an attached Kaggle input); None means beside the images."""
-        return None if os.access(images, os.W_OK) else workspace() / "cache"
+        return None if is_writable(images) else workspace() / "cache"
 
     def dataset(self, split: str = "train", augment: bool = False) -> Any:
         """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
