@@ -24,6 +24,7 @@ import torch
 from vaehelpers.config import (
     ModelConfig,
     TrainConfig,
+    apply_overrides,
     canonical_recipe,
     flag_of,
     from_dict,
@@ -216,6 +217,30 @@ def saved_recipe(run_dir: str | Path) -> str | None:
     except (OSError, ValueError, AttributeError):  # unreadable: resuming it reports the problem itself
         return None
     return canonical_recipe(recipe, notice=False) if isinstance(recipe, str) else None
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The settings to resume run_dir with: its config.json (also one written by an earlier version), then
+    `overrides` (dotted keys; given flags). run_dir itself wins over the saved one (the folder may have moved).
+
+    A changed setting that may not change on resume is refused later, by prepare(), naming it.
+    """
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise FileNotFoundError(f"cannot resume {run.root}: it has no {CONFIG_NAME}")
+    cfg = saved_train_config(read_config(run.root))
+    overrides = {**(overrides or {}), "run_dir": str(run.root)}
+    if isinstance(overrides.get("recipe"), str):
+        overrides["recipe"] = canonical_recipe(overrides["recipe"])
+    return apply_overrides(cfg, overrides)
+
+
+def is_training_run(run_dir: str | Path) -> bool:
+    """run_dir/config.json holds a training run's settings (not a bare {"model": ...} of converted weights)."""
+    try:
+        return "recipe" in read_config(run_dir)
+    except (OSError, ValueError):
+        return False
 
 
 def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
