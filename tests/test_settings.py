@@ -236,11 +236,17 @@ def test_resume_refuses_a_changed_setting_by_its_flag_and_allows_a_resumable_one
     assert cli.main(["train", "--run", str(stopped_run), "--resume", "--lr", "0.5", "--no-progress"]) == 1
     error = capsys.readouterr().err
     assert "--lr: saved 0.002 vs now 0.5" in error and len(error.strip().splitlines()) == 1
+    assert cli.main(["train", "--run", str(stopped_run), "--resume", "--preset", "small"]) == 1
+    assert "--preset: saved 'tiny' vs now 'small'" in capsys.readouterr().err
+    args = ["train", "--run", str(stopped_run), "--resume", "--recipe", "default", "--max-steps", "2"]
+    assert cli.main([*args, "--no-progress"]) == 0
+    assert "deprecated" in capsys.readouterr().err  # the old name of pixel: the same run
     assert cli.main(["train", "--run", str(stopped_run), "--resume", "--set", "loss.disc_weight=0.5"]) == 1
     assert "loss.disc_weight: saved 0.0 vs now 0.5" in capsys.readouterr().err
-    assert cli.main(["train", "--run-dir", str(stopped_run), "--resume", "--max-steps", "2", "--no-progress"]) == 0
     assert load_checkpoint(RunDir(stopped_run).checkpoint)[CHECKPOINT.step] == 2
-    assert json.loads(RunDir(stopped_run).config.read_text())["max_steps"] == 2
+    assert cli.main(["train", "--run-dir", str(stopped_run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert load_checkpoint(RunDir(stopped_run).checkpoint)[CHECKPOINT.step] == 4
+    assert json.loads(RunDir(stopped_run).config.read_text())["max_steps"] == 4
 
 
 def test_resume_with_the_data_folder_gone_says_which_folder(stopped_run, capsys):

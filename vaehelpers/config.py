@@ -83,9 +83,8 @@ class DataConfig:
     image_size: int = setting(128, help="square side in pixels, a multiple of 8", flag=True, notebook=True)
     resize: Literal["crop", "squash"] = "crop"  # crop: shorter side to S then crop; squash: straight to SxS (seed)
     test_fraction: float = 0.1  # share of files the path hash puts in `test`
-    cache: bool = setting(
-        True, resumable=True
-    )  # keep a uint8 cache of decoded images under data_dir/.vaehelpers_cache (or cache_dir)
+    # keep a uint8 cache of decoded images under data_dir/.vaehelpers_cache (or cache_dir)
+    cache: bool = setting(True, resumable=True)
     cache_dir: str = setting("", resumable=True)  # empty: beside the data
     num_workers: int = setting(
         0, help="DataLoader workers (0: load in the training process)", flag=True, resumable=True

@@ -232,6 +232,13 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     overrides = {**(overrides or {}), "run_dir": str(run.root)}
     if isinstance(overrides.get("recipe"), str):
         overrides["recipe"] = canonical_recipe(overrides["recipe"])
+    # preset and recipe name whole groups of settings: another one is another run, checkpoint or not
+    for key in ("preset", "recipe"):
+        if key in overrides and overrides[key] != getattr(cfg, key):
+            raise ValueError(
+                f"cannot resume {run.root}: {_named(key)}: saved {getattr(cfg, key)!r} vs now {overrides[key]!r} "
+                "(start a new run in another directory)"
+            )
     return apply_overrides(cfg, overrides)
 
 
