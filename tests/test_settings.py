@@ -2,9 +2,14 @@
 fields; `train --resume` needs nothing but the run directory; each verb's defaults live in one place."""
 
 import argparse
+import csv
 import dataclasses
+import inspect
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,8 +160,6 @@ def test_verbs_leave_defaults_to_the_functions_they_call():
     assert checked > 80
     study = _subparser(parser, "study").parse_args(["--train-data", "a", "--test-data", "b", "--out", "c"])
     assert study.device is None  # run_study's default decides: auto, as it always did on the command line
-    import inspect
-
     from vaehelpers.compare import compare
     from vaehelpers.study import run_study
 
@@ -326,3 +329,24 @@ def test_evaluate_writes_no_cache_into_a_read_only_folder_even_as_root(tmp_path,
     finally:
         images.chmod(0o755)
     assert dataset.is_writable(images) and not dataset.is_writable(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_from_the_run_directory_alone(tmp_path):
+    """Two processes under torchrun, then `torchrun ... train --run-dir R --resume --max-steps 3` alone."""
+    images = tmp_path / "images"
+    make_synthetic(images, count=24, size=16, seed=0)
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun += ["-m", "vaehelpers", "--", "train", "--run-dir", str(run), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VAEHELPERS_DIST_TIMEOUT": "30"}
+    root = Path(__file__).resolve().parents[1]
+    first = ["--data", str(images), "--preset", "tiny", "--image-size", "16", "--recipe", "pixel"]
+    first += ["--batch-size", "4", "--device", "cpu", "--max-steps", "2", "--set", "data.cache=false"]
+    for extra in (first, ["--resume", "--max-steps", "3"]):
+        done = subprocess.run([*torchrun, *extra], cwd=root, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(run / "log.csv", newline="") as handle:
+        assert [row["step"] for row in csv.DictReader(handle)] == ["1", "2", "3"]
+    saved = json.loads(RunDir(run).config.read_text())
+    assert (saved["preset"], saved["batch_size"], saved["data"]["cache"], saved["max_steps"]) == ("tiny", 4, False, 3)
