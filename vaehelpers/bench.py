@@ -789,25 +789,27 @@ def run_bench(
 
 def canonical_command(
     *,
-    part: str = "model",
-    presets: Sequence[str] = ("small",),
-    image_sizes: Sequence[int] = (128,),
-    batch_sizes: Sequence[int] = (8,),
-    repeats: int = 5,
-    warmup: int = 1,
-    device: str = "auto",
-    precision: str = "auto",
-    ops: Sequence[str] = OPS,
-    with_diffusers: bool = True,
-    ablate: bool = False,
-    peak_tflops: float | None = None,
-    data_path: str | Path | None = "auto",
-    data_workers: Sequence[int] = (0, 2),
-    data_repeats: int = 3,
-    seed: int = 0,
-    json_path: str | Path | None = None,
+    part: str,
+    presets: Sequence[str],
+    image_sizes: Sequence[int],
+    batch_sizes: Sequence[int],
+    repeats: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    ops: Sequence[str],
+    with_diffusers: bool,
+    ablate: bool,
+    peak_tflops: float | None,
+    data_path: str | Path | None,
+    data_workers: Sequence[int],
+    data_repeats: int,
+    seed: int,
+    json_path: str | Path | None,
 ) -> str:
-    """The `vaehelpers bench` command line that reproduces these settings, every value that matters spelled out."""
+    """The `vaehelpers bench` command line that reproduces these settings, every value that matters spelled out.
+
+    Called by run_bench with all of its settings (run_bench's signature holds the defaults, once)."""
     words = ["vaehelpers", "bench", part]
     if part in ("model", "all"):
         words += ["--preset", *presets]

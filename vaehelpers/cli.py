@@ -1,5 +1,19 @@
 """The `vaehelpers` command (also `python -m vaehelpers`): data, info, train, evaluate, reconstruct, convert, weights, ..."""
 
+# How this file is laid out (read this before adding a flag):
+#
+# - One section per verb: `add_<verb>_parser(verbs)` declares the verb's flags and sits right above
+#   `cmd_<verb>(args)`, its handler. build_parser() only calls the add_*_parser functions listed in VERBS.
+# - To add a flag to a verb: add one `parser.add_argument(...)` in its add_<verb>_parser and read it in
+#   cmd_<verb>. Leave its default None when the function the handler calls owns the default, and pass it on
+#   with given(...) (only values the user gave), so that no default is written twice; the help text then says
+#   what happens without the flag where that is not obvious.
+# - A `train` flag is not written here: declare the TrainConfig field in config.py with
+#   setting(default, help=..., flag=True, resumable=..., notebook=...) and add_setting_flags() makes the flag
+#   (name, type, choices and help from the field). cmd_train maps the given flags to dotted keys, so a new
+#   field needs no edit in this file.
+# - Expected failures raise ValueError/KeyError/OSError/RuntimeError; main() prints them in one line.
+
 from __future__ import annotations
 
 import argparse
@@ -7,36 +21,173 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from vaehelpers.config import DEMO_MINUTES, INFO_PRESET, PRECISIONS, PRESETS, RECIPE_CHOICES, RECONSTRUCTIONS
+from vaehelpers.config import (
+    DEFAULT_PRESET,
+    DEFAULT_RECIPE,
+    INFO_PRESET,
+    PRECISIONS,
+    PRESETS,
+    Setting,
+    TrainConfig,
+    flag_settings,
+)
 
-# flag -> dotted TrainConfig key; a flag left unset keeps the recipe's value
-TRAIN_FLAGS = {
-    "preset": "preset",
-    "recipe": "recipe",
-    "image_size": "data.image_size",
-    "epochs": "epochs",
-    "max_steps": "max_steps",
-    "max_minutes": "max_minutes",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "perceptual_weight": "loss.perceptual_weight",
-    "kl_weight": "loss.kl_weight",
-    "seed": "seed",
-    "device": "device",
-    "precision": "precision",
-    "ema_decay": "ema_decay",
-    "num_workers": "data.num_workers",
-    "checkpoint_every": "checkpoint_every",
-    "reconstruction": "loss.reconstruction",
-    "init": "init_from",
-    "freeze_encoder": "freeze_encoder",
-    "compile": "compile",
-    "weights_dir": "weights_dir",
-}
+# Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
+EXIT_SKIPPED_FILES = 3
+
+
+def _exit_status(skipped_files: int) -> int:
+    return EXIT_SKIPPED_FILES if skipped_files else 0
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The keyword arguments the user gave (flags left at None are dropped: the called function's default holds)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _add_fid_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fid",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rFID (torch-fidelity's InceptionV3): on by default where its weights load, else null "
+        "with the reason; --fid requires it, --no-fid turns it off",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="folder holding pretrained files: VGG16 for LPIPS, "
+        "InceptionV3 for rFID (else $VAEHELPERS_WEIGHTS, then the torch hub cache)",
+    )
+
+
+def _fid_setting(value: bool | None) -> bool | str:
+    """--fid: required (an error without the Inception weights); --no-fid: off; neither: where the weights load."""
+    return "auto" if value is None else value
+
+
+def _load_model(run: Path, device: str | None) -> tuple[Any, Any]:
+    from vaehelpers.model import AutoencoderKL
+    from vaehelpers.runtime import resolve_device
+
+    torch_device = resolve_device(**given(name=device))
+    return AutoencoderKL.load(run).to(torch_device).eval(), torch_device
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def add_data_parser(verbs: Any) -> None:
+    data = verbs.add_parser("data", help="make or download image folders")
+    data_sources = data.add_subparsers(dest="source", required=True)
+    synthetic = data_sources.add_parser("synthetic", help="procedural PNG images: the embedded default (no download)")
+    synthetic.add_argument("dest", type=Path)
+    synthetic.add_argument("--count", type=int, help="images to make")
+    synthetic.add_argument("--size", type=int, help="side in pixels")
+    synthetic.add_argument("--seed", type=int)
+    flickr = data_sources.add_parser("flickr8k", help="flickr8k: the attached Kaggle input, else the kaggle API")
+    flickr.add_argument("dest", type=Path)
+    data.set_defaults(func=cmd_data)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from vaehelpers import sources
+
+    if args.source == "synthetic":
+        paths = sources.make_synthetic(args.dest, **given(count=args.count, size=args.size, seed=args.seed))
+        print(f"wrote {len(paths)} synthetic images to {args.dest}")
+    else:
+        folder = sources.get_flickr8k(args.dest)
+        print(f"flickr8k images: {folder}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- info
+
+
+def add_info_parser(verbs: Any) -> None:
+    info = verbs.add_parser("info", help="parameters per part and tensor shapes of a preset")
+    info.add_argument("--preset", default=INFO_PRESET, choices=PRESETS)
+    info.add_argument("--image-size", type=int)
+    info.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vaehelpers.config import model_config
+    from vaehelpers.model import describe
+
+    print(describe(model_config(args.preset), **given(image_size=args.image_size)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+
+def _flag_type(setting: Setting) -> Callable[[str], Any]:
+    """The argparse type of a setting's flag: its field's type (a Literal's: its values' type)."""
+    kind = setting.type
+    if get_origin(kind) is Literal:
+        kind = type(get_args(kind)[0])
+    if kind not in (int, float, str):
+        raise TypeError(f"setting {setting.key!r}: a {kind} field cannot be a flag (use --set)")
+    return kind
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, config_cls: type = TrainConfig) -> None:
+    """One flag per config field declared with setting(flag=...): --name VALUE (a bool: --name / --no-name).
+
+    Every default is None: a flag not given leaves the recipe's value (a new run) or the run's own (--resume).
+    """
+    for setting in flag_settings(config_cls):
+        options: dict[str, Any] = {"dest": setting.dest, "default": None, "help": setting.help or None}
+        if setting.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = _flag_type(setting)
+            if setting.choices:
+                options["choices"] = setting.choices
+        parser.add_argument(setting.flag, **options)
+
+
+def add_train_parser(verbs: Any) -> None:
+    train = verbs.add_parser(
+        "train",
+        help="train an autoencoder into a run directory",
+        description="Train an autoencoder into a run directory. A new run: --preset, then --recipe, then the "
+        "flags given, then --set (later wins). --resume: every setting not given is the run's own (its "
+        "config.json), so `vaehelpers train --run R --resume` alone continues R; a given flag that differs "
+        "from the run's is refused unless a resume may change it (--epochs, --max-steps, --device, ...).",
+    )
+    train.add_argument(
+        "--data", type=Path, help="image folder (searched recursively); with --resume: default the run's own"
+    )
+    train.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        type=Path,
+        required=True,
+        help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from checkpoints/last.pt when present, with the run's own settings for every flag not given",
+    )
+    add_setting_flags(train)
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine",
+    )
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -53,51 +204,27 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def train_config_from_args(args: argparse.Namespace) -> Any:
-    """Preset, then recipe, then the flags the user gave, then --set: later wins.
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The settings to train with.
 
-    Without --recipe: a resumed run keeps the recipe its config.json was started with, else DEFAULT_RECIPE (ldm).
+    A new run: preset, then recipe (default: DEFAULT_RECIPE), then the flags given, then --set: later wins.
+    --resume of a run directory with a config.json: that config.json, then the flags given, then --set; a
+    changed setting that a resume may not change is refused by rundir.prepare, naming the flag.
     """
-    from vaehelpers.config import DEFAULT_PRESET, DEFAULT_RECIPE, build_config
-    from vaehelpers.rundir import saved_recipe
+    from vaehelpers import rundir
+    from vaehelpers.config import build_config
 
-    overrides = {
-        key: str(value) if isinstance(value, Path) else value
-        for flag, key in TRAIN_FLAGS.items()
-        if (value := getattr(args, flag)) is not None and flag not in ("preset", "recipe")
-    }
-    overrides.update({"data.data_dir": str(args.data), "run_dir": str(args.run)})
-    overrides.update(_parse_set(args.set))
-    recipe = args.recipe or (saved_recipe(args.run) if args.resume else None) or DEFAULT_RECIPE
-    return build_config(args.preset or DEFAULT_PRESET, recipe, **overrides)
-
-
-# Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
-EXIT_SKIPPED_FILES = 3
-
-
-def _exit_status(skipped_files: int) -> int:
-    return EXIT_SKIPPED_FILES if skipped_files else 0
-
-
-def cmd_data(args: argparse.Namespace) -> int:
-    from vaehelpers import sources
-
-    if args.source == "synthetic":
-        paths = sources.make_synthetic(args.dest, count=args.count, size=args.size, seed=args.seed)
-        print(f"wrote {len(paths)} synthetic images to {args.dest}")
-    else:
-        folder = sources.get_flickr8k(args.dest)
-        print(f"flickr8k images: {folder}")
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from vaehelpers.config import model_config
-    from vaehelpers.model import describe
-
-    print(describe(model_config(args.preset), args.image_size))
-    return 0
+    settings = {s.key: getattr(args, s.dest) for s in flag_settings() if getattr(args, s.dest) is not None}
+    settings["run_dir"] = str(args.run)
+    if args.data is not None:
+        settings["data.data_dir"] = str(args.data)
+    settings.update(_parse_set(args.set))
+    if args.resume and rundir.is_training_run(args.run):
+        return rundir.resume_config(args.run, settings)
+    if args.data is None:
+        raise ValueError(f"--data is required: {args.run} holds no run to resume (a new run needs an image folder)")
+    preset, recipe = settings.pop("preset", DEFAULT_PRESET), settings.pop("recipe", DEFAULT_RECIPE)
+    return build_config(preset, recipe, **settings)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,24 +235,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _exit_status(result.skipped_files)
 
 
-def _load_model(run: Path, device: str) -> tuple[Any, Any]:
-    from vaehelpers.model import AutoencoderKL
-    from vaehelpers.runtime import resolve_device
-
-    torch_device = resolve_device(device)
-    return AutoencoderKL.load(run).to(torch_device).eval(), torch_device
+# ------------------------------------------------------------------------------------------------------- evaluate
 
 
-def _run_image_size(run: Path, given: int | None) -> int:
-    """--image-size, else the run's training size, else 128."""
-    from vaehelpers import rundir
-
-    return given or rundir.image_size(run)
-
-
-def _fid_setting(value: bool | None) -> bool | str:
-    """--fid: required (an error without the Inception weights); --no-fid: off; neither: where the weights load."""
-    return "auto" if value is None else value
+def add_evaluate_parser(verbs: Any) -> None:
+    evaluate = verbs.add_parser("evaluate", help="metrics on held-out images (pixel range [0,1])")
+    evaluate.add_argument(
+        "--model",
+        "--run",
+        dest="model",
+        required=True,
+        metavar="SRC",
+        help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (--run: the old name)",
+    )
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--split", choices=["test", "all", "train"], default="test")
+    evaluate.add_argument("--image-size", type=int)
+    evaluate.add_argument("--batch-size", type=int)
+    evaluate.add_argument("--json", type=Path)
+    evaluate.add_argument("--csv", type=Path, help="per-image rows")
+    evaluate.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    _add_fid_flags(evaluate)
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -134,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.runtime import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(**given(name=args.device))
     model, source = open_model(args.model, device)
     for note in source.notes:
         print(f"note: {note}")
@@ -143,12 +276,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = metrics.evaluate(
         model,
         dataset,
-        batch_size=args.batch_size,
         device=device,
         progress=not args.no_progress,
         lpips=False if args.no_lpips else "auto",
         fid=_fid_setting(args.fid),
         weights_dir=args.weights_dir,
+        **given(batch_size=args.batch_size),
     )
     summary.update(model=str(args.model), model_kind=source.kind)
     print(f"model: {source.source} ({source.kind})")
@@ -162,6 +295,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _exit_status(summary["n_skipped"])
 
 
+# -------------------------------------------------------------------------------------------------------- compare
+
+
+def add_compare_parser(verbs: Any) -> None:
+    compare = verbs.add_parser("compare", help="several models on the same held-out images: table, JSON, figure")
+    compare.add_argument(
+        "models",
+        nargs="+",
+        metavar="SRC",
+        help="run dirs, diffusers folders, LDM/SD .ckpt/.safetensors files or Hub ids",
+    )
+    compare.add_argument("--data", type=Path, required=True)
+    compare.add_argument("--split", choices=["test", "all"])
+    compare.add_argument("--image-size", type=int, help="default: the first model's own size, else 128")
+    compare.add_argument("--out", type=Path, required=True, help="writes compare.md, compare.json, reconstructions.png")
+    compare.add_argument("--batch-size", type=int)
+    compare.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    compare.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    _add_fid_flags(compare)
+    compare.add_argument("--no-progress", action="store_true")
+    compare.set_defaults(func=cmd_compare)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from vaehelpers.compare import compare, format_report
 
@@ -169,14 +325,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.models,
         args.data,
         args.out,
-        split=args.split,
         image_size=args.image_size,
-        batch_size=args.batch_size,
-        device=args.device,
         lpips=False if args.no_lpips else "auto",
         fid_on=_fid_setting(args.fid),
         weights_dir=args.weights_dir,
         progress=not args.no_progress,
+        **given(split=args.split, batch_size=args.batch_size, device=args.device),
     )
     print(format_report(result))
     for path in result["files"].values():
@@ -184,13 +338,49 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return _exit_status(len(result["failed"]) + result["n_skipped_files"])
 
 
+# ---------------------------------------------------------------------------------------------------- reconstruct
+
+
+def add_reconstruct_parser(verbs: Any) -> None:
+    reconstruct = verbs.add_parser("reconstruct", help="reconstruct any images; figures and per-image errors")
+    reconstruct.add_argument("--run", type=Path, required=True)
+    reconstruct.add_argument("images", nargs="+", type=Path)
+    reconstruct.add_argument("--out", type=Path, required=True)
+    reconstruct.add_argument(
+        "--mode",
+        choices=["pad", "resize"],
+        help="pad to a multiple of 8 (default) or resize to --image-size",
+    )
+    reconstruct.add_argument("--image-size", type=int)
+    reconstruct.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    reconstruct.set_defaults(func=cmd_reconstruct)
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     from vaehelpers.reconstruct import format_rows, reconstruct_files
 
     model, device = _load_model(args.run, args.device)
-    rows = reconstruct_files(model, args.images, args.out, mode=args.mode, image_size=args.image_size, device=device)
+    rows = reconstruct_files(
+        model, args.images, args.out, image_size=args.image_size, device=device, **given(mode=args.mode)
+    )
     print(format_rows(rows))
     return _exit_status(sum(1 for row in rows if row["error"]))
+
+
+# -------------------------------------------------------------------------------------------------------- convert
+
+
+def add_convert_parser(verbs: Any) -> None:
+    convert = verbs.add_parser(
+        "convert",
+        help="convert the autoencoder's weights between vaehelpers, diffusers and "
+        "LDM/SD layouts (pretrained helper files: see `weights`)",
+    )
+    convert.add_argument("src", help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (owner/name)")
+    convert.add_argument("dest", type=Path, help="a folder (diffusers, vaehelpers) or a .safetensors file (ldm)")
+    convert.add_argument("--to", choices=["diffusers", "ldm", "vaehelpers"], required=True)
+    convert.add_argument("--sample-size", type=int, help="diffusers sample_size (default: the source's, else 128)")
+    convert.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -212,23 +402,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- scale
+
+
+def add_scale_parser(verbs: Any) -> None:
+    scale = verbs.add_parser("scale", help="measure 1/std of the latents and store it as the run's scaling_factor")
+    scale.add_argument("--run", type=Path, required=True)
+    scale.add_argument("--data", type=Path, required=True)
+    scale.add_argument("--split", choices=["train", "test", "all"], default="train")
+    scale.add_argument("--max-images", type=int, default=1000, help="images to measure on (0: all)")
+    scale.add_argument(
+        "--latents",
+        choices=["sample", "mode"],
+        default="sample",
+        help="posterior samples (LDM's scale_by_std, default) or posterior means",
+    )
+    scale.add_argument("--image-size", type=int, help="default: the run's training size, else 128")
+    scale.add_argument("--batch-size", type=int)
+    scale.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
+    scale.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    scale.set_defaults(func=cmd_scale)
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from vaehelpers import rundir
     from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.latents import latent_statistics, store_scale
 
     model, device = _load_model(args.run, args.device)
-    image_size = _run_image_size(args.run, args.image_size)
+    image_size = args.image_size or rundir.image_size(args.run)  # else the run's training size, else 128
     dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
     stats = latent_statistics(
         model,
         dataset,
         max_images=args.max_images or None,
-        batch_size=args.batch_size,
         device=device,
         sample_posterior=args.latents == "sample",
         seed=args.seed,
+        **given(batch_size=args.batch_size),
     )
     details = {
         **dataclasses.asdict(stats),
@@ -254,77 +467,24 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_weights(args: argparse.Namespace) -> int:
-    from vaehelpers import pretrained
-
-    if args.action == "status":
-        print(pretrained.format_status(pretrained.status(args.weights_dir, args.only or None)))
-    else:
-        pretrained.download(args.dest, args.only or None)
-    return 0
+# ---------------------------------------------------------------------------------------------------------- study
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from vaehelpers.demo import run_demo
-
-    run_demo(args.out, minutes=args.minutes)
-    return 0
-
-
-def cmd_kaggle(args: argparse.Namespace) -> int:
-    from vaehelpers import kaggle
-
-    kaggle.push(
-        args.root,
-        args.user,
-        only=args.only,
-        dataset=not args.no_dataset,
-        pin=not args.no_pin,
-        wait_s=args.wait_minutes * 60,
-    )
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from vaehelpers.bench import run_bench
-
-    settings = dict(
-        part=args.part or ("data" if args.data_path else "model"),
-        presets=args.preset,
-        image_sizes=args.image_size,
-        batch_sizes=args.batch_size,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        device=args.device,
-        precision=args.precision,
-        ops=args.ops,
-        with_diffusers=not args.no_diffusers,
-        ablate=args.ablate,
-        peak_tflops=args.peak_tflops,
-        data_path=args.data_path or "auto",
-        data_workers=args.workers,
-        data_repeats=args.data_repeats,
-        seed=args.seed,
-    )
-    run_bench(**settings, json_path=args.json)  # the report's command line is rebuilt from these settings
-    return 0
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from vaehelpers import doctor
-
-    report = doctor.run(
-        device=args.device,
-        preset=args.preset,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        steps=args.steps,
-        json_path=args.json,
-    )
-    if not report.ok:
-        print(f"vaehelpers doctor: error: {report.reason}", file=sys.stderr)
-    return 0 if report.ok else 1
+def add_study_parser(verbs: Any) -> None:
+    study = verbs.add_parser("study", help="train recipes on the same budget, evaluate each on held-out images")
+    study.add_argument("--train-data", type=Path, nargs="+", required=True, help="training folders (all images used)")
+    study.add_argument("--test-data", type=Path, required=True, help="held-out folder (all images evaluated)")
+    study.add_argument("--out", type=Path, required=True)
+    study.add_argument("--candidates", nargs="+", help="names from vaehelpers/study.py (default: all)")
+    study.add_argument("--preset", choices=PRESETS)
+    study.add_argument("--image-size", type=int)
+    study.add_argument("--batch-size", type=int)
+    study.add_argument("--steps", type=int, help="the budget: steps of --batch-size images")
+    study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
+    study.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    study.add_argument("--precision", choices=PRECISIONS, help="training precision (evaluation is always fp32)")
+    study.add_argument("--seed", type=int)
+    study.set_defaults(func=cmd_study)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -339,216 +499,25 @@ def cmd_study(args: argparse.Namespace) -> int:
         args.test_data,
         args.out,
         names,
-        preset=args.preset,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        device=args.device,
-        precision=args.precision,
         perceptual_weight=args.perceptual_weight,
-        seed=args.seed,
+        **given(
+            preset=args.preset,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            device=args.device,
+            precision=args.precision,
+            seed=args.seed,
+        ),
     )
     print(format_table(rows))
     return 0
 
 
-def _add_fid_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--fid",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="rFID (torch-fidelity's InceptionV3): on by default where its weights load, else null "
-        "with the reason; --fid requires it, --no-fid turns it off",
-    )
-    parser.add_argument(
-        "--weights-dir",
-        type=Path,
-        help="folder holding pretrained files: VGG16 for LPIPS, "
-        "InceptionV3 for rFID (else $VAEHELPERS_WEIGHTS, then the torch hub cache)",
-    )
+# -------------------------------------------------------------------------------------------------------- weights
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaehelpers", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
-
-    data = verbs.add_parser("data", help="make or download image folders")
-    data_sources = data.add_subparsers(dest="source", required=True)
-    synthetic = data_sources.add_parser("synthetic", help="procedural PNG images: the embedded default (no download)")
-    synthetic.add_argument("dest", type=Path)
-    synthetic.add_argument("--count", type=int, default=256)
-    synthetic.add_argument("--size", type=int, default=128)
-    synthetic.add_argument("--seed", type=int, default=0)
-    flickr = data_sources.add_parser("flickr8k", help="flickr8k: the attached Kaggle input, else the kaggle API")
-    flickr.add_argument("dest", type=Path)
-    data.set_defaults(func=cmd_data)
-
-    info = verbs.add_parser("info", help="parameters per part and tensor shapes of a preset")
-    info.add_argument("--preset", default=INFO_PRESET, choices=PRESETS)
-    info.add_argument("--image-size", type=int, default=128)
-    info.set_defaults(func=cmd_info)
-
-    train = verbs.add_parser("train", help="train an autoencoder into a run directory")
-    train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
-    train.add_argument(
-        "--run",
-        "--run-dir",
-        dest="run",
-        type=Path,
-        required=True,
-        help="run directory (--run-dir under torchrun, whose parser mistakes --run for --run-path)",
-    )
-    train.add_argument("--preset", choices=PRESETS)
-    train.add_argument(
-        "--recipe",
-        choices=RECIPE_CHOICES,
-        help="ldm (default): latent-diffusion's kl-f8 loss, needs VGG16 weights; pixel: L1 + KL, no "
-        "pretrained files; seed: the original project's; default: old name of pixel. "
-        "--resume keeps the run's own",
-    )
-    train.add_argument(
-        "--weights-dir",
-        type=Path,
-        help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, "
-        "then the torch hub cache); see `vaehelpers weights status`",
-    )
-    train.add_argument("--image-size", type=int)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--max-minutes", type=float)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--perceptual-weight", type=float)
-    train.add_argument("--kl-weight", type=float)
-    train.add_argument("--reconstruction", choices=RECONSTRUCTIONS)
-    train.add_argument("--ema-decay", type=float)
-    train.add_argument("--num-workers", type=int)
-    train.add_argument("--checkpoint-every", type=int)
-    train.add_argument("--init", help="fine-tune from weights: a run dir, diffusers folder, LDM/SD file or Hub id")
-    train.add_argument("--freeze-encoder", action="store_true", default=None, help="train only the decoder")
-    train.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt when present")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    train.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="auto: bf16 on GPUs of compute capability 8.0+ (A100, L4, H100), fp16 below (T4, V100, "
-        "P100), bf16 on CPUs with native bf16, else fp32",
-    )
-    train.add_argument(
-        "--compile",
-        action="store_true",
-        default=None,
-        help="torch.compile the training forward (a GPU option; it compiles for minutes first)",
-    )
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other setting, e.g. --set loss.disc_weight=0.5 --set schedule=cosine",
-    )
-    train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(func=cmd_train)
-
-    evaluate = verbs.add_parser("evaluate", help="metrics on held-out images (pixel range [0,1])")
-    evaluate.add_argument(
-        "--model",
-        "--run",
-        dest="model",
-        required=True,
-        metavar="SRC",
-        help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (--run: the old name)",
-    )
-    evaluate.add_argument("--data", type=Path, required=True)
-    evaluate.add_argument("--split", choices=["test", "all", "train"], default="test")
-    evaluate.add_argument("--image-size", type=int)
-    evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--json", type=Path)
-    evaluate.add_argument("--csv", type=Path, help="per-image rows")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
-    _add_fid_flags(evaluate)
-    evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(func=cmd_evaluate)
-
-    compare = verbs.add_parser("compare", help="several models on the same held-out images: table, JSON, figure")
-    compare.add_argument(
-        "models",
-        nargs="+",
-        metavar="SRC",
-        help="run dirs, diffusers folders, LDM/SD .ckpt/.safetensors files or Hub ids",
-    )
-    compare.add_argument("--data", type=Path, required=True)
-    compare.add_argument("--split", choices=["test", "all"], default="test")
-    compare.add_argument("--image-size", type=int, help="default: the first model's own size, else 128")
-    compare.add_argument("--out", type=Path, required=True, help="writes compare.md, compare.json, reconstructions.png")
-    compare.add_argument("--batch-size", type=int, default=16)
-    compare.add_argument("--device", default="auto")
-    compare.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
-    _add_fid_flags(compare)
-    compare.add_argument("--no-progress", action="store_true")
-    compare.set_defaults(func=cmd_compare)
-
-    reconstruct = verbs.add_parser("reconstruct", help="reconstruct any images; figures and per-image errors")
-    reconstruct.add_argument("--run", type=Path, required=True)
-    reconstruct.add_argument("images", nargs="+", type=Path)
-    reconstruct.add_argument("--out", type=Path, required=True)
-    reconstruct.add_argument(
-        "--mode",
-        choices=["pad", "resize"],
-        default="pad",
-        help="pad to a multiple of 8 (default) or resize to --image-size",
-    )
-    reconstruct.add_argument("--image-size", type=int)
-    reconstruct.add_argument("--device", default="auto")
-    reconstruct.set_defaults(func=cmd_reconstruct)
-
-    convert = verbs.add_parser(
-        "convert",
-        help="convert the autoencoder's weights between vaehelpers, diffusers and "
-        "LDM/SD layouts (pretrained helper files: see `weights`)",
-    )
-    convert.add_argument("src", help="a run dir, diffusers folder, LDM/SD .ckpt/.safetensors, or Hub id (owner/name)")
-    convert.add_argument("dest", type=Path, help="a folder (diffusers, vaehelpers) or a .safetensors file (ldm)")
-    convert.add_argument("--to", choices=["diffusers", "ldm", "vaehelpers"], required=True)
-    convert.add_argument("--sample-size", type=int, help="diffusers sample_size (default: the source's, else 128)")
-    convert.set_defaults(func=cmd_convert)
-
-    scale = verbs.add_parser("scale", help="measure 1/std of the latents and store it as the run's scaling_factor")
-    scale.add_argument("--run", type=Path, required=True)
-    scale.add_argument("--data", type=Path, required=True)
-    scale.add_argument("--split", choices=["train", "test", "all"], default="train")
-    scale.add_argument("--max-images", type=int, default=1000, help="images to measure on (0: all)")
-    scale.add_argument(
-        "--latents",
-        choices=["sample", "mode"],
-        default="sample",
-        help="posterior samples (LDM's scale_by_std, default) or posterior means",
-    )
-    scale.add_argument("--image-size", type=int, help="default: the run's training size, else 128")
-    scale.add_argument("--batch-size", type=int, default=16)
-    scale.add_argument("--seed", type=int, default=0, help="seeds the posterior samples")
-    scale.add_argument("--device", default="auto")
-    scale.set_defaults(func=cmd_scale)
-
-    study = verbs.add_parser("study", help="train recipes on the same budget, evaluate each on held-out images")
-    study.add_argument("--train-data", type=Path, nargs="+", required=True, help="training folders (all images used)")
-    study.add_argument("--test-data", type=Path, required=True, help="held-out folder (all images evaluated)")
-    study.add_argument("--out", type=Path, required=True)
-    study.add_argument("--candidates", nargs="+", help="names from vaehelpers/study.py (default: all)")
-    study.add_argument("--preset", default="tiny", choices=PRESETS)
-    study.add_argument("--image-size", type=int, default=64)
-    study.add_argument("--batch-size", type=int, default=16)
-    study.add_argument("--steps", type=int, default=600, help="the budget: steps of --batch-size images")
-    study.add_argument("--perceptual-weight", type=float, help="override every candidate's (0: no VGG weights here)")
-    study.add_argument("--device", default="auto")
-    study.add_argument(
-        "--precision", choices=PRECISIONS, default="auto", help="training precision (evaluation is always fp32)"
-    )
-    study.add_argument("--seed", type=int, default=0)
-    study.set_defaults(func=cmd_study)
-
+def add_weights_parser(verbs: Any) -> None:
     # `weights` manages the pretrained files of the helper networks (VGG16, LPIPS, InceptionV3: pretrained.py);
     # `convert` (weights.py) reads and writes the autoencoder's own weights. Different files, different verbs.
     weights = verbs.add_parser(
@@ -562,26 +531,53 @@ def build_parser() -> argparse.ArgumentParser:
     weights_actions = weights.add_subparsers(dest="action", required=True)
     weights_status = weights_actions.add_parser("status", help="each file: where it is looked for, found, loads")
     weights_status.add_argument("--weights-dir", type=Path, help="also look here (else $VAEHELPERS_WEIGHTS)")
-    weights_status.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], default=[])
+    weights_status.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], help="default: all")
     weights_download = weights_actions.add_parser("download", help="fetch them with torch's downloader, hash-checked")
     weights_download.add_argument(
         "--dest", type=Path, help="folder to fill (default: the torch hub cache, torch.hub.get_dir()/checkpoints)"
     )
-    weights_download.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], default=[])
+    weights_download.add_argument("--only", nargs="+", choices=["vgg16", "lpips", "inception"], help="default: all")
     weights.set_defaults(func=cmd_weights)
 
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from vaehelpers import pretrained
+
+    if args.action == "status":
+        print(pretrained.format_status(pretrained.status(args.weights_dir, args.only)))
+    else:
+        pretrained.download(args.dest, args.only)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- demo
+
+
+def add_demo_parser(verbs: Any) -> None:
     demo = verbs.add_parser(
         "demo", help="the offline quick start: the five notebooks at smoke scale on synthetic images (CPU)"
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--minutes", type=float, default=DEMO_MINUTES, help="training budget")
+    demo.add_argument("--minutes", type=float, help="training budget")
     demo.set_defaults(func=cmd_demo)
 
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vaehelpers.demo import run_demo
+
+    run_demo(args.out, **given(minutes=args.minutes))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- kaggle
+
+
+def add_kaggle_parser(verbs: Any) -> None:
     kaggle = verbs.add_parser("kaggle", help="push the notebooks to Kaggle (kernels + the package as a dataset)")
     kaggle_actions = kaggle.add_subparsers(dest="action", required=True)
     push = kaggle_actions.add_parser("push", help="upload <user>/vaehelpers-src, then push the kernels in kaggle/")
     push.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME, else your kaggle credentials')")
-    push.add_argument("--only", nargs="+", default=[], metavar="PREFIX", help="only these kernels, e.g. --only 04 05")
+    push.add_argument("--only", nargs="+", metavar="PREFIX", help="only these kernels, e.g. --only 04 05")
     push.add_argument("--no-dataset", action="store_true", help="push the kernels without uploading the package again")
     push.add_argument(
         "--no-pin", action="store_true", help="attach the latest vaehelpers-src instead of the version just uploaded"
@@ -589,7 +585,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--wait-minutes",
         type=float,
-        default=10.0,
         help="how long to wait for Kaggle to process the uploaded package before giving up",
     )
     push.add_argument(
@@ -599,6 +594,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the repository (holds kaggle/ and notebooks/)",
     )
     kaggle.set_defaults(func=cmd_kaggle)
+
+
+def cmd_kaggle(args: argparse.Namespace) -> int:
+    from vaehelpers import kaggle
+
+    kaggle.push(
+        args.root,
+        args.user,
+        dataset=not args.no_dataset,
+        pin=not args.no_pin,
+        **given(only=args.only, wait_s=args.wait_minutes and args.wait_minutes * 60),
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- bench
+
+
+def add_bench_parser(verbs: Any) -> None:
     bench = verbs.add_parser("bench", help="time ours against diffusers (train step, encode, decode) and the data path")
     bench.add_argument(
         "part",
@@ -606,16 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["model", "data", "all"],
         help="what to time (default: model; data when --data-path is given)",
     )
-    bench.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS)
-    bench.add_argument("--image-size", nargs="+", type=int, default=[128])
-    bench.add_argument("--batch-size", nargs="+", type=int, default=[8])
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per model and op (median reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs per model and op, first")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    bench.add_argument("--precision", choices=PRECISIONS, default="auto")
-    bench.add_argument(
-        "--ops", nargs="+", choices=["train_step", "encode", "decode"], default=["train_step", "encode", "decode"]
-    )
+    bench.add_argument("--preset", nargs="+", choices=PRESETS)
+    bench.add_argument("--image-size", nargs="+", type=int)
+    bench.add_argument("--batch-size", nargs="+", type=int)
+    bench.add_argument("--repeats", type=int, help="timed runs per model and op (median reported)")
+    bench.add_argument("--warmup", type=int, help="untimed runs per model and op, first")
+    bench.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    bench.add_argument("--precision", choices=PRECISIONS)
+    bench.add_argument("--ops", nargs="+", choices=["train_step", "encode", "decode"])
     bench.add_argument(
         "--peak-tflops",
         type=float,
@@ -630,25 +642,101 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
         "when present, else synthetic; 'synthetic'",
     )
-    bench.add_argument("--workers", nargs="+", type=int, default=[0, 2], help="DataLoader workers to try")
-    bench.add_argument("--data-repeats", type=int, default=3, help="epochs per data-path setting")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--workers", nargs="+", type=int, help="DataLoader workers to try")
+    bench.add_argument("--data-repeats", type=int, help="epochs per data-path setting")
+    bench.add_argument("--seed", type=int)
     bench.add_argument("--json", type=Path, help="write every figure here")
     bench.set_defaults(func=cmd_bench)
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vaehelpers.bench import run_bench
+
+    run_bench(  # the report's command line is rebuilt from the settings, defaults spelled out
+        part=args.part or ("data" if args.data_path else "model"),
+        with_diffusers=not args.no_diffusers,
+        ablate=args.ablate,
+        json_path=args.json,
+        **given(
+            presets=args.preset,
+            image_sizes=args.image_size,
+            batch_sizes=args.batch_size,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=args.device,
+            precision=args.precision,
+            ops=args.ops,
+            peak_tflops=args.peak_tflops,
+            data_path=args.data_path,
+            data_workers=args.workers,
+            data_repeats=args.data_repeats,
+            seed=args.seed,
+        ),
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- doctor
+
+
+def add_doctor_parser(verbs: Any) -> None:
     doctor = verbs.add_parser(
         "doctor",
         help="check this machine before a long run: versions, GPU, precision, a short "
         "live training check (exit 1 with the fix when something is wrong)",
     )
-    doctor.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    doctor.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     doctor.add_argument("--preset", choices=PRESETS, help="default: sd on a GPU, tiny on CPU")
     doctor.add_argument("--image-size", type=int, help="default: 128 on a GPU, 64 on CPU")
     doctor.add_argument("--batch-size", type=int, help="default: 16 on a GPU, 8 on CPU")
-    doctor.add_argument("--precision", choices=PRECISIONS, default="auto")
-    doctor.add_argument("--steps", type=int, default=3, help="training steps of the live check (then one resumed)")
+    doctor.add_argument("--precision", choices=PRECISIONS)
+    doctor.add_argument("--steps", type=int, help="training steps of the live check (then one resumed)")
     doctor.add_argument("--json", type=Path, help="write every figure here")
     doctor.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from vaehelpers import doctor
+
+    report = doctor.run(
+        preset=args.preset,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        json_path=args.json,
+        **given(device=args.device, precision=args.precision, steps=args.steps),
+    )
+    if not report.ok:
+        print(f"vaehelpers doctor: error: {report.reason}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+
+# the verbs in the order `vaehelpers --help` lists them
+VERBS: tuple[Callable[[Any], None], ...] = (
+    add_data_parser,
+    add_info_parser,
+    add_train_parser,
+    add_evaluate_parser,
+    add_compare_parser,
+    add_reconstruct_parser,
+    add_convert_parser,
+    add_scale_parser,
+    add_study_parser,
+    add_weights_parser,
+    add_demo_parser,
+    add_kaggle_parser,
+    add_bench_parser,
+    add_doctor_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vaehelpers` parser: one subparser per verb, each made by its add_<verb>_parser (see VERBS)."""
+    parser = argparse.ArgumentParser(prog="vaehelpers", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for add_parser in VERBS:
+        add_parser(verbs)
     return parser
 
 

@@ -125,7 +125,7 @@ def compare(
     split: str = "test",
     image_size: int | None = None,
     batch_size: int = 16,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
     lpips: bool | str = "auto",
     fid_on: bool | str = "auto",
     weights_dir: str | Path | None = None,

@@ -8,12 +8,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Reconstruction = Literal["l1", "l2", "bce", "l1+l2"]
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    default_factory: Callable[[], Any] | Any = MISSING,
+    help: str = "",
+    flag: bool | str = False,
+    resumable: bool = False,
+    notebook: bool = False,
+    choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+) -> Any:
+    """A config field that carries what the rest of vaehelpers needs to know about it (see `settings_of`).
+
+    flag: True gives `train` the flag --<field-name> (underscores as dashes); a string names it (init_from: "init").
+    resumable: `train --resume` may change it (anything else must match the run's config.json).
+    notebook: the notebooks take it as a papermill parameter (None there: the recipe's or the scale's value).
+    choices: the flag's choices (a callable: names defined further down this file); a Literal type gives its own.
+    """
+    metadata = {"help": help, "flag": flag, "resumable": resumable, "notebook": notebook, "choices": choices}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
@@ -29,13 +51,13 @@ class ModelConfig:
     norm_num_groups: int = 32  # GroupNorm groups; must divide every width
     norm_eps: float = 1e-6  # SD/diffusers value
     mid_attention: bool = True  # self-attention in the mid block
-    scaling_factor: float = (
-        0.18215  # SD's latent scale (LDM paper, sec. 4.3.2 / scale_by_std); replaced by a measured one
-    )
+    # SD's latent scale (LDM paper, sec. 4.3.2 / scale_by_std); replaced by a measured one. Measured after training
+    # by `vaehelpers scale`, so a resume keeps config.json's value
+    scaling_factor: float = setting(0.18215, resumable=True)
     # per-channel mean and std of the latents, measured by `vaehelpers scale` (diffusers' AutoencoderKL config fields
     # latents_mean / latents_std, as newer VAEs ship them); empty: not measured
-    latents_mean: tuple[float, ...] = ()
-    latents_std: tuple[float, ...] = ()
+    latents_mean: tuple[float, ...] = setting((), resumable=True)
+    latents_std: tuple[float, ...] = setting((), resumable=True)
 
     @property
     def downsample_factor(self) -> int:
@@ -56,28 +78,37 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 class DataConfig:
     """Where images come from and how they are prepared."""
 
-    data_dir: str = ""
-    image_size: int = 128  # square side S in pixels (multiple of 8)
+    # a location, not a setting: a resume may read the same images from elsewhere
+    data_dir: str = setting("", resumable=True)
+    image_size: int = setting(128, help="square side in pixels, a multiple of 8", flag=True, notebook=True)
     resize: Literal["crop", "squash"] = "crop"  # crop: shorter side to S then crop; squash: straight to SxS (seed)
     test_fraction: float = 0.1  # share of files the path hash puts in `test`
-    cache: bool = True  # keep a uint8 cache of decoded images under data_dir/.vaehelpers_cache (or cache_dir)
-    cache_dir: str = ""  # empty: beside the data
-    num_workers: int = 0  # DataLoader workers; 0 on small CPUs
+    # keep a uint8 cache of decoded images under data_dir/.vaehelpers_cache (or cache_dir)
+    cache: bool = setting(True, resumable=True)
+    cache_dir: str = setting("", resumable=True)  # empty: beside the data
+    num_workers: int = setting(
+        0, help="DataLoader workers (0: load in the training process)", flag=True, resumable=True
+    )
 
 
 @dataclass
 class LossConfig:
     """Weights of the loss terms; see losses.py."""
 
-    reconstruction: Reconstruction = "l1"
+    reconstruction: Reconstruction = setting("l1", help="the pixel loss", flag=True)
     reconstruction_weight: float = 1.0
     # how reconstruction + perceptual are reduced: mean over pixels, or (ldm) the per-sample sum over (C, H, W)
     # then the batch mean, as latent-diffusion's contperceptual.py does (nll_loss = sum(nll_loss) / B). It sets
     # what kl_weight means: the KL is always a per-sample sum, so 1e-6 weighs it 3*H*W times less with "sum"
     nll_reduction: Literal["mean", "sum"] = "mean"
     perceptual: Literal["lpips", "vgg"] = "lpips"  # lpips: VGG + published linear weights; vgg: seed's relu3_3 MSE
-    perceptual_weight: float = 0.0  # 0 turns the term off (no backbone is loaded)
-    kl_weight: float = 1e-6  # LDM kl-f8 used 1e-6
+    perceptual_weight: float = setting(
+        0.0,
+        help="weight of the perceptual term (LPIPS; seed recipe: VGG relu3_3); 0 turns it off (no VGG16 weights needed)",
+        flag=True,
+        notebook=True,
+    )
+    kl_weight: float = setting(1e-6, help="weight of the KL term (LDM kl-f8: 1e-6)", flag=True)
     kl_reduction: Literal["sum", "seed"] = "sum"  # sum: per-sample sum, batch mean; seed: channel sum, mean over rest
     kl_warmup_epochs: float = 0.0  # linear ramp of the KL weight from 0 over this many epochs (seed: 20)
     batch_scaled_reconstruction: bool = False  # seed: divide the (mean) BCE by the batch size
@@ -95,14 +126,34 @@ class TrainConfig:
     build_config(preset, recipe) gives any other combination.
     """
 
-    run_dir: str = "runs/default"
-    preset: str = "sd"  # names `model` (build_config keeps them in step); "custom" for weights of another shape
-    recipe: str = "pixel"  # the recipe these settings started from (RECIPES); the field defaults are `pixel`
-    epochs: int = 600  # the reference recipe's length
-    max_steps: int = 0  # 0: no step limit
-    max_minutes: float = 0.0  # 0: no time limit; else checkpoint and stop before it runs out
-    batch_size: int = 16
-    lr: float = 2e-3  # pixel recipe: chosen by the CPU study on `tiny` (results/quality.md); sd: 2e-4, see below
+    run_dir: str = setting("runs/default", resumable=True)  # a location: the folder may move between sessions
+    # names `model` (build_config keeps them in step); "custom" for weights of another shape
+    preset: str = setting(
+        "sd", help="model size (default of a new run: tiny)", flag=True, notebook=True, choices=lambda: PRESETS
+    )
+    # the recipe these settings started from (RECIPES); the field defaults are `pixel`
+    recipe: str = setting(
+        "pixel",
+        help="ldm (default): latent-diffusion's kl-f8 loss, needs VGG16 weights; pixel: L1 + KL, no "
+        "pretrained files; seed: the original project's; default: old name of pixel. --resume keeps the run's own",
+        flag=True,
+        notebook=True,
+        choices=lambda: RECIPE_CHOICES,
+    )
+    epochs: int = setting(600, help="passes over the train split", flag=True, resumable=True, notebook=True)
+    max_steps: int = setting(
+        0, help="stop after this many optimiser steps (0: no limit)", flag=True, resumable=True, notebook=True
+    )
+    max_minutes: float = setting(
+        0.0,
+        help="checkpoint and stop before this many minutes of training (0: no limit)",
+        flag=True,
+        resumable=True,
+        notebook=True,
+    )
+    batch_size: int = setting(16, help="images per optimiser step, over all processes", flag=True, notebook=True)
+    # pixel recipe: chosen by the CPU study on `tiny` (results/quality.md); sd: 2e-4, see below
+    lr: float = setting(2e-3, help="learning rate (default: the recipe's)", flag=True, notebook=True)
     # > 0: lr = lr_per_image x batch_size (the global batch), LDM's --scale_lr; an lr given explicitly wins
     lr_per_image: float = 0.0
     optimizer: Literal["adam", "adamw"] = "adamw"
@@ -111,25 +162,46 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up
     schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 0.0  # max grad norm; 0 off (clipping at 1.0 did not pay in the study)
-    ema_decay: float = 0.0  # 0 off; e.g. 0.999
-    checkpoint_every: int = 500  # optimiser steps between checkpoints
-    log_every: int = 1  # steps between log.csv rows
-    image_every: int = 0  # steps between TensorBoard image grids; 0: at checkpoints only
-    max_bad_steps: int = 20  # non-finite losses in a row before the run stops
-    seed: int = 0
-    init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see weights.py
-    freeze_encoder: bool = False  # train only the decoder (as SD's ft-MSE VAE did)
+    ema_decay: float = setting(0.0, help="decay of an EMA of the weights (0: off; e.g. 0.999)", flag=True)
+    checkpoint_every: int = setting(500, help="optimiser steps between checkpoints", flag=True, resumable=True)
+    log_every: int = setting(1, resumable=True)  # steps between log.csv rows
+    max_bad_steps: int = setting(20, resumable=True)  # non-finite losses in a row before the run stops
+    seed: int = setting(0, help="seeds the weights, the data order and the posterior samples", flag=True)
+    # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see weights.py
+    init_from: str = setting(
+        "", help="fine-tune from weights: a run dir, diffusers folder, LDM/SD file or Hub id", flag="init"
+    )
+    # train only the decoder (as SD's ft-MSE VAE did)
+    freeze_encoder: bool = setting(False, help="train only the decoder", flag=True)
     # decode a posterior sample, as LDM/SD trained; False: the posterior mean (deterministic: e.g. to check that
     # N processes train exactly like one, since each rank draws its own sampling noise)
     sample_posterior: bool = True
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = "auto"
-    tf32: bool = True  # TF32 tensor cores for fp32 matmuls/convolutions on CUDA sm_80+ (off for exactness checks)
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N", flag=True, resumable=True, notebook=True)
+    precision: Precision = setting(
+        "auto",
+        help="auto: bf16 on GPUs of compute capability 8.0+ (A100, L4, H100), fp16 below (T4, V100, P100), bf16 on "
+        "CPUs with native bf16, else fp32",
+        flag=True,
+        resumable=True,
+    )
+    # TF32 tensor cores for fp32 matmuls/convolutions on CUDA sm_80+ (off for exactness checks)
+    tf32: bool = setting(True, resumable=True)
     # torch.compile the training forward: a GPU option (on a CPU, compiling takes minutes)
-    compile: bool = False
+    compile: bool = setting(
+        False,
+        help="torch.compile the training forward (a GPU option; it compiles for minutes first)",
+        flag=True,
+        resumable=True,
+    )
     # a folder holding pretrained files (VGG16 for LPIPS, ...), searched before the torch hub cache; see pretrained.py.
     # Empty: $VAEHELPERS_WEIGHTS if set. A location, not a setting: it may change when a run is resumed
-    weights_dir: str = ""
+    weights_dir: str = setting(
+        "",
+        help="folder holding pretrained files (else $VAEHELPERS_WEIGHTS, then the torch hub cache); see "
+        "`vaehelpers weights status`",
+        flag=True,
+        resumable=True,
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -238,7 +310,8 @@ DEFAULT_PRESET = "tiny"  # `vaehelpers train` without --preset: minutes on a CPU
 INFO_PRESET = "sd"  # `vaehelpers info` without --preset
 
 # The reference run: flickr8k, the Stable Diffusion KL-f8 model at 128 px, 600 epochs, stopping (with a
-# checkpoint) before Kaggle's 12-hour session limit. None: the recipe's value.
+# checkpoint) before Kaggle's 12-hour session limit. The notebooks' values (notebook.settings); a notebook setting
+# of TrainConfig that is not named here (batch_size, lr, perceptual_weight, ...) is the recipe's.
 REFERENCE_RUN: dict[str, Any] = {
     "data_source": "flickr8k",
     "image_size": 128,
@@ -249,9 +322,6 @@ REFERENCE_RUN: dict[str, Any] = {
     "synthetic_count": 256,
     "max_minutes": 690.0,
     "max_steps": 0,
-    "batch_size": None,
-    "lr": None,
-    "perceptual_weight": None,
 }
 # Toy scale (`make demo`, the tests): seconds per notebook on a laptop CPU, nothing to download. The tiny
 # model learns faster with a larger step; the `pixel` recipe and no perceptual term: no pretrained file needed.
@@ -369,3 +439,94 @@ def build_config(preset: str = DEFAULT_PRESET, recipe: str = DEFAULT_RECIPE, **o
     elif cfg.lr_per_image > 0:
         cfg.lr = cfg.lr_per_image * cfg.batch_size
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings as a table: what cli.py (train's flags), rundir.py (what a resume may change) and notebook.py
+# (the papermill parameters) derive from the fields' setting(...) metadata. A new field declared with
+# setting(..., flag=True, resumable=True, notebook=True) appears in all three with no other edit.
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf field of a config dataclass, with its setting(...) metadata (plain fields: no flag, not resumable)."""
+
+    key: str  # dotted, as in config.json and build_config's overrides: "loss.kl_weight"
+    name: str  # the leaf name: "kl_weight" (the notebook parameter's name)
+    type: Any  # the resolved annotation: int, float, str, bool, Literal[...], tuple[...]
+    help: str
+    flag: str | None  # "--kl-weight", or None when `train` has no flag for it
+    resumable: bool
+    notebook: bool
+    choices: tuple[Any, ...] | None  # from setting(choices=...), else the Literal's values, else None
+
+    @property
+    def dest(self) -> str:
+        """The argparse attribute of the flag: "--kl-weight" -> "kl_weight"."""
+        return (self.flag or "").removeprefix("--").replace("-", "_")
+
+
+def settings_of(cls: type = TrainConfig, prefix: str = "") -> list[Setting]:
+    """Every leaf setting of a config dataclass (nested configs walked, keys dotted), in declaration order."""
+    hints = get_type_hints(cls)
+    table: list[Setting] = []
+    for f in fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            table += settings_of(kind, f"{prefix}{f.name}.")
+            continue
+        meta = f.metadata
+        flag = meta.get("flag", False)
+        choices = meta.get("choices")
+        choices = choices() if callable(choices) else choices
+        if choices is None and get_origin(kind) is Literal:
+            choices = get_args(kind)
+        table.append(
+            Setting(
+                key=prefix + f.name,
+                name=f.name,
+                type=kind,
+                help=meta.get("help", ""),
+                flag=("--" + (flag if isinstance(flag, str) else f.name).replace("_", "-")) if flag else None,
+                resumable=meta.get("resumable", False),
+                notebook=meta.get("notebook", False),
+                choices=tuple(choices) if choices is not None else None,
+            )
+        )
+    return table
+
+
+def resumable_settings(cls: type = TrainConfig) -> frozenset[str]:
+    """Dotted keys that `train --resume` may change (any other difference from config.json is refused)."""
+    return frozenset(s.key for s in settings_of(cls) if s.resumable)
+
+
+def notebook_settings(cls: type = TrainConfig) -> dict[str, str]:
+    """Notebook parameter name -> dotted key, for the settings the notebooks expose."""
+    return {s.name: s.key for s in settings_of(cls) if s.notebook}
+
+
+def flag_settings(cls: type = TrainConfig) -> list[Setting]:
+    """The settings that are `train` flags, in declaration order."""
+    return [s for s in settings_of(cls) if s.flag]
+
+
+def flag_of(key: str, cls: type = TrainConfig) -> str | None:
+    """The `train` flag of a dotted key ("loss.kl_weight" -> "--kl-weight"), or None."""
+    return next((s.flag for s in settings_of(cls) if s.key == key), None)
+
+
+# Fields that earlier versions wrote into config.json and nothing reads any more: dropped when an old run is read.
+RETIRED_SETTINGS = ("image_every",)
+
+
+def saved_train_config(values: dict[str, Any]) -> TrainConfig:
+    """A run's config.json (as a dict) as a TrainConfig, written by this or an earlier version.
+
+    Earlier versions: retired fields dropped, a deprecated recipe name resolved (no notice), a field added
+    since then takes its default.
+    """
+    values = {key: value for key, value in values.items() if key not in RETIRED_SETTINGS}
+    if isinstance(values.get("recipe"), str):
+        values["recipe"] = canonical_recipe(values["recipe"], notice=False)
+    return from_dict(TrainConfig, values)

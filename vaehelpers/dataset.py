@@ -42,6 +42,15 @@ CACHE_VERSION = 1  # bump when the cache layout or the resize changes
 # Cache
 
 
+def is_writable(folder: str | Path) -> bool:
+    """Whether we may write into `folder`: os.access, and (because os.access says yes to root for any folder on a
+    writable filesystem) at least one write bit in its mode. A folder made read-only with chmod a-w stays untouched."""
+    try:
+        return os.access(folder, os.W_OK) and bool(os.stat(folder).st_mode & 0o222)
+    except OSError:
+        return False
+
+
 def cache_file(root: str | Path, split: str, image_size: int, resize: str, cache_dir: str | Path | None = None) -> Path:
     """Where the uint8 cache of one (folder, split, size, resize mode) lives.
 
@@ -51,7 +60,7 @@ def cache_file(root: str | Path, split: str, image_size: int, resize: str, cache
     root = Path(root).expanduser().resolve()
     if cache_dir:
         folder = Path(cache_dir).expanduser()
-    elif (root / CACHE_DIRNAME).is_dir() or os.access(root, os.W_OK):
+    elif (root / CACHE_DIRNAME).is_dir() or is_writable(root):
         folder = root / CACHE_DIRNAME
     else:
         folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vaehelpers"

@@ -283,7 +283,7 @@ def live_check(
 
     from vaehelpers.bench import bench_model
     from vaehelpers.config import build_config
-    from vaehelpers.rundir import load_checkpoint
+    from vaehelpers.rundir import CHECKPOINT, RunDir, load_checkpoint
     from vaehelpers.sources import make_synthetic
     from vaehelpers.train import train
 
@@ -314,8 +314,8 @@ def live_check(
         chatter = io.StringIO()  # the trainer's own progress lines; the table says what matters
         with contextlib.redirect_stdout(chatter):
             first = train(cfg, until_step=steps, progress=False, on_log=rows.append)
-            state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-            final = load_file(run_dir / "model.safetensors")
+            state = load_checkpoint(RunDir(run_dir).checkpoint)
+            final = load_file(RunDir(run_dir).weights)
             second = train(cfg, resume=True, progress=False, on_log=rows.append)
         losses = [row["train/total_loss"] for row in rows]
         finite = all(math.isfinite(x) for x in losses) and first.bad_steps == second.bad_steps == 0
@@ -331,14 +331,14 @@ def live_check(
         if not finite:
             fail(f"the loss was not finite in {precision} on {device}: try --precision fp32 and report it")
         same = (
-            state["step"] == steps
-            and set(state["model"]) == set(final)
-            and all(torch.equal(state["model"][k].cpu(), final[k].cpu()) for k in final)
+            state[CHECKPOINT.step] == steps
+            and set(state[CHECKPOINT.model]) == set(final)
+            and all(torch.equal(state[CHECKPOINT.model][k].cpu(), final[k].cpu()) for k in final)
         )
         resumed = second.step == steps + 1 and len(rows) == steps + 1
         add(
             "checkpoint + resume",
-            f"step {state['step']} saved and read back to the same weights: "
+            f"step {state[CHECKPOINT.step]} saved and read back to the same weights: "
             f"{'yes' if same else 'NO'}; resumed to step {second.step}: {'yes' if resumed else 'NO'}",
         )
         if not (same and resumed):

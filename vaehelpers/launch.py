@@ -2,6 +2,7 @@
 
     from vaehelpers.launch import launch
     launch(cfg, nproc=2, resume=True)   # Kaggle T4x2: one process per GPU
+    launch("runs/sd", resume=True)      # resume a run with its own settings (its config.json)
 
 Each process joins the process group through distributed.init_distributed (as under torchrun).
 """
@@ -14,12 +15,14 @@ import queue
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.multiprocessing.spawn import ProcessException
 
 from vaehelpers.config import TrainConfig
+from vaehelpers.rundir import resume_config
 from vaehelpers.runlock import LOCKED_BY_PARENT_ENV, RunLock
 from vaehelpers.train import TrainResult, check_pretrained, train
 
@@ -29,9 +32,12 @@ class TrainingProcessError(RuntimeError):
 
 
 def launch(
-    cfg: TrainConfig, nproc: int | None = None, *, resume: bool = False, **train_kwargs: Any
+    cfg: TrainConfig | str | Path, nproc: int | None = None, *, resume: bool = False, **train_kwargs: Any
 ) -> TrainResult | None:
     """Train on `nproc` processes of this machine (default: one per visible GPU) and return rank 0's result.
+
+    cfg: the settings, or a run directory to resume (resume=True) with the settings of its config.json, as
+    `vaehelpers train --run R --resume` does.
 
     For notebooks (Kaggle T4x2), where torchrun is awkward: it spawns fresh interpreters with
     torch.multiprocessing (the "spawn" method works even after the notebook has touched CUDA, unlike fork),
@@ -44,6 +50,10 @@ def launch(
     Interrupting the notebook asks every process to checkpoint and stop, as Ctrl-C does for one process.
     With nproc == 1 it simply calls train() here.
     """
+    if not isinstance(cfg, TrainConfig):
+        if not resume:
+            raise ValueError(f"launch({str(cfg)!r}): a run directory is resumed; pass resume=True (or a TrainConfig)")
+        cfg = resume_config(cfg)
     check_pretrained(cfg, train_kwargs.get("perceptual_backbone"))  # a missing file stops here, not in N processes
     nproc = nproc or max(1, torch.cuda.device_count())
     if nproc == 1:

@@ -9,7 +9,6 @@ on it. Installing the package on Kaggle stays a cell of its own: it runs before 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 import torch
 
 from vaehelpers import kaggle, sources
-from vaehelpers.config import build_config, run_settings
-from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.config import TrainConfig, build_config, notebook_settings, run_settings
+from vaehelpers.dataset import ImageFolderDataset, is_writable
 from vaehelpers.images import list_images
 from vaehelpers.kaggle import workspace
 from vaehelpers.rundir import RunDir, saved_recipe
@@ -27,24 +26,26 @@ from vaehelpers.runtime import resolve_device
 
 @dataclass
 class NotebookSettings:
-    """Every setting the notebooks share, resolved: no None left except where the recipe decides."""
+    """Every setting the notebooks share, resolved: no None left except where the recipe decides.
+
+    The training settings (`training`: image_size, preset, recipe, epochs, device, max_minutes, max_steps,
+    batch_size, lr, perceptual_weight, ...) are the TrainConfig fields declared with setting(notebook=True);
+    read them as attributes (settings.image_size). None there: the recipe's value.
+    """
 
     data_source: str  # flickr8k | folder | synthetic
     data_dir: Path  # where the images are (flickr8k: where they are downloaded to, unless attached on Kaggle)
     run_dir: Path  # the training run (config.json, checkpoints/, model.safetensors, log.csv, figures/)
     figures_dir: Path  # where the notebooks save their PNGs
-    image_size: int  # square side in pixels, a multiple of 8
-    preset: str  # tiny | small | sd
-    recipe: str  # ldm | pixel | seed
-    epochs: int
-    device: str  # auto | cpu | cuda | cuda:N
     smoke: bool
     synthetic_count: int  # images made when data_source is synthetic
-    max_minutes: float  # training stops (with a checkpoint) before this; 0: no limit
-    max_steps: int  # 0: no limit
-    batch_size: int | None  # None: the recipe's
-    lr: float | None  # None: the recipe's
-    perceptual_weight: float | None  # None: the recipe's
+    training: dict[str, Any]  # notebook parameter name -> value (config.notebook_settings names them)
+
+    def __getattr__(self, name: str) -> Any:
+        training = self.__dict__.get("training", {})
+        if name in training:
+            return training[name]
+        raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
 
     def image_folder(self) -> Path:
         """The folder of images to use, made or fetched when needed (idempotent).
@@ -68,7 +69,7 @@ class NotebookSettings:
     def cache_dir(self, images: Path) -> Path | None:
         """Where the decoded-image cache goes: beside the images, or in the workspace when they are read-only
         (an attached Kaggle input); None means beside the images."""
-        return None if os.access(images, os.W_OK) else workspace() / "cache"
+        return None if is_writable(images) else workspace() / "cache"
 
     def dataset(self, split: str = "train", augment: bool = False) -> Any:
         """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
@@ -83,17 +84,15 @@ class NotebookSettings:
         cache_dir = self.cache_dir(images)
         settings: dict[str, Any] = {
             "run_dir": str(self.run_dir),
-            "epochs": self.epochs,
-            "device": self.device,
-            "max_minutes": self.max_minutes,
-            "max_steps": self.max_steps,
             "data.data_dir": str(images),
-            "data.image_size": self.image_size,
             "data.cache_dir": str(cache_dir) if cache_dir else "",
         }
-        optional = {"batch_size": self.batch_size, "lr": self.lr, "loss.perceptual_weight": self.perceptual_weight}
-        settings.update({key: value for key, value in optional.items() if value is not None})
-        return build_config(self.preset, self.recipe, **{**settings, **overrides})
+        keys = notebook_settings()
+        settings.update(
+            {keys[name]: value for name, value in self.training.items() if value is not None and name in keys}
+        )
+        preset, recipe = settings.pop("preset"), settings.pop("recipe")
+        return build_config(preset, recipe, **{**settings, **overrides})
 
     def fetch_pretrained(self, *names: str) -> None:
         """Download the named pretrained files (pretrained.py: vgg16, lpips, inception) where missing, at full
@@ -114,8 +113,10 @@ class NotebookSettings:
         return resolve_device(self.device)
 
     def __str__(self) -> str:
-        width = max(len(field.name) for field in dataclasses.fields(self))
-        return "\n".join(f"{field.name:<{width}}  {getattr(self, field.name)}" for field in dataclasses.fields(self))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "training"}
+        values.update(self.training)
+        width = max(map(len, values))
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in values.items())
 
 
 def settings(
@@ -124,16 +125,18 @@ def settings(
     data_dir: str | Path | None = None,
     run_dir: str | Path | None = None,
     figures_dir: str | Path | None = None,
+    config_cls: type = TrainConfig,
     **given: Any,
 ) -> NotebookSettings:
     """The notebooks' settings from their parameters: None takes the reference run's value (config.REFERENCE_RUN;
-    config.SMOKE_RUN when smoke).
+    config.SMOKE_RUN when smoke), else the recipe's. The parameters are data_source, synthetic_count and the
+    settings of config_cls declared with setting(notebook=True).
 
     Folders default to <workspace>/data/<data_source>, <workspace>/runs/<data_source>-<preset>-<image_size> and
     <run_dir>/figures, where the workspace is /kaggle/working on Kaggle and the repository root locally.
     Unknown names raise, so that a misspelt papermill parameter is not silently ignored.
     """
-    defaults = run_settings(smoke)
+    defaults = {**dict.fromkeys(notebook_settings(config_cls)), **run_settings(smoke)}
     unknown = set(given) - set(defaults)
     if unknown:
         raise TypeError(f"unknown notebook parameter(s) {sorted(unknown)}; known: {sorted(defaults)}")
@@ -148,7 +151,10 @@ def settings(
     if given.get("recipe") is None:  # a run already in run_dir keeps the recipe it was started with (it resumes)
         values["recipe"] = saved_recipe(run_dir) or values["recipe"]
     figures_dir = Path(figures_dir) if figures_dir else RunDir(run_dir).figures
-    return NotebookSettings(data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir, smoke=bool(smoke), **values)
+    own = {name: values.pop(name) for name in ("data_source", "synthetic_count")}
+    return NotebookSettings(
+        data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir, smoke=bool(smoke), training=values, **own
+    )
 
 
 def setup(

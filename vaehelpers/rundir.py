@@ -15,40 +15,74 @@ import os
 import pickle
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vaehelpers.config import RECIPE_ALIASES, ModelConfig, TrainConfig, canonical_recipe, from_dict, save_json, to_dict
+from vaehelpers.config import (
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    canonical_recipe,
+    flag_of,
+    from_dict,
+    resumable_settings,
+    save_json,
+    saved_train_config,
+    to_dict,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SCALE_NAME = "scale.json"  # beside config.json: how the stored scaling_factor was measured
-# Settings that may change when a run is resumed; any other difference is an error (it would not be the same run).
-RESUMABLE_CHANGES = {
-    "epochs",
-    "max_steps",
-    "max_minutes",
-    "device",
-    "precision",
-    "tf32",
-    "compile",
-    "checkpoint_every",
-    "log_every",
-    "image_every",
-    "run_dir",
-    "max_bad_steps",
-    "data.data_dir",
-    "data.num_workers",
-    "data.cache",
-    "data.cache_dir",
-    "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
-    "weights_dir",  # where the pretrained files are: a location, not a setting
-    "model.latents_mean",
-    "model.latents_std",  # the same, per latent channel
-}
+# Settings that may change when a run is resumed (declared with setting(resumable=True) in config.py); any other
+# difference is an error (it would not be the same run).
+RESUMABLE_CHANGES = resumable_settings()
 MEASURED_MODEL_SETTINGS = ("scaling_factor", "latents_mean", "latents_std")  # `vaehelpers scale` writes these
+
+
+@dataclass(frozen=True)
+class CheckpointKeys:
+    """The keys of checkpoints/last.pt (train.TrainState.state_dict writes them; weights.py and doctor.py read them)."""
+
+    model: str = "model"  # the autoencoder's state_dict
+    optimizer: str = "optimizer"
+    discriminator: str = "discriminator"  # None where the run has no PatchGAN
+    disc_optimizer: str = "disc_optimizer"
+    scaler: str = "scaler"  # the GradScaler (fp16); disabled otherwise
+    disc_scaler: str = "disc_scaler"
+    ema: str = "ema"  # None without EMA
+    step: str = "step"  # optimiser steps taken
+    epoch: str = "epoch"
+    batch_in_epoch: str = "batch_in_epoch"
+    bad_steps: str = "bad_steps"
+    scaler_skipped: str = "scaler_skipped"
+    elapsed_s: str = "elapsed_s"
+    sample_generator: str = "sample_generator"  # one generator state per rank
+    cpu_rng: str = "cpu_rng"
+    config: str = "config"  # the TrainConfig as a dict, as in config.json
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts with a state_dict (each None where the run has none)."""
+        return (
+            self.model,
+            self.optimizer,
+            self.discriminator,
+            self.disc_optimizer,
+            self.scaler,
+            self.disc_scaler,
+            self.ema,
+        )
+
+    @property
+    def counters(self) -> tuple[str, ...]:
+        return (self.step, self.epoch, self.batch_in_epoch, self.bad_steps, self.scaler_skipped, self.elapsed_s)
+
+
+CHECKPOINT = CheckpointKeys()
 
 
 class RunDir:
@@ -185,6 +219,37 @@ def saved_recipe(run_dir: str | Path) -> str | None:
     return canonical_recipe(recipe, notice=False) if isinstance(recipe, str) else None
 
 
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The settings to resume run_dir with: its config.json (also one written by an earlier version), then
+    `overrides` (dotted keys; given flags). run_dir itself wins over the saved one (the folder may have moved).
+
+    A changed setting that may not change on resume is refused later, by prepare(), naming it.
+    """
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise FileNotFoundError(f"cannot resume {run.root}: it has no {CONFIG_NAME}")
+    cfg = saved_train_config(read_config(run.root))
+    overrides = {**(overrides or {}), "run_dir": str(run.root)}
+    if isinstance(overrides.get("recipe"), str):
+        overrides["recipe"] = canonical_recipe(overrides["recipe"])
+    # preset and recipe name whole groups of settings: another one is another run, checkpoint or not
+    for key in ("preset", "recipe"):
+        if key in overrides and overrides[key] != getattr(cfg, key):
+            raise ValueError(
+                f"cannot resume {run.root}: {_named(key)}: saved {getattr(cfg, key)!r} vs now {overrides[key]!r} "
+                "(start a new run in another directory)"
+            )
+    return apply_overrides(cfg, overrides)
+
+
+def is_training_run(run_dir: str | Path) -> bool:
+    """run_dir/config.json holds a training run's settings (not a bare {"model": ...} of converted weights)."""
+    try:
+        return "recipe" in read_config(run_dir)
+    except (OSError, ValueError):
+        return False
+
+
 def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
     """Create the run directory, check it is writable, and check a resumed run's settings match.
 
@@ -197,9 +262,8 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
             f"{run.root} already holds a checkpoint: pass --resume to continue it, or choose a new --run"
         )
     if resume and run.checkpoint.exists() and run.config.exists():
-        # a setting added to vaehelpers after the run was saved counts as its default
-        saved = {**_flatten(to_dict(TrainConfig())), **_flatten(read_config(run.root))}
-        saved["recipe"] = RECIPE_ALIASES.get(saved["recipe"], saved["recipe"])  # a run saved as "default" is `pixel`
+        # a setting added to vaehelpers after the run was saved counts as its default; see saved_train_config
+        saved = _flatten(to_dict(saved_train_config(read_config(run.root))))
         current = _flatten(to_dict(cfg))
         differing = sorted(
             k
@@ -207,7 +271,7 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
             if k not in RESUMABLE_CHANGES and _norm(saved.get(k)) != _norm(current.get(k))
         )
         if differing:
-            detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
+            detail = ", ".join(f"{_named(k)}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
             raise ValueError(f"cannot resume {run.root}: settings differ from its config.json ({detail})")
         measured = {name: saved[f"model.{name}"] for name in MEASURED_MODEL_SETTINGS}
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, {**to_dict(cfg.model), **measured}))
@@ -221,6 +285,11 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
         except (OSError, CheckpointError) as error:
             raise PermissionError(f"run directory {run.root} is not writable: {error}") from error
     return cfg
+
+
+def _named(key: str) -> str:
+    """A setting as the user gives it: its `train` flag ("--kl-weight"), else its dotted key (for --set)."""
+    return flag_of(key) or key
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

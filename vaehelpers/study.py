@@ -84,7 +84,7 @@ def run_study(
     image_size: int = 64,
     batch_size: int = 16,
     steps: int = 600,
-    device: str = "cpu",
+    device: str = "auto",
     precision: str = "auto",
     perceptual_weight: float | None = None,
     seed: int = 0,

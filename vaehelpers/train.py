@@ -25,7 +25,7 @@ from vaehelpers.distributed import Distributed, init_distributed
 from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss, pretrained_files
 from vaehelpers.model import AutoencoderKL, preset_name
-from vaehelpers.rundir import RunDir, load_checkpoint, save_checkpoint
+from vaehelpers.rundir import CHECKPOINT, RunDir, load_checkpoint, save_checkpoint
 from vaehelpers.runlock import holds_run_dir
 from vaehelpers.runtime import autocast, resolve_precision, seed_everything, set_tf32
 
@@ -241,8 +241,9 @@ class TrainState:
     scaler_skipped: int = 0  # fp16 steps the GradScaler skipped (inf/NaN gradients at the current scale)
     elapsed_s: float = 0.0  # training seconds of the sessions before this one
 
-    STATEFUL: ClassVar = ("model", "optimizer", "discriminator", "disc_optimizer", "scaler", "disc_scaler", "ema")
-    COUNTERS: ClassVar = ("step", "epoch", "batch_in_epoch", "bad_steps", "scaler_skipped", "elapsed_s")
+    # the checkpoint's keys are named in rundir.CHECKPOINT; each is an attribute of the same name here
+    STATEFUL: ClassVar = CHECKPOINT.parts
+    COUNTERS: ClassVar = CHECKPOINT.counters
 
     def state_dict(self, generator_states: list[torch.Tensor], session_s: float, cfg: TrainConfig) -> dict[str, Any]:
         """The checkpoint: every STATEFUL part (None where absent), the COUNTERS (elapsed_s with this session's
@@ -251,12 +252,10 @@ class TrainState:
             name: None if getattr(self, name) is None else getattr(self, name).state_dict() for name in self.STATEFUL
         }
         state.update({name: getattr(self, name) for name in self.COUNTERS})
-        state.update(
-            elapsed_s=self.elapsed_s + session_s,
-            sample_generator=generator_states,
-            cpu_rng=torch.get_rng_state(),
-            config=to_dict(cfg),
-        )
+        state[CHECKPOINT.elapsed_s] = self.elapsed_s + session_s
+        state[CHECKPOINT.sample_generator] = generator_states
+        state[CHECKPOINT.cpu_rng] = torch.get_rng_state()
+        state[CHECKPOINT.config] = to_dict(cfg)
         return state
 
     def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
@@ -266,11 +265,11 @@ class TrainState:
                 getattr(self, name).load_state_dict(state[name])
         for name in self.COUNTERS:  # a counter newer than the checkpoint (scaler_skipped) keeps its fresh value
             setattr(self, name, state.get(name, getattr(self, name)))
-        generator_states = state["sample_generator"]  # one per rank of the run that saved it
+        generator_states = state[CHECKPOINT.sample_generator]  # one per rank of the run that saved it
         self.sample_generator.set_state(
             generator_states[rank % len(generator_states)].cpu()
         )  # %: resumed on more ranks
-        torch.set_rng_state(state["cpu_rng"].cpu())
+        torch.set_rng_state(state[CHECKPOINT.cpu_rng].cpu())
 
 
 def load_data(cfg: TrainConfig, ddp: Distributed) -> tuple[ImageFolderDataset, ImageFolderDataset, int]:

@@ -26,6 +26,7 @@ import torch
 
 from vaehelpers.config import ModelConfig, config_diff, from_dict, to_dict
 from vaehelpers.rundir import (
+    CHECKPOINT,
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
@@ -449,12 +450,12 @@ def _load_file(path: Path, like: ModelConfig | None) -> Weights:
     kind, config_from, sample_size = None, "", None
     if isinstance(values.get("state_dict"), dict):  # Lightning/LDM .ckpt: {"state_dict": ..., "global_step": ...}
         values = values["state_dict"]
-    elif isinstance(values.get("model"), dict):  # our training checkpoint (checkpoints/last.pt)
-        run_config = values.get("config")
+    elif isinstance(values.get(CHECKPOINT.model), dict):  # our training checkpoint (checkpoints/last.pt)
+        run_config = values.get(CHECKPOINT.config)
         if isinstance(run_config, dict) and isinstance(run_config.get("model"), dict):
             config, kind, config_from = from_dict(ModelConfig, run_config["model"]), "vaehelpers", "the checkpoint"
             sample_size = run_config.get("data", {}).get("image_size")
-        values = values["model"]
+        values = values[CHECKPOINT.model]
     beside = path.parent / CONFIG_NAME
     if config is None and beside.exists() and detect_naming(values) == "diffusers":
         settings = json.loads(beside.read_text())
@@ -498,7 +499,7 @@ def _load_dir(path: Path, like: ModelConfig | None) -> Weights:
 
             state_dict = load_file(str(weights))
         elif RunDir(path).checkpoint.exists():  # a run still training: its latest raw weights
-            state_dict = _read_pickle(RunDir(path).checkpoint)["model"]
+            state_dict = _read_pickle(RunDir(path).checkpoint)[CHECKPOINT.model]
             notes.append(f"no {WEIGHTS_NAME} yet: used checkpoints/last.pt (the raw weights, not the EMA)")
         else:
             raise FileNotFoundError(
