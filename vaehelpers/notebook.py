@@ -67,8 +67,10 @@ class NotebookSettings:
 
     def cache_dir(self, images: Path) -> Path | None:
         """Where the decoded-image cache goes: beside the images, or in the workspace when they are read-only
-        (an attached Kaggle input); None means beside the images."""
-        return None if os.access(images, os.W_OK) else workspace() / "cache"
+        (an attached Kaggle input: judged by its place too, since root sees read-only mounts as writable); None
+        means beside the images."""
+        attached = Path(images).resolve().is_relative_to(kaggle.kaggle_input().resolve())
+        return None if os.access(images, os.W_OK) and not attached else workspace() / kaggle.CACHE_FOLDER
 
     def dataset(self, split: str = "train", augment: bool = False) -> Any:
         """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
@@ -163,3 +165,23 @@ def setup(
     if check_gpu:
         print(kaggle.ensure_gpu_supported(install_legacy_torch))
     return resolved
+
+
+class FullScaleOnCPU(RuntimeError):
+    """The reference run would train on a CPU (for days): refused unless asked for explicitly."""
+
+
+def check_scale_fits_device(settings: Any, device: Any, allow_cpu: bool = False) -> str:
+    """Refuse, before any work, to start the full-scale run (not smoke, the sd model) on a CPU unless allow_cpu.
+
+    settings: the notebooks' NotebookSettings (smoke, preset, epochs, max_minutes); device: the torch.device the
+    run would use. Returns a one-line status; raises FullScaleOnCPU saying the three ways on.
+    """
+    if getattr(device, "type", str(device)) != "cpu" or settings.smoke or settings.preset != "sd" or allow_cpu:
+        return f"training {settings.preset} for {settings.epochs} epochs on {device}"
+    raise FullScaleOnCPU(
+        f"the full-scale run ({settings.preset} model, {settings.epochs} epochs, up to {settings.max_minutes:g} "
+        "minutes a session) would train on the CPU, where it makes almost no progress. Turn the GPU on (Kaggle: "
+        "Settings > Accelerator > GPU T4 x2, then run all again), or set smoke=True for a quick check at toy "
+        "scale, or set allow_cpu=True to train on the CPU anyway."
+    )
