@@ -95,7 +95,7 @@ class SessionFailure:
         return (
             f"training failed in this session: {type(self.error).__name__}: {self.error}. The version ends cleanly, "
             f"so its output keeps the run: {kept}. Fix the cause (e.g. a smaller batch_size after running out of "
-            "memory), then run the next session: `vaehelpers kaggle push --only 04` attaches this output."
+            "memory), then run the next session with this output attached (`vaehelpers kaggle push` attaches it)."
         )
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # the notebook shows the message, not the dataclass
