@@ -134,7 +134,8 @@ to_dict(cfg)
 # %%
 from vaehelpers import pretrained
 from vaehelpers.train import check_pretrained
-check_pretrained(cfg, download=True)
+with notebook.parameter_errors():  # a missing file is named with the parameter that avoids it
+    check_pretrained(cfg, download=True)
 print(pretrained.format_status(pretrained.status(cfg.weights_dir or None)))
 
 # %% [markdown]
@@ -162,7 +163,7 @@ print(sessions.standing(settings.run_dir / "log.csv", cfg.epochs, sessions.train
 if run_doctor and not settings.smoke:
     processes = gpus or max(1, torch.cuda.device_count())  # doctor checks one process's share of the batch
     report = doctor.run(device=cfg.device, preset=cfg.preset, image_size=cfg.data.image_size, batch_size=max(1, cfg.batch_size // processes), precision=cfg.precision)
-    report.raise_for_failure()
+    with notebook.parameter_errors(): report.raise_for_failure()
     print(sessions.plan(sessions.train_images(cfg.data.data_dir), cfg.epochs, sessions.doctor_images_per_s(report, processes), cfg.max_minutes))
 
 # %% [markdown]

@@ -88,3 +88,26 @@ def test_a_failed_session_is_returned_and_printed_not_raised(tmp_path, monkeypat
     monkeypatch.setattr("vaehelpers.launch.launch", stopped)
     with pytest.raises(KeyboardInterrupt):  # the stop button still stops
         sessions.guarded_launch(cfg, 1)
+
+
+def test_a_notebook_error_names_the_parameter_not_the_flag(tmp_path, monkeypatch):
+    from vaehelpers import notebook, pretrained
+    from vaehelpers.train import check_pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no VGG16 anywhere
+    monkeypatch.delenv(pretrained.WEIGHTS_ENV, raising=False)
+    cfg = build_config("tiny", "ldm", run_dir=str(tmp_path / "run"))
+    with pytest.raises(pretrained.MissingWeightsError) as raw:
+        check_pretrained(cfg)
+    assert "--recipe pixel" in str(raw.value) and "--weights-dir" in str(raw.value)  # the CLI's words
+    with pytest.raises(pretrained.MissingWeightsError) as missing, notebook.parameter_errors():
+        check_pretrained(cfg)
+    message = str(missing.value)
+    assert 'set os.environ["VAEHELPERS_WEIGHTS"] = DIR' in message and 'set recipe="pixel"' in message
+    assert "`vaehelpers weights download`" in message  # a command to run stays as it is
+    assert "--" not in message.replace("`vaehelpers weights download`", "")
+    assert notebook.in_parameters("out of memory at --batch-size 16: rerun with --batch-size 8; lower --lr") == (
+        "out of memory at batch_size=16: rerun with batch_size=8; lower lr"
+    )
+    with pytest.raises(KeyError, match="plain"), notebook.parameter_errors():  # nothing to rewrite: as it was
+        raise KeyError("plain")

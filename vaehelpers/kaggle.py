@@ -209,8 +209,9 @@ def ensure_gpu_supported(install_legacy_torch: bool = False, *, installer: Insta
         return f"{len(names)} GPU(s): {', '.join(names)}; supported by torch {torch.__version__}"
     if not install_legacy_torch:
         raise UnsupportedGPUError(
-            f"{errors[0]} In the notebooks: set install_legacy_torch=True (internet on) "
-            "to install that build, then restart the kernel."
+            f"{errors[0]} On Kaggle choose Settings > Accelerator > GPU T4 x2 (the P100 accelerator is retired); "
+            "elsewhere notebook.setup(..., install_legacy_torch=True) with internet on installs that build, then "
+            "restart the kernel."
         )
     requirements = legacy_torch_requirements()
     (installer or pip_install)([*requirements, "--index-url", LEGACY_TORCH_INDEX])

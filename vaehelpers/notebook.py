@@ -8,8 +8,11 @@ on it. Installing the package on Kaggle stays a cell of its own: it runs before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,3 +188,46 @@ def check_scale_fits_device(settings: Any, device: Any, allow_cpu: bool = False)
         "Settings > Accelerator > GPU T4 x2, then run all again), or set smoke=True for a quick check at toy "
         "scale, or set allow_cpu=True to train on the CPU anyway."
     )
+
+
+# Errors raised in a notebook speak its parameters, not the command line's flags: the package's messages name the
+# flags (they are shared with the CLI), and these rewrites say the same in a notebook's words. Text in backticks
+# (a command to run in a terminal) is left as it is.
+FLAGS_AS_PARAMETERS = (
+    (r"train with --recipe (\w+)", r'set recipe="\1"'),
+    (r"--recipe (\w+)", r'recipe="\1"'),
+    (r"--batch-size (\d+)", r"batch_size=\1"),
+    (r"--max-steps (\d+)", r"max_steps=\1"),
+    (r"--precision (\w+)", r'precision="\1" (cfg = settings.train_config(precision="\1"))'),
+    (r"pass --weights-dir DIR \(or set (\w+)=DIR\)", r'set os.environ["\1"] = DIR'),
+    (r"--weights-dir DIR|--weights-dir", 'os.environ["VAEHELPERS_WEIGHTS"]'),
+    (r"--data DIR", "data_dir"),
+    (r"evaluate: --no-lpips", "05_evaluation then reports LPIPS as unavailable"),
+    (r"--(lr|epochs|device|image-size|preset|run)\b", lambda found: found.group(1).replace("-", "_")),
+)
+
+
+def in_parameters(message: str) -> str:
+    """The message with each command-line flag outside backticks rewritten as the notebook parameter to set."""
+    parts = message.split("`")
+    for index in range(0, len(parts), 2):  # even parts lie outside backticks
+        for flag, parameter in FLAGS_AS_PARAMETERS:
+            parts[index] = re.sub(flag, parameter, parts[index])
+    return "`".join(parts)
+
+
+@contextlib.contextmanager
+def parameter_errors() -> Iterator[None]:
+    """Re-raise an error from inside the block with its message in_parameters (same type, same traceback), so
+    that a notebook's error names the parameter to change; an error whose type cannot be rebuilt stays as it is."""
+    try:
+        yield
+    except Exception as error:
+        message = in_parameters(str(error))
+        if message == str(error):
+            raise
+        try:
+            translated = type(error)(message)
+        except Exception:
+            raise error from None
+        raise translated.with_traceback(error.__traceback__) from None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vaehelpers.images import list_images, select_split
+from vaehelpers.notebook import in_parameters
 from vaehelpers.rundir import RunDir
 
 SESSION_HOURS = 12.0  # Kaggle's limit on one GPU session (a committed version is stopped there)
@@ -93,7 +94,8 @@ class SessionFailure:
         checkpoint = RunDir(self.run_dir).checkpoint
         kept = f"the last good checkpoint {checkpoint} stays" if checkpoint.is_file() else "no checkpoint was written"
         return (
-            f"training failed in this session: {type(self.error).__name__}: {self.error}. The version ends cleanly, "
+            f"training failed in this session: {type(self.error).__name__}: {in_parameters(str(self.error))}. The "
+            "version ends cleanly, "
             f"so its output keeps the run: {kept}. Fix the cause (e.g. a smaller batch_size after running out of "
             "memory), then run the next session with this output attached (`vaehelpers kaggle push` attaches it)."
         )
