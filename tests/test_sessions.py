@@ -22,7 +22,8 @@ def test_the_reference_plan_in_sessions_and_quota_weeks():
     assert plan.weeks == 2  # 31.1 GPU hours: over one week's 30
     assert str(plan).startswith("at 40.0 images/s the run trains for 30.3 h: 3 session(s) of up to 11.5 h")
     assert sessions.plan(7282, 600, 400.0, 690.0).sessions == 1  # 3 h: one session, one week
-    with pytest.raises(ValueError, match="must be positive"):
+    assert sessions.plan(7282, 600, 40.0, 0.0).session_hours == 12.0  # no limit of its own: Kaggle's
+    with pytest.raises(ValueError, match="images_per_s must be positive, not 0.0"):
         sessions.plan(7282, 600, 0.0, 690.0)
 
 

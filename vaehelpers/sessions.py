@@ -39,11 +39,12 @@ class SessionPlan:
 
 
 def plan(train_images: int, epochs: float, images_per_s: float, max_minutes: float) -> SessionPlan:
-    """The sessions and quota weeks of `epochs` over `train_images` images (images_per_s > 0, max_minutes > 0)."""
-    if images_per_s <= 0 or max_minutes <= 0:
-        raise ValueError(f"images_per_s ({images_per_s}) and max_minutes ({max_minutes}) must be positive")
+    """The sessions and quota weeks of `epochs` over `train_images` images at images_per_s (> 0), each session
+    training for max_minutes (0: no limit of its own, so Kaggle's 12 hours)."""
+    if images_per_s <= 0:
+        raise ValueError(f"images_per_s must be positive, not {images_per_s}")
     training_hours = epochs * train_images / images_per_s / 3600
-    session_hours = min(max_minutes / 60, SESSION_HOURS)
+    session_hours = min(max_minutes / 60, SESSION_HOURS) if max_minutes > 0 else SESSION_HOURS
     sessions = max(1, math.ceil(training_hours / session_hours))
     quota_hours = training_hours + sessions * SETUP_HOURS
     return SessionPlan(
