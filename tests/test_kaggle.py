@@ -125,7 +125,7 @@ def test_stage_fills_in_the_user_and_copies_everything(tmp_path):
 
 def test_importing_never_imports_the_kaggle_package():
     # kaggle 2.x logs in at import time: it must be imported only when an upload or download runs
-    code = "import sys, vaehelpers.cli, vaehelpers.kaggle, vaehelpers.demo; assert 'kaggle' not in sys.modules"
+    code = "import sys, vaehelpers.cli, vaehelpers.kaggle, vaehelpers.kaggle_push, vaehelpers.demo; assert 'kaggle' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

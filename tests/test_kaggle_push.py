@@ -47,10 +47,11 @@ class KaggleServer:
     version that runs is queued until the test ends it (end_session); a save whose sources Kaggle does not know
     lists them in invalid_*_sources, as the real server does."""
 
-    def __init__(self, datasets=(), processing_polls=1, pins_honoured=True):
+    def __init__(self, datasets=(), processing_polls=1, pins_honoured=True, kernel_pins_honoured=True):
         self.datasets = {ref: {"version": 1, "pending": 0} for ref in datasets}
         self.kernels: dict[str, list[dict]] = {}  # ref -> its versions, oldest first
         self.processing_polls, self.pins_honoured = processing_polls, pins_honoured
+        self.kernel_pins_honoured = kernel_pins_honoured
         self.gone: set[str] = set()  # other people's datasets that no longer exist
         self.calls: list[str] = []
         self.saves: list[tuple[str, bool, dict]] = []  # (kernel slug, ran, its request as sent)
@@ -170,7 +171,9 @@ class KaggleServer:
 
     def _known_kernel(self, source):
         ref, _, pinned = source.rpartition("/") if source.count("/") == 2 else (source, "", "")
-        return ref in self.kernels and (not pinned or int(pinned) <= len(self.kernels[ref]))
+        return ref in self.kernels and (
+            not pinned or (self.kernel_pins_honoured and int(pinned) <= len(self.kernels[ref]))
+        )
 
     def SaveKernel(self, body):
         request = ApiSaveKernelRequest.from_dict(body)
@@ -295,6 +298,20 @@ def test_a_dropped_pin_stops_the_push_before_any_kernel_runs(server, tmp_path):
     assert "saving 01_data without running it: Kaggle dropped the dataset source(s) bob/vaehelpers-src/1" in message
     assert "no kernel was run" in message and "--no-pin" in message
     assert kaggle_server.ran() == []
+
+
+def test_a_dropped_output_version_stops_the_push_saying_how_to_attach_it_by_hand(server, tmp_path):
+    kaggle_server = server(datasets={"bob/vaehelpers-src"})
+    push(tmp_path, dataset=False, only=["04"])
+    kaggle_server.end_session(TRAINING, KernelWorkerStatus.COMPLETE, [CHECKPOINT])
+    kaggle_server.kernel_pins_honoured = False  # the server takes <owner>/<slug>, not <owner>/<slug>/<version>
+    ran = len(kaggle_server.ran())
+    with pytest.raises(RuntimeError) as dropped:
+        push(tmp_path, dataset=False, only=["04", "05"])
+    message = str(dropped.value)
+    assert f"saving 05_evaluation without running it: Kaggle dropped the kernel source(s) {TRAINING}/2" in message
+    assert "attach it in the editor instead" in message and "--no-pin" not in message
+    assert len(kaggle_server.ran()) == ran  # nothing more ran
 
 
 def test_a_dropped_dataset_stops_the_push_before_any_kernel_runs(server, tmp_path):

@@ -155,12 +155,15 @@ def _check(response: Any, what: str) -> str:
         dropped = _field(response, name)
         if dropped:
             pinned = [source for source in map(str, dropped) if source.count("/") == 2]
-            fix = (
-                f" Kaggle did not take the pinned version(s) {', '.join(pinned)}: push with --no-pin to attach the "
-                "latest ones."
-                if pinned
-                else " Check that each exists and that you can read it, then push again."
-            )
+            fix = " Check that each exists and that you can read it, then push again."
+            if pinned and kind == "dataset":
+                fix = f" Kaggle did not take the pinned version(s) {', '.join(pinned)}: push with --no-pin to attach the latest."
+            elif pinned and kind == "kernel":
+                fix = (
+                    f" Kaggle did not take the version(s) {', '.join(pinned)}: attach it in the editor instead (Input: "
+                    "'+ Add Input' > 'Your Work' > 'Notebooks' > the notebook, that version), then Save Version > "
+                    "Save & Run All."
+                )
             raise RuntimeError(
                 f"{what}: Kaggle dropped the {kind} source(s) {', '.join(map(str, dropped))} ({name}), so the version "
                 f"it saved would run without them; no kernel was run.{fix}"
