@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,10 +17,25 @@
 # # 04 · Training: the reference run
 #
 # Train the autoencoder on the training split, with the held-out split checked at every checkpoint. The
-# defaults are the reference run: the `sd` model on flickr8k at 128 px for 600 epochs. That takes longer than
-# one Kaggle session, so the run **stops and checkpoints before `max_minutes`** (11.5 hours, inside Kaggle's
-# 12) and **resumes by itself** when this notebook runs again with the checkpoint in place, continuing exactly
-# where it stopped. The stop button (SIGTERM) checkpoints too.
+# defaults are the reference run: the `sd` model on flickr8k at 128 px for 600 epochs. That takes several Kaggle
+# sessions: each one stops and checkpoints before `max_minutes` (11.5 hours, inside Kaggle's 12), and the next
+# one continues from that checkpoint, exactly where it stopped.
+#
+# **The plan on Kaggle** (`vaehelpers kaggle push` sets up the first three for you):
+#
+# 1. **Attach** the datasets `adityajn105/flickr8k` (the images) and `<you>/vaehelpers-src` (this package, uploaded
+#    by `vaehelpers kaggle push`); from the second session on, also this notebook's own output (the version that
+#    holds the checkpoint: Input, "+ Add Input" > "Your Work" > "Notebooks").
+# 2. **Accelerator: GPU T4 x2** (Settings > Accelerator). GPUs and the internet need a phone-verified Kaggle
+#    account (Settings > Phone verification).
+# 3. **Run it as a committed version: Save Version > Save & Run All (Commit).** Only a committed version keeps its
+#    `/kaggle/working` as output for the next session; an interactive session loses it when it ends, and stops
+#    after a while idle.
+# 4. **How long:** Step 3 measures this GPU's speed and prints how many sessions and weeks of Kaggle's 30-hour
+#    weekly GPU quota the run needs; each later session prints where the run stands (epoch, steps, hours left).
+#
+# If training fails (out of memory, too many non-finite steps, a process dying), the session still ends cleanly:
+# the last good checkpoint stays in the output and the failure is the notebook's last output.
 
 # %% tags=["parameters"]
 # Parameters (papermill: -p NAME VALUE). None means the default for the scale: the reference run
@@ -45,7 +60,7 @@ interactive = True   # False (papermill): progress lines instead of a progress b
 gpus = None          # training processes; None: one per visible GPU (Kaggle T4 x2: 2); 1: this kernel only
 allow_cpu = False    # True: run the full-scale training even on a CPU (days); otherwise it is refused there
 run_doctor = True    # a one-minute check of this GPU (precision, a few train steps, checkpoint, speed, batch that fits) before training
-install_legacy_torch = False  # P100: reinstall Kaggle's torch version from its CUDA 12.6 build (sm_60), then restart
+start_fresh = False  # True: start the run over even though this notebook's own earlier output is attached
 vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
 
 # %% [markdown]
@@ -79,26 +94,23 @@ if importlib.util.find_spec("vaehelpers") is None:
 
 # %%
 # %matplotlib inline
-from IPython.display import Image
-from vaehelpers import kaggle, notebook, viz, widgets
+import torch
+from IPython.display import Image, display
+from vaehelpers import doctor, kaggle, notebook, sessions, viz, widgets
 from vaehelpers.config import to_dict
-from vaehelpers.launch import launch
 
 # %% [markdown]
 # The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
-# Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
-# P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
-# reinstalls Kaggle's own PyTorch version from its CUDA 12.6 build (which still has them) and asks you to
-# restart the kernel. A full-scale run on a CPU (the accelerator off) is refused here, before any work, unless
-# `allow_cpu=True`.
+# Before any work, it checks that this PyTorch can run on the GPU. A full-scale run on a CPU (the accelerator
+# off) is refused here, before any work, unless `allow_cpu=True`.
 
 # %%
 settings = notebook.setup(
     smoke, data_source=data_source, data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir,
     image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device, max_minutes=max_minutes, max_steps=max_steps, batch_size=batch_size, lr=lr, perceptual_weight=perceptual_weight,
-    check_gpu=True, install_legacy_torch=install_legacy_torch)
+    check_gpu=True)
 device = settings.torch_device
-print(kaggle.check_scale_fits_device(settings, device, allow_cpu))
+print(notebook.check_scale_fits_device(settings, device, allow_cpu))
 
 # %% [markdown]
 # ## Step 1: The run's settings
@@ -122,45 +134,49 @@ to_dict(cfg)
 # %%
 from vaehelpers import pretrained
 from vaehelpers.train import check_pretrained
-check_pretrained(cfg, download=True)
+with notebook.parameter_errors():  # a missing file is named with the parameter that avoids it
+    check_pretrained(cfg, download=True)
 print(pretrained.format_status(pretrained.status(cfg.weights_dir or None)))
 
 # %% [markdown]
 # ## Step 2: Pick up an earlier session
 #
 # On Kaggle each session starts with an empty `/kaggle/working`. To continue a run, this notebook's own output
-# must be an input: its run directory is copied back here and training resumes from its checkpoint.
-# `vaehelpers kaggle push` attaches this notebook's last finished output for you; in the editor, add it
-# yourself: the cell below prints which buttons when it finds no checkpoint. On your machine the run directory
-# simply stays where it is.
+# must be an input: its run directory (and the image cache it built) is copied back here and training resumes
+# from its checkpoint. `vaehelpers kaggle push` attaches the newest version whose output holds a checkpoint;
+# in the editor, add it yourself (the cell below prints which buttons when nothing is attached). When this
+# notebook's output is attached but holds no checkpoint of this run, it stops rather than start over, unless
+# `start_fresh=True`. On your machine the run directory simply stays where it is. Then: where the run stands.
 
 # %%
-print(kaggle.restore_run(settings.run_dir))
+print(kaggle.restore_run(settings.run_dir, start_fresh=start_fresh))
+print(sessions.standing(settings.run_dir / "log.csv", cfg.epochs, sessions.train_images(cfg.data.data_dir), cfg.max_minutes))
 
 # %% [markdown]
 # ## Step 3: Train
 #
 # Before hours of training, a one-minute check of this machine: the precision `auto` picks and why, a few real
-# train steps, a checkpoint written and resumed, speed, and the largest batch that fits. (`run_doctor=False`
-# skips it; at smoke scale it is skipped too, since the whole run takes minutes.)
+# train steps, a checkpoint written and resumed, speed, and the largest batch that fits; from its speed, how many
+# sessions and weeks of GPU quota the run needs. (`run_doctor=False` skips it; at smoke scale it is skipped too.)
 
 # %%
 if run_doctor and not settings.smoke:
-    import torch
-    from vaehelpers import doctor
     processes = gpus or max(1, torch.cuda.device_count())  # doctor checks one process's share of the batch
-    doctor.run(device=cfg.device, preset=cfg.preset, image_size=cfg.data.image_size,
-               batch_size=max(1, cfg.batch_size // processes), precision=cfg.precision).raise_for_failure()
+    report = doctor.run(device=cfg.device, preset=cfg.preset, image_size=cfg.data.image_size, batch_size=max(1, cfg.batch_size // processes), precision=cfg.precision)
+    with notebook.parameter_errors(): report.raise_for_failure()
+    print(sessions.plan(sessions.train_images(cfg.data.data_dir), cfg.epochs, sessions.doctor_images_per_s(report, processes), cfg.max_minutes))
 
 # %% [markdown]
 # Training resumes from `checkpoints/last.pt` when it exists, logs every step to `log.csv` and TensorBoard, and
 # calls back with each row: here a live loss plot, redrawn in place every `plot_every` steps (printed lines
 # under papermill). `launch` runs one process per visible GPU (data-parallel, as `torchrun` would; on one GPU
-# or the CPU it simply trains here). It returns how it ended: finished, or stopped for the time limit or a signal.
+# or the CPU it simply trains here). It returns how it ended: finished, stopped for the time limit or a signal,
+# or failed: then the failure is shown and printed again as this notebook's last output, and the session ends
+# cleanly, because Kaggle keeps no output of a version that errored.
 
 # %%
 live_plot = widgets.LiveLossPlot(every=plot_every, interactive=interactive)
-result = launch(cfg, gpus, resume=True, progress=interactive, on_log=live_plot)
+result = sessions.guarded_launch(cfg, gpus, resume=True, progress=interactive, on_log=live_plot)
 result
 
 # %% [markdown]
@@ -170,9 +186,10 @@ result
 # values. Saved as `loss_curve.png`.
 
 # %%
-fig = viz.loss_curve_figure(settings.run_dir / "log.csv", smooth=max(1, plot_every // 4))
-viz.save_figure(fig, settings.figures_dir / "loss_curve.png")
-fig
+if (settings.run_dir / "log.csv").is_file():  # absent only when the first session failed before its first step
+    fig = viz.loss_curve_figure(settings.run_dir / "log.csv", smooth=max(1, plot_every // 4))
+    viz.save_figure(fig, settings.figures_dir / "loss_curve.png")
+    display(fig)
 
 # %% [markdown]
 # ## Step 5: How it reconstructs now
@@ -181,7 +198,17 @@ fig
 # (posterior mean), with the error map; this is the last one.
 
 # %%
-Image(filename=str(settings.run_dir / "figures" / "reconstructions.png"))
+if (settings.run_dir / "figures" / "reconstructions.png").is_file():
+    display(Image(filename=str(settings.run_dir / "figures" / "reconstructions.png")))
+
+# %% [markdown]
+# ## Step 6: How this session ended
+#
+# The last word of the session: how training ended, or, if it failed, why (the checkpoint it left stays in the
+# output for the next session).
+
+# %%
+print(result)
 
 # %% [markdown]
 # ## Several GPUs, and the command line
@@ -195,7 +222,9 @@ Image(filename=str(settings.run_dir / "figures" / "reconstructions.png"))
 #
 # ## Now it's your turn
 #
-# - Run this notebook again: it resumes from the checkpoint instead of starting over.
+# - Run the next session (`vaehelpers kaggle push --only 04`, or Save & Run All with this output attached): it
+#   resumes from the checkpoint instead of starting over.
 # - Watch the held-out PSNR in TensorBoard: `tensorboard --logdir <run_dir>/tensorboard`.
 # - Try `recipe="pixel"` (no pretrained file: a CPU, an offline kernel), `recipe="seed"`, or `preset="small"` on a CPU.
 # - Next: **05_evaluation** measures the run on the held-out images and lets you explore its latents.
+

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -38,7 +38,6 @@ image_path = None    # any image file to reconstruct, of any size; None: the fir
 n_show = 6           # held-out images in the figures and the explorer
 compare_with = None   # a second VAE to compare with this run on the held-out images, e.g. "/kaggle/input/datasets/<owner>/sd-vae-ft-mse"; None: skipped
 interactive = True   # False (papermill, `make demo`): static figures in place of the widgets
-install_legacy_torch = False  # P100: reinstall Kaggle's torch version from its CUDA 12.6 build (sm_60), then restart
 vaehelpers_source = None  # without the dataset vaehelpers-src: a pip requirement to install from (internet on)
 
 # %% [markdown]
@@ -80,16 +79,13 @@ from vaehelpers.reconstruct import format_rows, reconstruct_files
 
 # %% [markdown]
 # The parameters above, with every None filled in for the scale chosen; everything below reads them from here.
-# Before any work, it checks that this PyTorch can run on the GPU. Kaggle's default PyTorch has no kernels for the
-# P100 (sm_60): on one, this stops with what to do, or, with `install_legacy_torch=True` and internet on,
-# reinstalls Kaggle's own PyTorch version from its CUDA 12.6 build (which still has them) and asks you to
-# restart the kernel.
+# Before any work, it checks that this PyTorch can run on the GPU (on Kaggle: GPU T4 x2).
 
 # %%
 settings = notebook.setup(
     smoke, data_source=data_source, data_dir=data_dir, run_dir=run_dir, figures_dir=figures_dir,
     image_size=image_size, preset=preset, recipe=recipe, epochs=epochs, device=device,
-    check_gpu=True, install_legacy_torch=install_legacy_torch)
+    check_gpu=True)
 device = settings.torch_device
 
 # %% [markdown]

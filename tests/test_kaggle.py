@@ -1,5 +1,5 @@
-"""Kaggle: the GPU check with faked capabilities, staging and pushing with a fake client, the installer, runs
-attached from earlier sessions. Nothing here touches the network or runs pip."""
+"""Kaggle: the GPU check with faked capabilities, staging, the installer, runs attached from earlier sessions (the
+push itself: test_kaggle_push.py). Nothing here touches the network or runs pip."""
 
 from __future__ import annotations
 
@@ -7,20 +7,15 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import requests
 import torch
-from kagglesdk.datasets.types.dataset_api_service import ApiCreateDatasetResponse
-from kagglesdk.datasets.types.dataset_enums import DatabundleVersionStatus
-from kagglesdk.kernels.types.kernels_api_service import ApiGetKernelSessionStatusResponse, ApiSaveKernelResponse
-from kagglesdk.kernels.types.kernels_enums import KernelWorkerStatus
 
-from vaehelpers import cli, kaggle
+from vaehelpers import kaggle
 from vaehelpers.runtime import UnsupportedGPUError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,226 +123,9 @@ def test_stage_fills_in_the_user_and_copies_everything(tmp_path):
         assert (folder / meta["code_file"]).read_bytes() == (ROOT / "notebooks" / meta["code_file"]).read_bytes()
 
 
-def http_error(code: int) -> requests.HTTPError:
-    """What the real client raises for a dataset or kernel Kaggle does not have (requests' HTTPError)."""
-    response = requests.Response()
-    response.status_code = code
-    return requests.HTTPError(f"{code} Client Error", response=response)
-
-
-class FakeKaggle:
-    """Kaggle's servers behind the kaggle client's own methods (kaggle 2.2's KaggleApi signatures), answering with
-    the client's own response objects (kagglesdk). A dataset version is processed over `processing_polls` status
-    calls (blobs_received, then ready); a pushed kernel version is queued until the test finishes it; a push
-    drops sources that do not exist, listing them in invalid_*_sources, as the server does."""
-
-    def __init__(self, datasets=(), kernels=None, processing_polls=2, never_ready=False):
-        self.versions = {ref: 1 for ref in datasets}  # dataset ref -> current version number
-        self.pending = {}  # dataset ref -> status calls left before its newest version is ready
-        self.kernels = dict(kernels or {})  # kernel ref -> KernelWorkerStatus of its latest version
-        self.processing_polls, self.never_ready = processing_polls, never_ready
-        self.gone = set()  # others' datasets that no longer exist on Kaggle
-        self.calls, self.pushed = [], {}  # pushed: kernel folder name -> the metadata it was pushed with
-
-    def get_config_value(self, name):
-        return "from-config" if name == "username" else None
-
-    def dataset_status(self, dataset, format=None):
-        self.calls.append(("dataset_status", dataset))
-        if dataset not in self.versions:
-            raise http_error(404)
-        left = self.pending.get(dataset, 0)
-        if left and not self.never_ready:
-            self.pending[dataset] = left - 1
-        status = DatabundleVersionStatus.BLOBS_RECEIVED if left else DatabundleVersionStatus.READY
-        if format is None:
-            return status.name.lower()
-        return json.dumps({"status": status.name.lower(), "current_version_number": self.versions[dataset]})
-
-    def _upload(self, folder):
-        ref = json.loads((Path(folder) / "dataset-metadata.json").read_text())["id"]
-        assert any(Path(folder).glob("vaehelpers-*.whl")) and (Path(folder) / kaggle.INSTALLER_NAME).is_file()
-        self.versions[ref] = self.versions.get(ref, 0) + 1
-        self.pending[ref] = self.processing_polls
-        response = ApiCreateDatasetResponse()
-        response.url = f"https://kaggle.test/datasets/{ref}"
-        return response
-
-    def dataset_create_new(
-        self, folder, public=False, quiet=False, convert_to_csv=True, dir_mode="skip", ignore_patterns=None
-    ):
-        self.calls.append(("dataset_create_new", Path(folder).name, public))
-        return self._upload(folder)
-
-    def dataset_create_version(
-        self,
-        folder,
-        version_notes,
-        quiet=False,
-        convert_to_csv=True,
-        delete_old_versions=False,
-        dir_mode="skip",
-        ignore_patterns=None,
-    ):
-        self.calls.append(("dataset_create_version", Path(folder).name))
-        return self._upload(folder)
-
-    def kernels_status(self, kernel):
-        self.calls.append(("kernels_status", kernel))
-        if kernel not in self.kernels:
-            raise http_error(404)
-        response = ApiGetKernelSessionStatusResponse()
-        response.status = self.kernels[kernel]
-        return response
-
-    def kernels_push(self, folder, timeout=None, acc=None, no_run=False):
-        meta = json.loads((Path(folder) / "kernel-metadata.json").read_text())
-        assert (Path(folder) / meta["code_file"]).is_file()
-        self.calls.append(("kernels_push", Path(folder).name))
-        self.pushed[Path(folder).name] = meta
-        response = ApiSaveKernelResponse()
-        for source in meta["dataset_sources"]:
-            owner, slug, *version = source.split("/")
-            ref = f"{owner}/{slug}"
-            known = ref in self.versions or (owner != meta["id"].split("/")[0] and ref not in self.gone)
-            if not known or (version and int(version[0]) > self.versions[f"{owner}/{slug}"]):
-                response.invalid_dataset_sources = [*response.invalid_dataset_sources, source]
-        for source in meta["kernel_sources"]:
-            if source not in self.kernels:
-                response.invalid_kernel_sources = [*response.invalid_kernel_sources, source]
-        self.kernels[meta["id"]] = KernelWorkerStatus.QUEUED
-        response.url = f"https://kaggle.test/{meta['id']}"
-        response.version_number = 1
-        return response
-
-
-def push(client, user="bob", tmp_path=None, **kwargs):
-    """kaggle.push with the fake servers, never sleeping, collecting what it says."""
-    said = []
-    urls = kaggle.push(
-        ROOT,
-        user,
-        client=client,
-        dest=tmp_path / "stage",
-        wheel_builder=fake_wheel,
-        sleep=lambda seconds: None,
-        say=said.append,
-        **kwargs,
-    )
-    return urls, said
-
-
-def test_push_waits_for_the_new_dataset_then_pins_kernels_to_it(tmp_path, monkeypatch):
-    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
-    client = FakeKaggle(processing_polls=3)
-    urls = kaggle.push(
-        ROOT,
-        client=client,
-        dest=tmp_path / "stage",
-        wheel_builder=fake_wheel,
-        sleep=lambda seconds: None,
-        say=lambda _: None,
-    )
-    ref = "from-config/vaehelpers-src"
-    assert client.calls[:2] == [("dataset_status", ref), ("dataset_create_new", "vaehelpers-src", False)]
-    first_push = next(i for i, call in enumerate(client.calls) if call[0] == "kernels_push")
-    polls = [call for call in client.calls[2:first_push] if call == ("dataset_status", ref)]
-    assert len(polls) == 4  # three while Kaggle processed it, one that saw it ready; no kernel before that
-    for name, meta in client.pushed.items():
-        assert f"{ref}/1" in meta["dataset_sources"] and ref not in meta["dataset_sources"], name
-    assert urls[0] == f"https://kaggle.test/datasets/{ref}"
-
-
-def test_push_versions_an_existing_dataset_and_waits_for_the_new_version(tmp_path):
-    client = FakeKaggle(datasets={"bob/vaehelpers-src"}, processing_polls=1)
-    push(client, tmp_path=tmp_path, only=["02"])
-    assert ("dataset_create_version", "vaehelpers-src") in client.calls
-    assert client.pushed["02_architecture"]["dataset_sources"] == ["adityajn105/flickr8k", "bob/vaehelpers-src/2"]
-
-
-def test_push_gives_up_on_a_dataset_that_stays_in_processing(tmp_path):
-    client = FakeKaggle(never_ready=True)
-    with pytest.raises(
-        TimeoutError,
-        match=r"bob/vaehelpers-src is still being processed .* \(status blobs_received"
-        r".*no kernel was pushed.*--no-dataset",
-    ):
-        push(client, tmp_path=tmp_path, wait_s=0)
-    assert not client.pushed
-
-
-def test_push_refuses_a_dropped_source_naming_it(tmp_path):
-    client = FakeKaggle(datasets={"bob/vaehelpers-src"}, processing_polls=0)
-    client.gone.add("adityajn105/flickr8k")  # taken down: a push would run without the images
-    with pytest.raises(
-        RuntimeError,
-        match=r"pushing 01_data: Kaggle dropped the dataset source\(s\) "
-        r"adityajn105/flickr8k \(invalid_dataset_sources\)",
-    ):
-        push(client, tmp_path=tmp_path, dataset=False)
-    assert list(client.pushed) == ["01_data"]  # stopped at the first such push
-
-
-def test_push_reports_kaggle_errors(tmp_path):
-    client = FakeKaggle(datasets={"carol/vaehelpers-src"}, processing_polls=0)
-    client.kernels_push = lambda folder, **kwargs: SimpleNamespace(error="Notebook not found", url="")
-    with pytest.raises(RuntimeError, match="pushing 01_data: Notebook not found"):
-        push(client, "carol", tmp_path=tmp_path, dataset=False)
-
-
-def test_05_waits_for_04_to_finish_and_04_resumes_from_its_own_output(tmp_path):
-    training, evaluation = "bob/vaehelpers-04-training", "bob/vaehelpers-05-evaluation"
-    client = FakeKaggle(datasets={"bob/vaehelpers-src"}, processing_polls=0)
-    _, said = push(client, tmp_path=tmp_path, dataset=False)  # the first push: 04 has never run
-    assert [call[1] for call in client.calls if call[0] == "kernels_push"] == [
-        "01_data",
-        "02_architecture",
-        "03_loss",
-        "04_training",
-    ]
-    assert client.pushed["04_training"]["kernel_sources"] == []  # nothing to resume yet
-    assert any(
-        "05_evaluation not pushed" in line
-        and f"{training}, whose latest version is queued" in line
-        and "--only 05" in line
-        for line in said
-    )
-
-    _, said = push(client, tmp_path=tmp_path, dataset=False, only=["04", "05"])  # 04 still running
-    assert "04_training" in client.pushed and client.kernels[training] == KernelWorkerStatus.QUEUED
-    assert [line for line in said if "not pushed" in line] == [
-        "kernel 04_training not pushed: its latest version is queued on Kaggle (a new version would start a second "
-        "run beside it); push it again when it has ended",
-        f"kernel 05_evaluation not pushed: it evaluates the output of {training}, whose latest version is queued; "
-        "when it has finished, run `vaehelpers kaggle push --no-dataset --only 05`",
-    ]
-
-    client.kernels[training] = KernelWorkerStatus.COMPLETE  # the session ended
-    client.pushed.clear()
-    push(client, tmp_path=tmp_path, dataset=False, only=["05"])
-    assert client.pushed["05_evaluation"]["kernel_sources"] == [training] and evaluation in client.kernels
-
-    push(client, tmp_path=tmp_path, dataset=False, only=["04"])  # the next session attaches the last one's output
-    assert client.pushed["04_training"]["kernel_sources"] == [training]
-
-
-def test_cli_kaggle_push_uses_the_client(tmp_path, monkeypatch, capsys):
-    client = FakeKaggle(processing_polls=0)
-    monkeypatch.setattr(kaggle, "kaggle_client", lambda: client)
-    monkeypatch.setattr(kaggle, "build_wheel", fake_wheel)
-    monkeypatch.setattr(kaggle, "STAGE_DIR", tmp_path / "stage")  # absolute: the repository stays untouched
-    assert cli.main(["kaggle", "push", "--user", "dave", "--only", "02"]) == 0
-    assert [call for call in client.calls if call[0] == "kernels_push"] == [("kernels_push", "02_architecture")]
-    out = capsys.readouterr().out
-    assert "kernel 02_architecture version 1: https://kaggle.test/dave/vaehelpers-02-architecture" in out
-    assert (tmp_path / "stage" / "02_architecture" / "02_architecture.ipynb").is_file()
-    assert cli.main(["kaggle", "push", "--user", "dave", "--only", "02", "--no-pin"]) == 0
-    assert client.pushed["02_architecture"]["dataset_sources"][-1] == "dave/vaehelpers-src"
-
-
 def test_importing_never_imports_the_kaggle_package():
     # kaggle 2.x logs in at import time: it must be imported only when an upload or download runs
-    code = "import sys, vaehelpers.cli, vaehelpers.kaggle, vaehelpers.demo; assert 'kaggle' not in sys.modules"
+    code = "import sys, vaehelpers.cli, vaehelpers.kaggle, vaehelpers.kaggle_push, vaehelpers.demo; assert 'kaggle' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -483,11 +261,49 @@ def test_restore_run_copies_an_attached_earlier_run(tmp_path):
     assert "copied" in kaggle.restore_run(run_dir, tmp_path / "input")
     assert (run_dir / "model.safetensors").read_bytes() == b"weights"
     assert "already holds" in kaggle.restore_run(run_dir, tmp_path / "input")
-    assert "starts fresh" in kaggle.restore_run(tmp_path / "working" / "runs" / "other", tmp_path / "input")
     assert "starts fresh" in kaggle.restore_run(tmp_path / "elsewhere", tmp_path / "no-such-input")
 
 
+def test_an_attached_output_without_this_run_stops_instead_of_starting_over(tmp_path, monkeypatch):
+    output = tmp_path / "input" / "notebooks" / "alice" / "vaehelpers-04-training"
+    make_run(output / "runs" / "flickr8k-sd-128")
+    other = tmp_path / "working" / "runs" / "synthetic-tiny-64"  # the settings changed: another run's name
+    with pytest.raises(kaggle.AttachedRunMissing) as stopped:
+        kaggle.restore_run(other, tmp_path / "input")
+    message = str(stopped.value)
+    assert f"the attached output {output} of vaehelpers 04 training holds no run named 'synthetic-tiny-64'" in message
+    assert "(it holds the run(s) flickr8k-sd-128)" in message and "start_fresh=True" in message
+    assert "--" not in message  # a notebook's error names its parameters, not command-line flags
+    assert not other.exists()
+    assert "start_fresh=True" in kaggle.restore_run(other, tmp_path / "input", start_fresh=True)
+    shutil.rmtree(output / "runs")  # a version that kept no run at all
+    with pytest.raises(kaggle.AttachedRunMissing, match=r"\(it holds no run\)"):
+        kaggle.restore_run(other, tmp_path / "input")
+
+
+def test_restore_run_brings_the_image_cache_along(tmp_path, monkeypatch):
+    monkeypatch.setenv(kaggle.WORKING_ENV, str(tmp_path / "working"))
+    monkeypatch.setenv(kaggle.INPUT_ENV, str(tmp_path / "input"))
+    output = tmp_path / "input" / "notebooks" / "alice" / "vaehelpers-04-training"
+    make_run(output / "runs" / "flickr8k-sd-128")
+    (output / "cache").mkdir()
+    (output / "cache" / "train-128.npy").write_bytes(b"decoded images")
+    message = kaggle.restore_run(tmp_path / "working" / "runs" / "flickr8k-sd-128")  # the input from the env
+    assert message.endswith(f"and its image cache to {tmp_path / 'working' / 'cache'}")
+    assert (tmp_path / "working" / "cache" / "train-128.npy").read_bytes() == b"decoded images"
+
+
+def test_kaggle_paths_come_from_the_environment_at_call_time(tmp_path, monkeypatch):
+    monkeypatch.delenv(kaggle.INPUT_ENV, raising=False)
+    monkeypatch.delenv(kaggle.WORKING_ENV, raising=False)
+    assert kaggle.kaggle_input() == Path("/kaggle/input") and kaggle.kaggle_working() == Path("/kaggle/working")
+    monkeypatch.setenv(kaggle.INPUT_ENV, str(tmp_path / "in"))
+    monkeypatch.setenv(kaggle.WORKING_ENV, str(tmp_path / "out"))
+    assert kaggle.kaggle_input() == tmp_path / "in" and kaggle.workspace() == tmp_path / "out"
+
+
 def test_workspace(tmp_path, monkeypatch):
+    monkeypatch.delenv(kaggle.WORKING_ENV, raising=False)
     monkeypatch.setattr(kaggle, "on_kaggle", lambda: False)
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "notebooks").mkdir()

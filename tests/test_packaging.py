@@ -21,9 +21,10 @@ def test_environment_yml_matches_pip_requirements():
     assert any(re.fullmatch(r"-e \.\[.*notebooks.*\]", item) for item in pip_section)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "notebooks" in extras
-    # the kaggle client honours kernel-metadata's machine_shape (GPU T4 x2) from 1.8.4 on
-    assert "kaggle>=1.8.4" in pip_section
-    assert "kaggle>=1.8.4" in extras["kaggle"] and "kaggle>=1.8.4" in extras["notebooks"]
+    # kaggle push needs 2.2.5: the version to pin from dataset_status(format=...) (2.1.1 on), and, new in 2.2.5, a
+    # kernel version's output listed by number (before, the number was ignored) and kernels_push(no_run=True)
+    assert "kaggle>=2.2.5" in pip_section
+    assert "kaggle>=2.2.5" in extras["kaggle"] and "kaggle>=2.2.5" in extras["notebooks"]
 
 
 def test_setup_pins_the_torch_pair_everywhere():

@@ -8,7 +8,10 @@ on it. Installing the package on Kaggle stays a cell of its own: it runs before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +71,10 @@ class NotebookSettings:
 
     def cache_dir(self, images: Path) -> Path | None:
         """Where the decoded-image cache goes: beside the images, or in the workspace when they are read-only
-        (an attached Kaggle input); None means beside the images."""
-        return None if is_writable(images) else workspace() / "cache"
+        (an attached Kaggle input: judged by its place too, since root sees read-only mounts as writable); None
+        means beside the images."""
+        attached = Path(images).resolve().is_relative_to(kaggle.kaggle_input().resolve())
+        return None if is_writable(images) and not attached else workspace() / kaggle.CACHE_FOLDER
 
     def dataset(self, split: str = "train", augment: bool = False) -> Any:
         """The images of one split (an ImageFolderDataset at image_size), with the cache built on first use."""
@@ -169,3 +174,66 @@ def setup(
     if check_gpu:
         print(kaggle.ensure_gpu_supported(install_legacy_torch))
     return resolved
+
+
+class FullScaleOnCPU(RuntimeError):
+    """The reference run would train on a CPU (for days): refused unless asked for explicitly."""
+
+
+def check_scale_fits_device(settings: Any, device: Any, allow_cpu: bool = False) -> str:
+    """Refuse, before any work, to start the full-scale run (not smoke, the sd model) on a CPU unless allow_cpu.
+
+    settings: the notebooks' NotebookSettings (smoke, preset, epochs, max_minutes); device: the torch.device the
+    run would use. Returns a one-line status; raises FullScaleOnCPU saying the three ways on.
+    """
+    if getattr(device, "type", str(device)) != "cpu" or settings.smoke or settings.preset != "sd" or allow_cpu:
+        return f"training {settings.preset} for {settings.epochs} epochs on {device}"
+    raise FullScaleOnCPU(
+        f"the full-scale run ({settings.preset} model, {settings.epochs} epochs, up to {settings.max_minutes:g} "
+        "minutes a session) would train on the CPU, where it makes almost no progress. Turn the GPU on (Kaggle: "
+        "Settings > Accelerator > GPU T4 x2, then run all again), or set smoke=True for a quick check at toy "
+        "scale, or set allow_cpu=True to train on the CPU anyway."
+    )
+
+
+# Errors raised in a notebook speak its parameters, not the command line's flags: the package's messages name the
+# flags (they are shared with the CLI), and these rewrites say the same in a notebook's words. Text in backticks
+# (a command to run in a terminal) is left as it is.
+FLAGS_AS_PARAMETERS = (
+    (r"train with --recipe (\w+)", r'set recipe="\1"'),
+    (r"--recipe (\w+)", r'recipe="\1"'),
+    (r"--batch-size (\d+)", r"batch_size=\1"),
+    (r"--max-steps (\d+)", r"max_steps=\1"),
+    (r"--precision (\w+)", r'precision="\1" (cfg = settings.train_config(precision="\1"))'),
+    (r"pass --weights-dir DIR \(or set (\w+)=DIR\)", r'set os.environ["\1"] = DIR'),
+    (r"--weights-dir DIR|--weights-dir", 'os.environ["VAEHELPERS_WEIGHTS"]'),
+    (r"--data DIR", "data_dir"),
+    (r"evaluate: --no-lpips", "05_evaluation then reports LPIPS as unavailable"),
+    (r"--(lr|epochs|device|image-size|preset|run)\b", lambda found: found.group(1).replace("-", "_")),
+)
+
+
+def in_parameters(message: str) -> str:
+    """The message with each command-line flag outside backticks rewritten as the notebook parameter to set."""
+    parts = message.split("`")
+    for index in range(0, len(parts), 2):  # even parts lie outside backticks
+        for flag, parameter in FLAGS_AS_PARAMETERS:
+            parts[index] = re.sub(flag, parameter, parts[index])
+    return "`".join(parts)
+
+
+@contextlib.contextmanager
+def parameter_errors() -> Iterator[None]:
+    """Re-raise an error from inside the block with its message in_parameters (same type, same traceback), so
+    that a notebook's error names the parameter to change; an error whose type cannot be rebuilt stays as it is."""
+    try:
+        yield
+    except Exception as error:
+        message = in_parameters(str(error))
+        if message == str(error):
+            raise
+        try:
+            translated = type(error)(message)
+        except Exception:
+            raise error from None
+        raise translated.with_traceback(error.__traceback__) from None

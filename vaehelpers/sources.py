@@ -124,8 +124,9 @@ def _has_jpg(folder: Path) -> bool:
         return any(entry.name.lower().endswith((".jpg", ".jpeg")) for entry in entries)
 
 
-def find_flickr8k_input(kaggle_input: str | Path = kaggle.KAGGLE_INPUT) -> Path | None:
-    """An attached Kaggle input's flickr8k `Images` folder holding jpgs, or None.
+def find_flickr8k_input(kaggle_input: str | Path | None = None) -> Path | None:
+    """An attached Kaggle input's flickr8k `Images` folder holding jpgs, or None (kaggle_input: default
+    kaggle.kaggle_input(), read at each call).
 
     Looks at .../flickr8k*/Images up to four levels down (Kaggle's newer layout is
     /kaggle/input/datasets/<owner>/<slug>), then at kaggle_input/<any>/Images.
@@ -183,7 +184,7 @@ def safe_extract(archive: str | Path, dest: str | Path, max_bytes: int = 20 * 2*
 def get_flickr8k(
     dest: str | Path,
     client: Any = None,
-    kaggle_input: str | Path = kaggle.KAGGLE_INPUT,
+    kaggle_input: str | Path | None = None,
     expected_count: int | None = None,
 ) -> Path:
     """The folder of flickr8k's 8091 jpgs: an attached Kaggle input as it is, else downloaded into dest/Images.
