@@ -63,6 +63,7 @@ class DataConfig:
     cache: bool = True  # keep a uint8 cache of decoded images under data_dir/.vaehelpers_cache (or cache_dir)
     cache_dir: str = ""  # empty: beside the data
     num_workers: int = 0  # DataLoader workers; 0 on small CPUs
+    cache_workers: int = 0  # processes decoding images into the cache on its first build; 0: every core
 
 
 @dataclass

@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = {
     "max_bad_steps",
     "data.data_dir",
     "data.num_workers",
+    "data.cache_workers",
     "data.cache",
     "data.cache_dir",
     "model.scaling_factor",  # measured after training by `vaehelpers scale`; kept from config.json on resume
