@@ -261,6 +261,7 @@ class _State:
     sources: dict[tuple[str, int, int], list[Entry]]
     live_in_index: dict[str, set[tuple[str, int, int]]]  # index stem -> the sources it records
     bins: dict[str, int]  # shard stem -> bytes on disk
+    broken: list[str]  # index files that cannot be read: deleted by the next build
 
     def lookup(self, source: Source) -> list[Entry] | None:
         """The entries of an unchanged source whose pixels are all on disk, else None."""
@@ -281,7 +282,7 @@ def _read_state(folder: Path, settings: dict[str, Any]) -> _State | None:
         return None
     if saved != settings:
         return None
-    state = _State({}, {}, {})
+    state = _State({}, {}, {}, [])
     names = sorted(os.listdir(folder))
     for name in names:
         if name.startswith("shard-") and name.endswith(".bin"):
@@ -301,6 +302,7 @@ def _read_state(folder: Path, settings: dict[str, Any]) -> _State | None:
             state.live_in_index[name[:-5]] = recorded
         except (OSError, ValueError, TypeError, KeyError) as error:
             logger.warning("ignoring unreadable cache index %s: %s", folder / name, error)
+            state.broken.append(name)
     return state
 
 
@@ -366,6 +368,7 @@ def _remove_unused(folder: Path, state: _State, live: set[tuple[str, int, int]])
             (suffix == "bin" and name.startswith("shard-") and stem not in used_bins)
             or (suffix == "json" and stem in state.live_in_index and not state.live_in_index[stem] & live)
             or (suffix == "tmp" and name.startswith("."))
+            or name in state.broken
         )
         if unused:
             with contextlib.suppress(OSError):
@@ -392,6 +395,12 @@ def open_cache(
     if state is not None:
         found = [state.lookup(source) for source in sources]
         if all(entries is not None for entries in found):
+            live = {(source.key, source.size, source.mtime) for source in sources}
+            if not live.issuperset(state.sources):  # files were removed or changed: free what only they used
+                with _locked(folder):
+                    state = _read_state(folder, settings)
+                    if state is not None:
+                        _remove_unused(folder, state, live)
             return found  # type: ignore[return-value]  # checked: none is None
     with _locked(folder):
         return _build(folder, settings, sources, options, workers or default_workers(), shard_bytes or SHARD_BYTES)
@@ -411,7 +420,7 @@ def _build(
             if name.startswith("shard-") or name.endswith(".pt") or name.endswith(".tmp"):
                 os.unlink(folder / name)
         _write_json(folder / SETTINGS_FILE, settings)
-        state = _State({}, {}, {})
+        state = _State({}, {}, {}, [])
     found = [state.lookup(source) for source in sources]
     missing = [index for index, entries in enumerate(found) if entries is None]
     if missing:

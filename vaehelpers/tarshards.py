@@ -29,9 +29,10 @@ _CHOICES = re.compile(r"\{([^{}]*,[^{}]*)\}")  # {a,b,c}
 
 def expand_braces(pattern: str) -> list[str]:
     """'shards/{000..002}.tar' -> ['shards/000.tar', 'shards/001.tar', 'shards/002.tar'] (also {a,b}), in order."""
-    match = _RANGE.search(pattern) or _CHOICES.search(pattern)
-    if match is None:
+    matches = [match for match in (_RANGE.search(pattern), _CHOICES.search(pattern)) if match is not None]
+    if not matches:
         return [pattern]
+    match = min(matches, key=lambda found: found.start())  # leftmost first, as a shell expands
     if match.re is _RANGE:
         first, last = match.group(1), match.group(2)
         width = len(first) if first.startswith("0") else 0
