@@ -22,8 +22,8 @@ from PIL import Image
 from vaehelpers import imagecache
 from vaehelpers.cli import main as cli
 from vaehelpers.dataset import ImageFolderDataset
-from vaehelpers.images import split_of
 from vaehelpers.imagecache import CacheWriteError
+from vaehelpers.images import split_of
 from vaehelpers.tarshards import expand_braces, shard_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,3 +302,78 @@ def test_a_folder_of_shards_trains_and_evaluates_like_a_folder_of_files(shards, 
     summary = json.loads((tmp_path / "e.json").read_text())
     expected = [i for i in tested if i not in (65, 66)]
     assert summary["n_images"] == len(expected) == len(summary["per_image"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes on one machine
+
+
+def _load_on_rank(rank: int, folder: str, cache_dir: str, log: str, port: int, break_rank_0: bool) -> None:
+    """One rank of a 2-process gloo job: train.load_data, every decode appended to `log` as 'pid path'."""
+    import torch.distributed as dist
+
+    from vaehelpers import dataset as dataset_module
+    from vaehelpers.config import build_config
+    from vaehelpers.distributed import init_distributed
+    from vaehelpers.train import load_data
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(MASTER_PORT=str(port), VAEHELPERS_DIST_TIMEOUT="60")
+    real = imagecache.load_image
+
+    def logged(path, *args, **kwargs):  # the cache's decode workers are forked from here: they log too
+        with open(log, "a") as stream:
+            stream.write(f"{os.getpid()} {path}\n")
+        return real(path, *args, **kwargs)
+
+    imagecache.load_image = logged
+    if break_rank_0 and rank == 0:
+
+        def full_disk(*args, **kwargs):
+            raise CacheWriteError(f"image cache {cache_dir}: the disk is full")
+
+        dataset_module.open_cache = full_disk
+    ddp = init_distributed("cpu")
+    settings = {"data.data_dir": folder, "data.image_size": 16, "data.cache_dir": cache_dir, "device": "cpu"}
+    try:
+        train_set, test_set, _ = load_data(build_config("tiny", "pixel", batch_size=4, **settings), ddp)
+        outcome = [len(train_set), len(test_set), float(items(train_set).sum()), os.getpid()]
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    Path(f"{log}.rank{rank}").write_text(json.dumps(outcome))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_processes_decode_each_image_once_in_total(folder, tmp_path):
+    log = tmp_path / "decoded.log"
+    args = (str(folder), str(tmp_path / "c"), str(log), _free_port(), False)
+    torch.multiprocessing.spawn(_load_on_rank, args=args, nprocs=2)
+    first, second = (json.loads(Path(f"{log}.rank{rank}").read_text()) for rank in (0, 1))
+    assert first[:3] == second[:3] and first[0] + first[1] == 60  # both ranks read the same images
+    decodes = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert sorted(path for _, path in decodes) == sorted(str(path) for path in folder.rglob("*.png"))  # once each
+    assert second[3] not in {int(pid) for pid, _ in decodes}  # rank 1 decoded nothing: it read rank 0's cache
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_failed_build_stops_the_waiting_rank_with_one_line(folder, tmp_path):
+    log = tmp_path / "decoded.log"
+    args = (str(folder), str(tmp_path / "c"), str(log), _free_port(), True)
+    torch.multiprocessing.spawn(_load_on_rank, args=args, nprocs=2)
+    first, second = (json.loads(Path(f"{log}.rank{rank}").read_text()) for rank in (0, 1))
+    assert first == f"CacheWriteError: image cache {tmp_path / 'c'}: the disk is full"
+    assert (
+        second == f"RuntimeError: rank 1: building the image cache of {folder} failed on another rank (see its error)"
+    )
+    assert not log.exists()  # and rank 1 did not try to build it on its own
