@@ -21,7 +21,7 @@ from PIL import Image
 
 from vaehelpers import imagecache
 from vaehelpers.cli import main as cli
-from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.dataset import ImageFolderDataset, cache_file
 from vaehelpers.imagecache import CacheWriteError
 from vaehelpers.images import split_of
 from vaehelpers.tarshards import expand_braces, shard_paths
@@ -105,7 +105,7 @@ def test_removed_files_free_their_shards(folder, tmp_path, monkeypatch):
 BUILD_SLOWLY = """
 import sys, time
 from vaehelpers import imagecache
-from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.dataset import ImageFolderDataset, cache_file
 imagecache.SHARD_BYTES = 3 * 16 * 19 * 5  # about 5 images per shard
 real = imagecache.load_image
 def slow(*args, **kwargs):
@@ -377,3 +377,11 @@ def test_a_failed_build_stops_the_waiting_rank_with_one_line(folder, tmp_path):
         second == f"RuntimeError: rank 1: building the image cache of {folder} failed on another rank (see its error)"
     )
     assert not log.exists()  # and rank 1 did not try to build it on its own
+
+
+def test_the_single_file_cache_of_earlier_versions_is_deleted(folder, tmp_path):
+    old = cache_file(folder, "all", 16, "crop", tmp_path / "c").with_suffix(".pt")
+    old.parent.mkdir()
+    old.write_bytes(b"the whole folder's pixels, as one torch.save")
+    dataset = ImageFolderDataset(folder, split="all", image_size=16, cache_dir=tmp_path / "c")
+    assert not old.exists() and list((tmp_path / "c").iterdir()) == [dataset.cache_path]

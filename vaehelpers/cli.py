@@ -389,7 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     train = verbs.add_parser("train", help="train an autoencoder into a run directory")
-    train.add_argument("--data", type=Path, required=True, help="image folder (searched recursively)")
+    train.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="image folder (searched recursively), or tar shards 'DIR/{000..099}.tar'",
+    )
     train.add_argument(
         "--run",
         "--run-dir",

@@ -140,12 +140,11 @@ def _decode_source(source: Source, options: DecodeOptions) -> Iterator[Item]:
         yield "", source.key, f"{what} ({error})", None, 0, 0
 
 
-def _worker(tasks: Any, results: Any, options: DecodeOptions) -> None:
+def _worker(sources: list[Source], tasks: Any, results: Any, options: DecodeOptions) -> None:
     torch.set_num_threads(1)  # one core per worker, as DataLoader workers do
-    while (task := tasks.get()) is not None:
-        index, source = task
+    while (index := tasks.get()) is not None:
         try:
-            for item in _decode_source(source, options):
+            for item in _decode_source(sources[index], options):
                 results.put(("item", index, item))
         except Exception as error:  # a bug or an unexpected library error: the build names the source and stops
             results.put(("error", index, f"{type(error).__name__}: {error}"))
@@ -167,11 +166,13 @@ def _decode_all(sources: list[Source], options: DecodeOptions, workers: int) -> 
     # fork, as DataLoader's workers on Linux: nothing to import again, and the workers only decode
     context = multiprocessing.get_context("fork")
     tasks, results = context.Queue(), context.Queue(maxsize=8 * workers)  # bounded: memory stays flat
-    for task in enumerate(sources):
-        tasks.put(task)
+    for index in range(len(sources)):  # numbers only: the workers inherit `sources` through fork, unpickled
+        tasks.put(index)
     for _ in range(workers):
         tasks.put(None)
-    processes = [context.Process(target=_worker, args=(tasks, results, options), daemon=True) for _ in range(workers)]
+    processes = [
+        context.Process(target=_worker, args=(sources, tasks, results, options), daemon=True) for _ in range(workers)
+    ]
     for process in processes:
         process.start()
     remaining = len(sources)
@@ -265,6 +266,8 @@ class _State:
 
     def lookup(self, source: Source) -> list[Entry] | None:
         """The entries of an unchanged source whose pixels are all on disk, else None."""
+        if source.size < 0:  # could not be read when listed (a dangling link, a missing shard): look again each time
+            return None
         entries = self.sources.get((source.key, source.size, source.mtime))
         if entries is None:
             return None
@@ -415,6 +418,11 @@ def _build(
     shard_bytes: int,
 ) -> list[list[Entry]]:
     state = _read_state(folder, settings)  # again, under the lock: another process may have built it meanwhile
+    old_layout = folder.with_name(f"{folder.name}.pt")  # vaehelpers' cache before the shards: one file, now unused
+    if old_layout.is_file():
+        logger.info("deleting %s: the image cache moved to %s", old_layout, folder)
+        with contextlib.suppress(OSError):
+            old_layout.unlink()
     if state is None:  # other settings, an older layout, or nothing yet: start empty
         for name in os.listdir(folder):
             if name.startswith("shard-") or name.endswith(".pt") or name.endswith(".tmp"):
