@@ -15,6 +15,14 @@ are keyed by (relative path, size, mtime): a rebuild decodes only sources that a
 that no current source uses are deleted. The random token in each shard's name means a number is never reused
 for other pixels. Peak memory does not grow with the number of images: workers hand each decoded image to the
 writer through a bounded queue, and the writer appends it to the open shard.
+
+Several processes: in a distributed run local rank 0 of each machine builds (once_per_machine) while the other
+ranks wait, then they all read. Machines that share the cache folder (one network disk) take turns through the
+folder's lock: the first builds, the others wait for the lock, find every source indexed and only read. A lock
+rather than a cache per machine, because per-machine caches decode every image once per machine and store it
+once per machine (8 machines: 8x the decode time of the slowest and 8x the disk), while the lock costs the
+others only the wait. flock works on local disks and NFSv4; on a filesystem without working locks (some Lustre
+or old NFS mounts) give each machine its own data.cache_dir.
 """
 
 from __future__ import annotations
