@@ -47,7 +47,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from vaehelpers.images import BadImageError, load_image, resize_image, split_of
-from vaehelpers.tarshards import read_samples
+from vaehelpers.tarshards import NotATarError, read_samples
 
 logger = logging.getLogger("vaehelpers.data")
 
@@ -143,9 +143,10 @@ def _decode_source(source: Source, options: DecodeOptions) -> Iterator[Item]:
                 yield _decode_image(source.path / sample.name, sample.key, name, sample.data, options)
     except FileNotFoundError as error:
         yield "", source.key, f"unreadable: {error.strerror}", None, 0, 0
+    except NotATarError as error:
+        yield "", source.key, str(error), None, 0, 0
     except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        what = "not a tar archive" if seen == 0 else f"truncated or damaged tar after {seen} samples"
-        yield "", source.key, f"{what} ({error})", None, 0, 0
+        yield "", source.key, f"truncated or damaged tar ({error}); its {seen} samples before that are kept", None, 0, 0
 
 
 def _worker(sources: list[Source], tasks: Any, results: Any, options: DecodeOptions) -> None:

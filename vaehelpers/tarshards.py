@@ -79,6 +79,10 @@ def shards_root(shards: list[Path]) -> Path:
     return Path(os.path.commonpath([str(path.resolve().parent) for path in shards]))
 
 
+class NotATarError(tarfile.ReadError):
+    """The file does not start with a tar header (damage further in raises tarfile's own errors)."""
+
+
 @dataclass
 class TarSample:
     """One sample of a shard: its key, the image member's name and bytes, or the reason it has no usable image."""
@@ -107,8 +111,9 @@ def read_samples(path: str | Path, wanted: Callable[[str], bool] = lambda key: T
     """Every sample of one shard, front to back, streaming (the shard is read once, never held in memory).
 
     wanted(key) False: the sample's bytes are skipped (another split). A sample without an image member comes
-    back with reason "no image in sample (...)"; a shard that is not a tar or ends early raises tarfile.ReadError
-    or OSError after the samples before the damage (the caller reports the shard and keeps them).
+    back with reason "no image in sample (...)". Raises NotATarError for a file that is not a tar, and
+    tarfile.ReadError or OSError for a shard that ends early or is damaged, after the samples before the damage
+    (the caller reports the shard and keeps them).
     """
     key, extensions, images = None, {}, {}
 
@@ -119,7 +124,11 @@ def read_samples(path: str | Path, wanted: Callable[[str], bool] = lambda key: T
             return TarSample(key, key, None, f"no image in sample ({found})")
         return TarSample(key, member, images[member])
 
-    with tarfile.open(path, mode="r|*") as archive:
+    try:
+        archive = tarfile.open(path, mode="r|*")
+    except tarfile.ReadError as error:  # raised at the first header, before any sample
+        raise NotATarError(f"not a tar archive ({error})") from None
+    with archive:
         for member in archive:
             if not member.isfile():
                 continue
