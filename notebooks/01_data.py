@@ -104,8 +104,9 @@ print(f"{len(files)} image files in {images_dir}")
 #
 # A stable hash of each file's path puts about 10% of the files in the held-out `test` split, so the same file
 # always lands on the same side whatever else is in the folder, and training never sees a test image. Building
-# a dataset decodes every image once, resizes its shorter side to `image_size` and keeps the pixels as uint8 in
-# one cache file; later epochs, and the other notebooks, read the cache instead of decoding JPEGs again.
+# a dataset decodes every image once (one process per core), resizes its shorter side to `image_size` and appends
+# the pixels as uint8 to cache shards on disk; later epochs, and the other notebooks, read the shards instead of
+# decoding JPEGs again.
 
 # %%
 train_set = settings.dataset("train")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import struct
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from vaehelpers import dataset as dataset_module
-from vaehelpers import images, kaggle, sources
+from vaehelpers import imagecache, images, kaggle, sources
 from vaehelpers.config import DataConfig
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.images import (
@@ -408,6 +409,7 @@ def forbid_decoding(monkeypatch):
         raise AssertionError("an image was decoded")
 
     monkeypatch.setattr(dataset_module, "load_image", refuse)
+    monkeypatch.setattr(imagecache, "load_image", refuse)  # where the cache build decodes
 
 
 def count_decoding(monkeypatch) -> list[Path]:
@@ -418,24 +420,30 @@ def count_decoding(monkeypatch) -> list[Path]:
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(dataset_module, "load_image", counting)
+    monkeypatch.setattr(imagecache, "load_image", counting)
     return calls
+
+
+def cache_files(folder: Path) -> dict[str, int]:
+    """name -> mtime (ns) of every file in a cache folder."""
+    return {path.name: path.stat().st_mtime_ns for path in sorted(folder.iterdir())}
 
 
 def test_cache_is_reused_and_invalidated(photo_folder, tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     built = ImageFolderDataset(photo_folder, split="all", image_size=16, augment=True, cache_dir=cache_dir)
-    files = list(cache_dir.iterdir())
-    assert [f.suffix for f in files] == [".pt"] and built.cache_path == files[0]  # one file, no temporaries left
+    assert list(cache_dir.iterdir()) == [built.cache_path]  # one cache folder: settings, lock, one shard, its index
+    assert [Path(name).suffix for name in cache_files(built.cache_path)] == ["", ".json", ".bin", ".json"]
     expected = [built[i] for i in range(len(built))]
     uncached = ImageFolderDataset(photo_folder, split="all", image_size=16, augment=True, cache=False)
     assert all(torch.equal(a, uncached[i]) for i, a in enumerate(expected))
 
     with monkeypatch.context() as patch:
         forbid_decoding(patch)
-        written = built.cache_path.stat().st_mtime_ns
+        written = cache_files(built.cache_path)
         loaded = ImageFolderDataset(photo_folder, split="all", image_size=16, augment=True, cache_dir=cache_dir)
         assert all(torch.equal(a, loaded[i]) for i, a in enumerate(expected))
-        assert loaded.paths == built.paths and built.cache_path.stat().st_mtime_ns == written  # read, not rewritten
+        assert loaded.paths == built.paths and cache_files(built.cache_path) == written  # read, not rewritten
 
     with monkeypatch.context() as patch:  # touching one file re-decodes that file only
         calls = count_decoding(patch)
@@ -456,30 +464,40 @@ def test_cache_is_reused_and_invalidated(photo_folder, tmp_path, monkeypatch):
         assert len(calls) == len(grown)
 
 
+def shard_index(folder: Path) -> dict:
+    (index,) = folder.glob("shard-*.json")
+    return json.loads(index.read_text())
+
+
 def test_cache_file_format(photo_folder, tmp_path):
     dataset = ImageFolderDataset(photo_folder, split="all", image_size=16, cache_dir=tmp_path / "cache")
-    cache = torch.load(dataset.cache_path, weights_only=True)
-    assert cache["format"] == "vaehelpers image cache" and '"image_size": 16' in cache["settings"]
-    assert cache["files"] == [p.relative_to(photo_folder).as_posix() for p in list_images(photo_folder)]
-    assert cache["reasons"] == [""] * 6 and len(cache["sizes"]) == len(cache["mtimes"]) == 6
-    assert cache["pixels"].dtype == torch.uint8 and cache["shapes"].min() == 16  # shorter side S
-    assert int((cache["shapes"].prod(1) * 3).sum()) == cache["pixels"].numel()
+    settings = json.loads((dataset.cache_path / "settings.json").read_text())
+    assert settings["image_size"] == 16 and settings["version"] == imagecache.CACHE_VERSION
+    index = shard_index(dataset.cache_path)
+    assert index["format"] == "vaehelpers image cache shard"
+    names = [p.relative_to(photo_folder).as_posix() for p in list_images(photo_folder)]
+    assert sorted(source[0] for source in index["sources"]) == names
+    rows = [row for *_, rows in index["sources"] for row in rows]  # key, name, reason, shard, offset, height, width
+    assert [row[2] for row in rows] == [""] * 6 and min(min(row[5:]) for row in rows) == 16  # shorter side S
+    (shard,) = dataset.cache_path.glob("shard-*.bin")
+    assert {row[3] for row in rows} == {shard.stem} and index["bytes"] == shard.stat().st_size
+    assert sum(3 * row[5] * row[6] for row in rows) == shard.stat().st_size  # pixels end to end, nothing else
     squash = ImageFolderDataset(photo_folder, split="all", image_size=16, resize="squash", cache_dir=tmp_path / "cache")
     assert squash.cache_path != dataset.cache_path
-    assert torch.load(squash.cache_path, weights_only=True)["shapes"].tolist() == [[16, 16]] * 6
+    assert [row[5:] for *_, rows in shard_index(squash.cache_path)["sources"] for row in rows] == [[16, 16]] * 6
 
 
 def test_default_cache_beside_the_data_and_not_listed(photo_folder):
     dataset = ImageFolderDataset(photo_folder, split="all", image_size=16)
     assert dataset.cache_path.parent == photo_folder.resolve() / ".vaehelpers_cache"
-    assert dataset.cache_path.is_file() and len(list_images(photo_folder)) == 6
+    assert dataset.cache_path.is_dir() and len(list_images(photo_folder)) == 6
 
 
 def test_read_only_folder_caches_in_the_user_cache(photo_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(dataset_module.os, "access", lambda path, mode: False)  # as /kaggle/input: read-only
     dataset = ImageFolderDataset(photo_folder, split="all", image_size=16)
-    assert dataset.cache_path.parent == tmp_path / "xdg" / "vaehelpers" and dataset.cache_path.is_file()
+    assert dataset.cache_path.parent == tmp_path / "xdg" / "vaehelpers" and dataset.cache_path.is_dir()
     assert not (photo_folder / ".vaehelpers_cache").exists()
 
 

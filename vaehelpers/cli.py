@@ -163,7 +163,10 @@ def add_train_parser(verbs: Any) -> None:
         "from the run's is refused unless a resume may change it (--epochs, --max-steps, --device, ...).",
     )
     train.add_argument(
-        "--data", type=Path, help="image folder (searched recursively); with --resume: default the run's own"
+        "--data",
+        type=Path,
+        help="image folder (searched recursively), or tar shards 'DIR/{000..099}.tar'; with --resume: default the "
+        "run's own",
     )
     train.add_argument(
         "--run",

@@ -89,6 +89,8 @@ class DataConfig:
     num_workers: int = setting(
         0, help="DataLoader workers (0: load in the training process)", flag=True, resumable=True
     )
+    # processes decoding images into the cache on its first build (imagecache.py); 0: every core
+    cache_workers: int = setting(0, resumable=True)
 
 
 @dataclass

@@ -1,14 +1,11 @@
-"""The training and evaluation dataset: one split of an image folder, decoded once into a uint8 cache."""
+"""The training and evaluation dataset: one split of an image folder or of tar shards, decoded once into the image cache."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ from typing import Any
 import torch
 
 from vaehelpers.config import DataConfig
+from vaehelpers.imagecache import CACHE_VERSION, DecodeOptions, Entry, ShardReader, Source, open_cache
 from vaehelpers.images import (
     MAX_PIXELS,
     MIN_SIZE,
@@ -31,11 +29,11 @@ from vaehelpers.images import (
     resize_image,
     select_split,
 )
+from vaehelpers.tarshards import shard_paths, shards_root
 
 logger = logging.getLogger("vaehelpers.data")
 
 CACHE_DIRNAME = ".vaehelpers_cache"  # default cache folder inside the image folder (hidden, so never listed)
-CACHE_VERSION = 1  # bump when the cache layout or the resize changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,21 +50,28 @@ def is_writable(folder: str | Path) -> bool:
 
 
 def cache_file(root: str | Path, split: str, image_size: int, resize: str, cache_dir: str | Path | None = None) -> Path:
-    """Where the uint8 cache of one (folder, split, size, resize mode) lives.
+    """The folder of the image cache (imagecache.py) of one (folder or shard set, split, size, resize mode).
 
     cache_dir, else <root>/.vaehelpers_cache, else (read-only folders such as /kaggle/input)
-    $XDG_CACHE_HOME/vaehelpers or ~/.cache/vaehelpers. The name carries a hash of the absolute folder path.
+    $XDG_CACHE_HOME/vaehelpers or ~/.cache/vaehelpers. root: the image folder, or a WebDataset shard pattern
+    (then its name and hash come from the pattern, and the default place is beside the shards).
     """
-    root = Path(root).expanduser().resolve()
+    shards = shard_paths(root)
+    pattern = str(root)
+    root = shards_root(shards) if shards else Path(root).expanduser().resolve()
     if cache_dir:
         folder = Path(cache_dir).expanduser()
     elif (root / CACHE_DIRNAME).is_dir() or is_writable(root):
         folder = root / CACHE_DIRNAME
     else:
         folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vaehelpers"
-    folder_hash = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:10]
+    # the pattern, not the shards it matches today: a shard added to a glob extends the cache rather than forking it
+    identity = f"{root}\n{os.path.abspath(os.path.expanduser(pattern))}" if shards else str(root)
+    folder_hash = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:10]
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in root.name) or "root"
-    return folder / f"{name}-{split}-{image_size}-{resize}-{folder_hash}.pt"
+    if shards:
+        name += "-shards" if len(shards) > 1 or "{" in pattern else "-" + shards[0].name.replace(".", "_")
+    return folder / f"{name}-{split}-{image_size}-{resize}-{folder_hash}"
 
 
 def _file_stat(path: Path) -> tuple[int, int]:
@@ -77,54 +82,25 @@ def _file_stat(path: Path) -> tuple[int, int]:
         return -1, -1
 
 
-def _read_cache(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        try:  # memory-mapped: instant, and DataLoader workers share the pages
-            cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            cache = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged or foreign file: rebuild it
-        logger.warning("ignoring unreadable image cache %s: %s", path, error)
-        return None
-    keys = {"format", "settings", "files", "sizes", "mtimes", "reasons", "shapes", "offsets", "pixels"}
-    if not isinstance(cache, dict) or cache.get("format") != "vaehelpers image cache" or not keys <= cache.keys():
-        logger.warning("ignoring image cache %s: not written by this version of vaehelpers", path)
-        return None
-    return cache
-
-
-def _write_cache(path: Path, cache: dict[str, Any]) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(cache, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Dataset
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """The images of one split of a folder as float tensors (3, S, S) in [-1, 1].
+    """The images of one split of a folder (or of WebDataset tar shards) as float tensors (3, S, S) in [-1, 1].
 
-    augment=False: eval transform (shorter side to S, center crop; or squash to SxS). augment=True: random crop
-    and horizontal flip (squash: flip only), drawn from a generator seeded by (seed, epoch, index), so a resumed
-    run sees the same crops whatever the number of workers. Call set_epoch(epoch) before each epoch.
+    root: an image folder (every image under it, recursively; the split hashes each file's relative path), or
+    WebDataset shards: 'DIR/{00000..00099}.tar', a glob, one .tar, or a folder holding only .tar files (the split
+    hashes each sample's key; see tarshards.py). augment=False: eval transform (shorter side to S, center crop;
+    or squash to SxS). augment=True: random crop and horizontal flip (squash: flip only), drawn from a generator
+    seeded by (seed, epoch, index), so a resumed run sees the same crops whatever the number of workers. Call
+    set_epoch(epoch) before each epoch.
 
-    With cache=True every good image is decoded once, resized (shorter side S, or SxS for squash) and kept as
-    uint8 in a single file (see cache_file); later constructions decode only new or changed files. Raises
-    NoImagesError when the split holds no usable image, unless allow_empty (the test split of a tiny folder).
+    With cache=True every good image is decoded once (by cache_workers processes; None: every core), resized
+    (shorter side S, or SxS for squash) and appended as uint8 to the shards of an image cache (imagecache.py,
+    placed by cache_file) that is read memory-mapped; later constructions decode only new or changed files.
+    Shards need the cache. Raises NoImagesError when the split holds no usable image, unless allow_empty (the
+    test split of a tiny folder).
     """
 
     def __init__(
@@ -142,12 +118,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         allow_empty: bool = False,
         min_size: int = MIN_SIZE,
         max_pixels: int = MAX_PIXELS,
+        cache_workers: int | None = None,
     ):
         if resize not in ("crop", "squash"):
             raise ValueError(f"unknown resize {resize!r}: choose crop or squash")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        self.root = Path(root).expanduser()
+        shards = shard_paths(root)
+        if shards and not cache:
+            raise ValueError(f"--data {root}: tar shards are read through the image cache; turn data.cache on")
+        self.root = shards_root(shards) if shards else Path(root).expanduser()
         self.split, self.image_size, self.resize = split, int(image_size), resize
         self.augment, self.seed, self.test_fraction = augment, int(seed), test_fraction
         self.min_size, self.max_pixels = min_size, max_pixels
@@ -155,23 +135,28 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._epoch = torch.zeros((), dtype=torch.int64)
         with contextlib.suppress(RuntimeError):  # no shared memory here: only non-persistent workers see set_epoch
             self._epoch.share_memory_()
-        self.cache_path = cache_file(self.root, split, self.image_size, resize, cache_dir) if cache else None
+        self.cache_path = cache_file(root, split, self.image_size, resize, cache_dir) if cache else None
+        self._pixels: ShardReader | None = None  # image i's uint8 pixels, memory-mapped from the cache's shards
 
-        exclude = [self.cache_path.parent] if self.cache_path else []
-        all_files = list_images(self.root, exclude=exclude)
-        files = select_split(all_files, self.root, split, test_fraction)
-        self._pixels: torch.Tensor | None = None  # uint8 (total,): every cached image, flattened, end to end
-        self._offsets: torch.Tensor | None = None  # int64 (n,): where image i starts in _pixels
-        self._shapes: torch.Tensor | None = None  # int64 (n, 2): its height and width
-        if cache:
-            good, bad = self._load_or_build_cache(files)
+        if shards:
+            sources = [Source(relative_key(p.resolve(), self.root), p, *_file_stat(p), kind="tar") for p in shards]
+            logger.info("%s: reading %d WebDataset shard%s", root, len(shards), "" if len(shards) == 1 else "s")
+            n_files = None
         else:
-            good, bad = self._check(files)
+            exclude = [self.cache_path.parent] if self.cache_path else []
+            all_files = list_images(self.root, exclude=exclude)
+            files = select_split(all_files, self.root, split, test_fraction)
+            sources = [Source(relative_key(path, self.root), path, *_file_stat(path)) for path in files]
+            n_files = len(all_files)
+        if cache:
+            good, bad = self._load_or_build_cache(sources, cache_workers)
+        else:
+            good, bad = self._check([source.path for source in sources])
         self.report = ScanReport(root=self.root, split=split, good=good, bad=bad)
         for path, reason in bad:  # once per file, here, never per item or epoch
             logger.warning("skipping %s: %s", path, reason)
         if not allow_empty:
-            self.report.raise_if_empty(len(all_files))
+            self.report.raise_if_empty(n_files)
         elif not good:
             logger.warning("%s", self.report.summary())
         self.paths: list[Path] = good
@@ -181,7 +166,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def from_config(
         cls, cfg: DataConfig, split: Split = "train", augment: bool = False, seed: int = 0, allow_empty: bool = False
     ) -> ImageFolderDataset:
-        """The dataset that a DataConfig describes (data_dir, image_size, resize, test_fraction, cache)."""
+        """The dataset that a DataConfig describes (data_dir, image_size, resize, test_fraction, cache...)."""
         if not cfg.data_dir:
             raise ValueError("DataConfig.data_dir is empty: give the image folder (--data DIR)")
         return cls(
@@ -195,6 +180,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             test_fraction=cfg.test_fraction,
             seed=seed,
             allow_empty=allow_empty,
+            cache_workers=cfg.cache_workers or None,
         )
 
     # -- building -------------------------------------------------------------------------------
@@ -218,99 +204,59 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 bad.append((path, error.reason))
         return good, bad
 
-    def _settings(self) -> str:
-        return json.dumps(
-            {
-                "version": CACHE_VERSION,
-                "split": self.split,
-                "image_size": self.image_size,
-                "resize": self.resize,
-                "test_fraction": self.test_fraction,
-                "min_size": self.min_size,
-                "max_pixels": self.max_pixels,
-                "draft_size": self._draft_size(),
-            },
-            sort_keys=True,
-        )
-
-    def _load_or_build_cache(self, files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-        assert self.cache_path is not None
-        names = [relative_key(path, self.root) for path in files]
-        stats = [_file_stat(path) for path in files]
-        settings = self._settings()
-        old = _read_cache(self.cache_path)
-        if old is not None and old["settings"] != settings:
-            old = None
-        if old is not None and old["files"] == names and list(zip(old["sizes"], old["mtimes"])) == stats:
-            return self._use_cache(old, files)
-
-        # reuse what is unchanged (same name, size and mtime); decode the rest
-        reusable: dict[tuple[str, int, int], tuple[str, torch.Tensor | None]] = {}
-        if old is not None:
-            good_index = 0
-            for name, size, mtime, reason in zip(old["files"], old["sizes"], old["mtimes"], old["reasons"]):
-                image = None
-                if not reason:
-                    offset, (height, width) = int(old["offsets"][good_index]), old["shapes"][good_index].tolist()
-                    image = old["pixels"][offset : offset + 3 * height * width].view(3, height, width)
-                    good_index += 1
-                reusable[(name, size, mtime)] = (reason, image)
-        started, decoded = time.perf_counter(), 0
-        reasons: list[str] = []
-        images: list[torch.Tensor] = []
-        for path, name, (size, mtime) in zip(files, names, stats):
-            hit = reusable.get((name, size, mtime))
-            if hit is None:
-                decoded += 1
-                try:
-                    hit = ("", self._decode(path))
-                except BadImageError as error:
-                    hit = (error.reason, None)
-            reasons.append(hit[0])
-            if hit[1] is not None:
-                images.append(hit[1])
-        logger.info(
-            "%s: decoded %d of %d images for the cache in %.1f s",
-            self.root,
-            decoded,
-            len(files),
-            time.perf_counter() - started,
-        )
-        shapes = torch.tensor([list(image.shape[1:]) for image in images], dtype=torch.int64).view(-1, 2)
-        sizes = shapes.prod(dim=1) * 3
-        offsets = torch.cumsum(sizes, 0) - sizes
-        pixels = torch.cat([image.reshape(-1) for image in images]) if images else torch.zeros(0, dtype=torch.uint8)
-        cache = {
-            "format": "vaehelpers image cache",
-            "settings": settings,
-            "files": names,
-            "sizes": [size for size, _ in stats],
-            "mtimes": [mtime for _, mtime in stats],
-            "reasons": reasons,
-            "shapes": shapes,
-            "offsets": offsets,
-            "pixels": pixels,
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "version": CACHE_VERSION,
+            "split": self.split,
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "test_fraction": self.test_fraction,
+            "min_size": self.min_size,
+            "max_pixels": self.max_pixels,
+            "draft_size": self._draft_size(),
         }
-        if images:  # an empty result raises in __init__; nothing worth keeping
-            try:
-                _write_cache(self.cache_path, cache)
-            except OSError as error:
-                warnings.warn(
-                    f"image cache {self.cache_path} cannot be written ({error}); running without a cache, "
-                    f"so every epoch decodes the images again",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.cache_path = None
-                good, bad = self._use_cache(cache, files)
-                self._pixels = self._offsets = self._shapes = None
-                return good, bad
-        return self._use_cache(cache, files)
 
-    def _use_cache(self, cache: dict[str, Any], files: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-        self._pixels, self._offsets, self._shapes = cache["pixels"], cache["offsets"], cache["shapes"]
-        good = [path for path, reason in zip(files, cache["reasons"]) if not reason]
-        bad = [(path, reason) for path, reason in zip(files, cache["reasons"]) if reason]
+    def _load_or_build_cache(
+        self, sources: list[Source], workers: int | None
+    ) -> tuple[list[Path], list[tuple[Path, str]]]:
+        assert self.cache_path is not None
+        options = DecodeOptions(
+            self.image_size,
+            self.resize,
+            self.min_size,
+            self.max_pixels,
+            self._draft_size(),
+            self.split,
+            self.test_fraction,
+        )
+        try:
+            found = open_cache(self.cache_path, self._settings(), sources, options, workers)
+        except OSError as error:  # the folder cannot be made or locked (CacheWriteError, a full disk, is no OSError)
+            if any(source.kind == "tar" for source in sources):
+                raise OSError(
+                    f"image cache {self.cache_path} cannot be written ({error}); set data.cache_dir"
+                ) from None
+            warnings.warn(
+                f"image cache {self.cache_path} cannot be written ({error}); running without a cache, "
+                f"so every epoch decodes the images again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.cache_path = None
+            return self._check([source.path for source in sources])
+        good_entries: list[Entry] = []
+        good: list[Path] = []
+        bad: list[tuple[Path, str]] = []
+        for source, entries in zip(sources, found):
+            for entry in entries:
+                # a file is its own entry; a sample is named inside its shard (shard.tar/member), the shard itself by key ""
+                path = source.path if source.kind == "file" else self.root / entry.name
+                if entry.reason:
+                    bad.append((path, entry.reason))
+                else:
+                    good.append(path)
+                    good_entries.append(entry)
+        self._pixels = ShardReader(self.cache_path, good_entries)
         return good, bad
 
     # -- access ---------------------------------------------------------------------------------
@@ -333,9 +279,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """The resized image before cropping: uint8 (3, h, w), shorter side S (crop) or SxS (squash)."""
         if self._pixels is None:
             return self._decode(self.paths[index])
-        assert self._offsets is not None and self._shapes is not None
-        offset, (height, width) = int(self._offsets[index]), self._shapes[index].tolist()
-        return self._pixels[offset : offset + 3 * height * width].view(3, height, width)
+        return self._pixels[index]
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """float (3, S, S) in [-1, 1]."""

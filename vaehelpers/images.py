@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -169,7 +170,12 @@ def _exif_transpose(image: Image.Image, path: Path) -> Image.Image:
 
 
 def load_image(
-    path: str | Path, *, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS, draft_size: int | None = None
+    path: str | Path,
+    *,
+    min_size: int = MIN_SIZE,
+    max_pixels: int = MAX_PIXELS,
+    draft_size: int | None = None,
+    data: bytes | None = None,
 ) -> Image.Image:
     """Decode one file fully into an 8-bit RGB PIL image, upright (EXIF orientation applied).
 
@@ -177,21 +183,23 @@ def load_image(
     (the whole stream is still read, so truncation is still caught). Raises BadImageError with a reason:
     "zero-byte file", "not an image", "truncated image", "too small (WxH < 8x8)", "decompression bomb (...)",
     "unreadable: <os error>", "corrupt image: ...", "unsupported colour mode ...".
+    data: the file's bytes, already read (a member of a tar shard); `path` then only names it in errors.
     """
     path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as error:
-        raise BadImageError(path, f"unreadable: {error.strerror or error}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadImageError(path, "not a regular file")
-    if info.st_size == 0:
+    if data is None:
+        try:
+            info = path.stat()
+        except OSError as error:
+            raise BadImageError(path, f"unreadable: {error.strerror or error}") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImageError(path, "not a regular file")
+    if (len(data) if data is not None else info.st_size) == 0:
         raise BadImageError(path, "zero-byte file")
     try:
         with warnings.catch_warnings():
             # PIL only warns between its limit and twice it; a bomb must never be decoded
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise BadImageError(path, f"decompression bomb ({width}x{height} pixels > {max_pixels:,})")

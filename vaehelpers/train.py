@@ -22,6 +22,7 @@ from vaehelpers import rundir
 from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.distributed import Distributed, init_distributed
+from vaehelpers.imagecache import once_per_machine
 from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss, pretrained_files
 from vaehelpers.model import AutoencoderKL, preset_name
@@ -276,8 +277,14 @@ def load_data(cfg: TrainConfig, ddp: Distributed) -> tuple[ImageFolderDataset, I
     """(train split with augmentation, test split, global batch: images per optimiser step over all ranks)."""
     if cfg.batch_size % ddp.world_size:
         raise ValueError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({ddp.world_size})")
-    train_set = ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed)
-    test_set = ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True)
+    train_set, test_set = once_per_machine(  # local rank 0 builds the image cache, the other ranks then read it
+        lambda: (
+            ImageFolderDataset.from_config(cfg.data, split="train", augment=True, seed=cfg.seed),
+            ImageFolderDataset.from_config(cfg.data, split="test", augment=False, seed=cfg.seed, allow_empty=True),
+        ),
+        ddp,
+        cfg.data.data_dir,
+    )
     global_batch = min(cfg.batch_size, len(train_set))
     if ddp.enabled and global_batch < cfg.batch_size:
         raise ValueError(
