@@ -163,6 +163,20 @@ def test_convert_refuses_to_overwrite_a_run(images, tmp_path, capsys):
     assert snapshot(run) == before
 
 
+def test_resume_after_scale_says_it_keeps_the_measured_scaling_factor(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = build_config("tiny", "pixel", device="cpu", batch_size=4, run_dir=str(run), max_steps=2,
+                       **{"data.data_dir": str(images), "data.image_size": 16})  # fmt: skip
+    train(cfg, until_step=1, progress=False)
+    assert cli(["scale", "--run", str(run), "--data", str(images), "--device", "cpu", "--max-images", "4"]) == 0
+    measured = json.loads((run / "config.json").read_text())["model"]["scaling_factor"]
+    capsys.readouterr()
+    train(cfg, resume=True, progress=False)
+    assert f"note: keeping scaling_factor {measured} that `vaehelpers scale` measured on an earlier state" in (
+        capsys.readouterr().out
+    )
+
+
 WRITER = """
 import sys, time
 from pathlib import Path
@@ -470,3 +484,23 @@ def test_a_corrupt_cached_file_is_found_by_status_replaced_by_download_and_named
     line = one_error_line(capsys, "train")
     assert f"{vgg} does not load" in line and "vaehelpers weights download" in line
     assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- 4. clear answers
+
+
+def test_compare_checks_out_first_and_exits_1_when_nothing_was_measured(images, tmp_path, capsys):
+    model = tmp_path / "model"
+    AutoencoderKL.from_preset("tiny").save(model)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    # --out is checked before anything is read: here the data folder is missing too, and --out is what is named
+    assert cli(["compare", str(model), "--data", str(tmp_path / "missing"), "--out", str(a_file)]) == 1
+    assert f"--out {a_file} is a file, not a folder" in one_error_line(capsys, "compare")
+    # every model failed: no result, exit status 1 (not 3, "completed"), each failure named
+    out = tmp_path / "out"
+    argv = ["compare", str(tmp_path / "nothing-here"), "owner/../bad", "--data", str(images), "--out", str(out)]
+    assert cli([*argv, "--split", "all", "--no-lpips", "--no-fid", "--device", "cpu", "--no-progress"]) == 1
+    line = one_error_line(capsys, "compare")
+    assert line.startswith("vaehelpers compare: error: no model could be measured: ")
+    assert str(tmp_path / "nothing-here") in line and "owner/../bad" in line
