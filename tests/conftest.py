@@ -15,20 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS_ENV = "VAEHELPERS_DATASETS"  # a folder holding bsds500/, where no shared/datasets is beside the checkout
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def dataset_places() -> list[Path]:
     """Where the shared datasets folder is looked for, in order: $VAEHELPERS_DATASETS, then shared/datasets beside
-    this checkout or any folder above it, then beside the main checkout of a git worktree (git's common dir)."""
+    this checkout or any folder above it, beside the main checkout of a git worktree (git's common dir), and beside
+    the checkout a local clone was made from (its origin)."""
     places = [Path(os.environ[DATASETS_ENV]).expanduser()] if os.environ.get(DATASETS_ENV) else []
-    places += [folder / "shared" / "datasets" for folder in ROOT.parents]
-    try:
-        common = subprocess.run(
-            ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
-            cwd=ROOT, capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        common = ""
-    if common:
-        places += [folder / "shared" / "datasets" for folder in Path(common).parents]
+    checkouts = [ROOT]
+    if common := _git("rev-parse", "--path-format=absolute", "--git-common-dir"):
+        checkouts.append(Path(common).parent)
+    origin = _git("config", "--get", "remote.origin.url").removeprefix("file://")
+    if origin and Path(origin).is_dir():  # a clone of a checkout on this machine
+        checkouts.append(Path(origin).resolve())
+    places += [folder / "shared" / "datasets" for checkout in checkouts for folder in checkout.parents]
     return list(dict.fromkeys(path.resolve() for path in places))
 
 
