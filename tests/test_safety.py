@@ -27,7 +27,6 @@ from vaehelpers import pretrained, weights
 from vaehelpers.cli import main as cli
 from vaehelpers.config import build_config
 from vaehelpers.model import AutoencoderKL
-from vaehelpers.rundir import remove_stale_temps
 from vaehelpers.sources import make_synthetic
 from vaehelpers.train import train
 
@@ -225,6 +224,8 @@ def test_temp_files_of_killed_writers_are_cleaned_and_live_ones_kept(images, tmp
         assert cli(["convert", str(run), str(dest / "vae.safetensors"), "--to", "ldm"]) == 0
         assert not stale.exists() and sorted(p.name for p in dest.iterdir()) == ["vae.safetensors"]
     # a writer still writing keeps its temp file
+    from vaehelpers.rundir import remove_stale_temps
+
     with writer_killed_mid_write(dest / "other.safetensors", kill=False):
         (live,) = dest.glob(".other.safetensors.*.tmp")
         assert remove_stale_temps(dest) == [] and live.exists()
@@ -358,7 +359,7 @@ def test_convert_onto_a_read_only_disk_is_one_line(tmp_path, small_disk, capsys)
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     model = tmp_path / "model"
     AutoencoderKL.from_preset("tiny").save(model)
-    assert cli(["convert", str(model), str(small_disk / "out"), "--to", "diffusers"]) == 1
+    assert cli(["convert", str(model), str(small_disk / "vae.safetensors"), "--to", "ldm"]) == 1
     assert "Read-only file system" in one_error_line(capsys, "convert")
 
 
@@ -423,9 +424,10 @@ def test_a_stalled_hub_snapshot_times_out(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     with stalled_server() as url:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        monkeypatch.setattr(weights, "NETWORK_TIMEOUT_S", 1.0, raising=False)  # the default, shortened for the test
         started = time.monotonic()
         with pytest.raises(weights.HubDownloadError) as error:
-            weights.download_from_hub("owner/stalled-vae", timeout_s=1.0)
+            weights.download_from_hub("owner/stalled-vae")
         elapsed = time.monotonic() - started
     assert elapsed < 10, f"waited {elapsed:.0f} s on a connection that never answers"
     assert "could not download 'owner/stalled-vae'" in str(error.value) and "\n" not in str(error.value)

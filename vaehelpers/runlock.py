@@ -32,7 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RunDirInUse(RuntimeError):
-    """Another process holds the run directory's lock: a training is running there."""
+    """Another process holds the run directory's lock: a training (or scale, convert, evaluate) writes there."""
 
 
 def try_lock(fd: int) -> bool:
