@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import socket
 import time
 import zipfile
@@ -222,9 +223,13 @@ def _load(item: Pretrained, path: Path, *, mmap: bool = False) -> dict[str, Any]
         # mmap reads only what is touched; torch offers it for its zip format only (not the LPIPS layers' legacy file)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # truncated, not a checkpoint, or a pickle that would run code: all unusable
-        raise BadWeightsError(
-            f"{path} does not load ({type(error).__name__}: {str(error).splitlines()[0]}): {advice}"
-        ) from error
+        # torch's own message for these advises weights_only=False: wrong for a file that is corrupt or not ours
+        reason = (
+            "not a checkpoint of tensors: corrupt, truncated, or a pickle that would run code"
+            if isinstance(error, pickle.UnpicklingError)
+            else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        )
+        raise BadWeightsError(f"{path} does not load ({reason}): {advice}") from error
     if not isinstance(state, dict):
         raise BadWeightsError(f"{path} holds a {type(state).__name__}, not a state dict: {advice}")
     expected = _expected(item)
