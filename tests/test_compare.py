@@ -292,13 +292,9 @@ def test_notebook_step_compares_the_run_with_a_second_model(sources, tmp_path, e
     assert any("rFID not computed" in note for note in result["notes"]) and result["models"][0]["rfid"] is None
 
 
-def test_evaluate_model_takes_a_hub_id(sources, images, tmp_path, empty_torch_home, monkeypatch):
+def test_evaluate_model_takes_a_hub_id(sources, images, tmp_path, empty_torch_home, hub_snapshot):
     """The network boundary (huggingface_hub.snapshot_download) is faked: it 'downloads' the diffusers folder."""
-    hub = pytest.importorskip("huggingface_hub")
-    calls = []
-    monkeypatch.setattr(
-        hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id) or str(sources["diffusers"])
-    )
+    hub_snapshot.repos["stabilityai/sd-vae-ft-mse"] = sources["diffusers"]
     out = tmp_path / "hub.json"
     assert (
         main(
@@ -322,5 +318,7 @@ def test_evaluate_model_takes_a_hub_id(sources, images, tmp_path, empty_torch_ho
         == 0
     )
     result = json.loads(out.read_text())
-    assert calls == ["stabilityai/sd-vae-ft-mse"] and result["model"] == "stabilityai/sd-vae-ft-mse"
+    assert [repo_id for repo_id, _ in hub_snapshot.calls] == ["stabilityai/sd-vae-ft-mse"] and result[
+        "model"
+    ] == "stabilityai/sd-vae-ft-mse"
     assert result["model_kind"] == "diffusers" and result["n_images"] == 3 and result["image_size"] == SIZE

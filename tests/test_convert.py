@@ -320,20 +320,28 @@ def test_hub_id_offline_gives_clear_advice(tmp_path, monkeypatch):
         W.load(tmp_path / "missing" / "vae.safetensors")
 
 
-def test_hub_id_loads_a_pipeline_vae(diffusers, tmp_path, monkeypatch):
-    hub = pytest.importorskip("huggingface_hub")
+def test_hub_id_loads_a_pipeline_vae(diffusers, tmp_path, hub_snapshot):
     source = diffusers_model(diffusers)
-    source.save_pretrained(tmp_path / "snapshot" / "vae")  # a pipeline repo: the autoencoder in vae/
-    calls = []
-    monkeypatch.setattr(
-        hub, "snapshot_download", lambda repo_id, **kw: calls.append((repo_id, kw)) or str(tmp_path / "snapshot")
-    )
+    repo = tmp_path / "repo"
+    source.save_pretrained(repo / "vae")  # a pipeline repo: the autoencoder in vae/
+    (repo / "unet").mkdir()
+    (repo / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"gigabytes of UNet")
+    hub_snapshot.repos["someone/some-pipeline"] = repo
     loaded = W.load("someone/some-pipeline")
-    assert (
-        calls[0][0] == "someone/some-pipeline"
-        and "vae/diffusion_pytorch_model.safetensors" in calls[0][1]["allow_patterns"]
-    )
+    assert [repo_id for repo_id, _ in hub_snapshot.calls] == ["someone/some-pipeline"]  # safetensors found first
     assert loaded.kind == "diffusers" and loaded.source.startswith("hub:someone/some-pipeline")
+    assert_same_tensors(loaded.state_dict, source.state_dict())
+    folder = Path(loaded.source.split("(", 1)[1].rstrip(")"))
+    assert not (folder / "unet").exists()  # only the autoencoder's files were fetched
+
+
+def test_hub_id_with_bin_weights_only_takes_the_second_patterns(diffusers, tmp_path, hub_snapshot):
+    source = diffusers_model(diffusers)
+    source.save_pretrained(tmp_path / "repo", safe_serialization=False)  # diffusion_pytorch_model.bin
+    hub_snapshot.repos["someone/old-vae"] = tmp_path / "repo"
+    loaded = W.load("someone/old-vae")
+    assert len(hub_snapshot.calls) == 2  # the safetensors patterns fetched nothing usable, the .bin ones did
+    assert "diffusion_pytorch_model.bin" in hub_snapshot.calls[1][1]
     assert_same_tensors(loaded.state_dict, source.state_dict())
 
 

@@ -28,6 +28,8 @@ def fake_gpu(monkeypatch, capability, arch_list, name, memory_gib=16):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     props = SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=memory_gib * 2**30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+    # what torch's optimizers ask the visible accelerator before each step (is a CUDA graph being captured?)
+    monkeypatch.setattr(torch.accelerator, "current_stream", lambda *a: SimpleNamespace(is_capturing=lambda: False))
 
 
 @pytest.mark.slow
@@ -118,8 +120,24 @@ def test_largest_batch_search_doubles_then_bisects(monkeypatch):
 
 def test_an_unsupported_gpu_does_not_fail_a_cpu_check(monkeypatch):
     fake_gpu(monkeypatch, (6, 0), ["sm_75", "sm_80"], "Tesla P100-PCIE-16GB")
-    # the live check itself is covered by the subprocess test above; with a faked GPU visible, torch's own CUDA
-    # calls inside it (there is no driver here) would fail, so it is stood in for
-    monkeypatch.setattr(doctor, "live_check", lambda report, add, *args: add("live check", "stood in for"))
-    report = doctor.run(device="cpu", log=lambda line: None)
-    assert report.ok and "kernels in this build: NO" in report.table() and report.facts["device"] == "cpu"
+    # the real live check (train, checkpoint, resume, timing, batch size) on the CPU, with the GPU reported visible:
+    # nothing in it may reach for the GPU (there is no driver here: any CUDA call would fail)
+    report = doctor.run(device="cpu", image_size=32, batch_size=4, steps=1, log=lambda line: None)
+    assert report.ok, report.reason
+    table = report.table()
+    assert "kernels in this build: NO" in table and report.facts["device"] == "cpu"
+    assert "read back to the same weights: yes; resumed to step 2: yes" in table
+    assert len(report.facts["losses"]) == 2 and report.facts["recommended_batch"] >= 1
+
+
+def test_doctor_refuses_arguments_that_cannot_be_checked(capsys):
+    for flags, named in (
+        (["--steps", "0"], "--steps 0: the live check needs at least 1 step"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--image-size", "30"], "--image-size 30: must be a positive multiple of 8"),
+    ):
+        assert cli(["doctor", "--device", "cpu", *flags]) == 1
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"vaehelpers doctor: error: {named}"), captured.err
+        assert "did not read back" not in captured.out + captured.err and "live check" not in captured.out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 
 from vaehelpers import kaggle
@@ -347,3 +349,64 @@ def test_the_full_scale_run_is_refused_on_a_cpu_unless_asked_for(tmp_path):
     assert "on cuda:0" in kaggle.check_scale_fits_device(reference, torch.device("cuda", 0))
     smoke = notebook_settings(True, run_dir=tmp_path / "run")
     assert "tiny" in kaggle.check_scale_fits_device(smoke, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- api(): each way logging in ends
+
+
+@pytest.fixture
+def kaggle_env(tmp_path, monkeypatch):
+    """No Kaggle credentials anywhere (an empty HOME, no KAGGLE_* variables) and a fresh `import kaggle`, which
+    authenticates at import time; the kaggle client's HTTP is Kaggle's servers, unreachable (requests' adapter)."""
+    for name in list(os.environ):
+        if name.startswith("KAGGLE_") or name == "XDG_CONFIG_HOME":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delitem(sys.modules, "kaggle", raising=False)
+
+    def unreachable(self, request, **kwargs):
+        raise requests.ConnectionError(f"cannot reach {request.url}")
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", unreachable)
+    return tmp_path
+
+
+def test_api_without_credentials_names_every_way_to_give_them(kaggle_env, capsys):
+    with pytest.raises(kaggle.KaggleLoginError, match="no Kaggle credentials were found. Create an API token"):
+        kaggle.api()
+    assert "kaggle" not in sys.modules  # nothing imported, nothing printed
+    assert capsys.readouterr().out == ""
+
+
+def test_api_with_a_legacy_key_logs_in_without_the_network(kaggle_env, monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef")
+    client = kaggle.api()
+    assert type(client).__name__ == "KaggleApi" and client._authenticated
+    assert kaggle.api() is client  # authenticated once
+
+
+def test_api_with_credentials_kaggle_refuses_is_one_line_without_kaggles_help_text(kaggle_env, monkeypatch, capsys):
+    config = kaggle_env / "config"
+    config.mkdir()
+    (config / "kaggle.json").write_text("{}")  # a kaggle.json without username and key
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(config))
+    with pytest.raises(kaggle.KaggleLoginError) as error:
+        kaggle.api()
+    assert str(error.value).startswith(f"Kaggle did not accept the credentials from {config / 'kaggle.json'}. ")
+    assert capsys.readouterr().out == ""  # kaggle's own help text (printed before its exit(1)) is held back
+
+
+def test_api_with_a_token_and_kaggle_unreachable_says_so(kaggle_env, monkeypatch):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "a-token")
+    with pytest.raises(
+        kaggle.KaggleLoginError, match="could not log in to Kaggle with KAGGLE_API_TOKEN: .*cannot reach"
+    ):
+        kaggle.api()
+
+
+def test_api_without_the_kaggle_package_says_what_to_install(kaggle_env, monkeypatch):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "a-token")
+    monkeypatch.setitem(sys.modules, "kaggle", None)  # as if it were not installed
+    with pytest.raises(kaggle.KaggleLoginError, match=r"cannot import the kaggle package .*: pip install kaggle six"):
+        kaggle.api()

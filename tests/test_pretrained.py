@@ -481,7 +481,7 @@ def test_lpips_metric_uses_the_same_files_and_names_its_own_way_out(torch_home, 
     assert float(lpips(images01, images01).abs().max()) < 1e-6 and float(expected.min()) > 0
 
 
-def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_home, served, monkeypatch):
+def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_home, served, monkeypatch, vgg16_file):
     from vaehelpers.train import check_pretrained
 
     cfg = build_config("tiny", "ldm")
@@ -491,7 +491,7 @@ def test_notebook_check_downloads_what_the_recipe_needs_or_says_why_not(torch_ho
     assert "\n" not in str(error.value) and "invalid hash value" in str(error.value) and VGG16 in str(error.value)
     assert list((torch_home / "hub" / "checkpoints").iterdir()) == []
 
-    served["body"] = payload = b"good bytes"
+    served["body"] = payload = vgg16_file.read_bytes()  # a file that loads: check_pretrained loads what it fetched
     entry = pretrained.REGISTRY["vgg16"]
     monkeypatch.setitem(
         pretrained.REGISTRY,

@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -35,6 +37,7 @@ from vaehelpers.config import (
     TrainConfig,
     flag_settings,
 )
+from vaehelpers.runlock import lock_run_of
 
 # Exit status 3: the command completed, but bad input files were skipped (each reported with path and reason).
 EXIT_SKIPPED_FILES = 3
@@ -265,6 +268,11 @@ def add_evaluate_parser(verbs: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    with lock_run_of(args.json, "`vaehelpers evaluate`") if args.json else contextlib.nullcontext():
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from vaehelpers import metrics
     from vaehelpers.compare import DEFAULT_IMAGE_SIZE, open_model
     from vaehelpers.dataset import ImageFolderDataset
@@ -389,12 +397,16 @@ def add_convert_parser(verbs: Any) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from vaehelpers import weights
     from vaehelpers.model import AutoencoderKL
+    from vaehelpers.rundir import refuse_to_overwrite
 
+    refuse_to_overwrite(args.dest)  # before reading a large source: checked again under the lock
     loaded = weights.load(args.src)
     for note in loaded.notes:
         print(f"note: {note}")
     model = AutoencoderKL.from_weights(loaded)
-    dest = weights.export(model, args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
+    with lock_run_of(args.dest, "`vaehelpers convert`"):
+        refuse_to_overwrite(args.dest)
+        dest = weights.export(model, args.dest, args.to, sample_size=args.sample_size or loaded.sample_size)
     config = loaded.config
     widths = [config.base_channels * m for m in config.channel_multipliers]
     print(
@@ -428,6 +440,11 @@ def add_scale_parser(verbs: Any) -> None:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    with lock_run_of(args.run, "`vaehelpers scale`"):  # a training there refuses it (and it refuses a training)
+        return _scale(args)
+
+
+def _scale(args: argparse.Namespace) -> int:
     import dataclasses
 
     from vaehelpers import rundir
@@ -743,17 +760,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where an unexpected error (a bug) is reported: the project's issue tracker.
+BUG_REPORT = (
+    "this is a bug in vaehelpers, please report it: open an issue in the vaehelpers repository you installed it "
+    "from, with the command, the traceback above and the output of `vaehelpers doctor`"
+)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The failures that are bad input or a broken environment (a missing or corrupt file, a full or read-only disk,
+    no network): one line, exit 1. torch reports a failed write as a RuntimeError, safetensors as a SafetensorError."""
+    from safetensors import SafetensorError
+
+    return (ValueError, KeyError, OSError, RuntimeError, SafetensorError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the data scan's reports and progress notes
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError, RuntimeError) as error:
+    except expected_errors() as error:
         # expected failures (bad input, missing weights, ...) get one clear line; VAEHELPERS_DEBUG=1 shows the traceback
         if os.environ.get("VAEHELPERS_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"vaehelpers {args.verb}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print(f"vaehelpers {args.verb}: unexpected error: {BUG_REPORT}", file=sys.stderr)
         return 1
 
 

@@ -147,8 +147,10 @@ def compare(
     from vaehelpers.latents import latent_statistics
     from vaehelpers.runtime import resolve_device
 
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     out = Path(out)
+    if out.exists() and not out.is_dir():  # before any work: the results could not be written
+        raise NotADirectoryError(f"--out {out} is a file, not a folder: choose a folder for compare's results")
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     failed: list[dict[str, str]] = []
     notes: list[str] = []
     opened: list[tuple[str, AutoencoderKL, weights.Weights]] = []
@@ -157,6 +159,8 @@ def compare(
             opened.append((str(src), *open_model(src, device)))
         except Exception as error:  # any reason a model cannot be read: name it and go on with the others
             failed.append({"name": _label(str(src)), "source": str(src), "reason": f"cannot load: {_one_line(error)}"})
+    if not opened:
+        raise NothingMeasuredError(f"no model could be measured: {_failures(failed)}")
     size = image_size or next((int(w.sample_size) for _, _, w in opened if w.sample_size), None) or DEFAULT_IMAGE_SIZE
     dataset = ImageFolderDataset(data, split=split, image_size=size, resize="crop", augment=False, cache_dir=cache_dir)
     lpips_fn, inception, rfid_reason = _shared_backbones(lpips, fid_on, weights_dir, device, notes)
@@ -239,7 +243,17 @@ def compare(
     }
     metrics.write_json(result, out / "compare.json")
     (out / "compare.md").write_text(format_report(result) + "\n")
+    if not rows:
+        raise NothingMeasuredError(f"no model could be measured: {_failures(failed)} (written to {out / 'compare.md'})")
     return result
+
+
+class NothingMeasuredError(RuntimeError):
+    """Every model given to compare failed (to load, or on the images): there is no result; the message says why."""
+
+
+def _failures(failed: list[dict[str, str]]) -> str:
+    return "; ".join(f"{failure['source']}: {failure['reason']}" for failure in failed)
 
 
 def _one_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -341,6 +342,8 @@ SMOKE_RUN: dict[str, Any] = {
     "lr": 1e-3,
     "perceptual_weight": 0.0,
 }
+# Seconds a network step (pretrained files, Hub snapshots) waits to connect, and then for each read, before it fails
+NETWORK_TIMEOUT_S = 60.0
 DEMO_MINUTES = 3.0  # `make demo` / `vaehelpers demo`: the training budget of the smoke run's notebook 04
 # What `vaehelpers doctor`'s live check trains when not told: on a GPU the reference run's model, size and batch;
 # on a CPU the tiny preset at 64 px, which keeps the whole check near a minute on 2 cores.
@@ -356,6 +359,10 @@ def run_settings(smoke: bool = False) -> dict[str, Any]:
 T = TypeVar("T")
 
 
+class SettingTypeError(TypeError, ValueError):
+    """A setting given a value of the wrong type (e.g. --set loss.kl_weight=abc): bad input, so also a ValueError."""
+
+
 def _coerce(value: Any, like: Any, name: str) -> Any:
     """Check value against the type of the default `like` (ints widen to floats); raise naming the key."""
     if isinstance(like, tuple) and isinstance(value, (list, tuple)):
@@ -364,24 +371,26 @@ def _coerce(value: Any, like: Any, name: str) -> Any:
         return float(value)
     if type(value) is type(like):
         return value
-    raise TypeError(f"setting {name!r}: expected {type(like).__name__}, got {value!r}")
+    raise SettingTypeError(f"setting {name!r}: expected {type(like).__name__}, got {value!r}")
 
 
-def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
-    """Return a copy of a config dataclass with dotted-key overrides applied; unknown keys raise."""
+def apply_overrides(cfg: T, overrides: dict[str, Any], _prefix: str = "") -> T:
+    """Return a copy of a config dataclass with dotted-key overrides applied; unknown keys raise.
+
+    Errors name the whole dotted key (_prefix: the part above cfg, for nested dataclasses)."""
     cfg = dataclasses.replace(cfg)
     for key, value in overrides.items():
         target, *rest = key.split(".", 1)
         names = {f.name for f in fields(cfg)}
         if target not in names:
-            raise KeyError(f"unknown setting {key!r} for {type(cfg).__name__}; known: {sorted(names)}")
+            raise KeyError(f"unknown setting {_prefix + key!r} for {type(cfg).__name__}; known: {sorted(names)}")
         current = getattr(cfg, target)
         if rest:
-            setattr(cfg, target, apply_overrides(current, {rest[0]: value}))
+            setattr(cfg, target, apply_overrides(current, {rest[0]: value}, f"{_prefix}{target}."))
         elif dataclasses.is_dataclass(current):
             setattr(cfg, target, from_dict(type(current), value))
         else:
-            setattr(cfg, target, _coerce(value, current, key))
+            setattr(cfg, target, _coerce(value, current, _prefix + key))
     return cfg
 
 
@@ -532,3 +541,93 @@ def saved_train_config(values: dict[str, Any]) -> TrainConfig:
     if isinstance(values.get("recipe"), str):
         values["recipe"] = canonical_recipe(values["recipe"], notice=False)
     return from_dict(TrainConfig, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every setting checked before a run creates anything
+
+
+def _flag(key: str) -> str:
+    """How a user sets `key` on the command line: its `train` flag (--image-size), else --set."""
+    flag = flag_of(key)
+    return f"{flag} (setting {key})" if flag else f"--set {key}"
+
+
+def _literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """{field name: allowed values} of a config dataclass's Literal-typed fields."""
+    hints = get_type_hints(cls)
+    return {name: get_args(hint) for name, hint in hints.items() if get_origin(hint) is Literal}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every setting's type and range; raise ValueError naming the flag (or --set key) and the rule.
+
+    Called before a run creates anything (train, launch): a bad value stops it with one line and no run directory.
+    """
+    problems: list[str] = []
+
+    def check(key: str, ok: bool, rule: str) -> None:
+        if not ok and not problems:  # the first problem is the one line reported
+            section, _, name = key.rpartition(".")
+            value = getattr(getattr(cfg, section) if section else cfg, name)
+            problems.append(f"{_flag(key)} = {value!r}: {rule}")
+
+    for section, obj in (("", cfg), ("model.", cfg.model), ("data.", cfg.data), ("loss.", cfg.loss)):
+        for f in fields(obj):
+            key, value = section + f.name, getattr(obj, f.name)
+            like = getattr(type(obj)(), f.name) if not dataclasses.is_dataclass(value) else None
+            if like is not None and not isinstance(like, tuple):
+                try:
+                    _coerce(value, like, key)
+                except SettingTypeError:
+                    check(key, False, f"must be {type(like).__name__}")
+            if isinstance(value, float):
+                check(key, math.isfinite(value), "must be a finite number")
+        for name, choices in _literal_choices(type(obj)).items():
+            check(section + name, getattr(obj, name) in choices, f"must be one of {', '.join(map(str, choices))}")
+    if problems:
+        raise ValueError(problems[0])
+    factor = cfg.model.downsample_factor
+    size = cfg.data.image_size
+    check("data.image_size", size >= factor and size % factor == 0, f"must be a positive multiple of {factor}")
+    check("batch_size", cfg.batch_size >= 1, "must be at least 1")
+    check("lr", cfg.lr > 0, "must be positive")
+    check("lr_per_image", cfg.lr_per_image >= 0, "must be 0 (off) or positive")
+    check("epochs", cfg.epochs >= 1, "must be at least 1")
+    check("max_steps", cfg.max_steps >= 0, "must be 0 (no step limit) or positive")
+    check("max_minutes", cfg.max_minutes >= 0, "must be 0 (no time limit) or positive")
+    for key in ("checkpoint_every", "log_every", "max_bad_steps"):
+        check(key, getattr(cfg, key) >= 1, "must be at least 1")
+    for key in ("warmup_steps", "weight_decay", "grad_clip"):
+        check(key, getattr(cfg, key) >= 0, "must be 0 (off) or positive")
+    check("ema_decay", 0 <= cfg.ema_decay < 1, "must be 0 (off) or in (0, 1), e.g. 0.999")
+    check("betas", len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "must be two numbers in [0, 1)")
+    check("preset", cfg.preset in (*MODEL_PRESETS, "custom"), f"must be one of {', '.join(MODEL_PRESETS)}")
+    check("recipe", canonical_recipe(cfg.recipe, notice=False) in RECIPES, f"must be one of {', '.join(RECIPES)}")
+    check("data.data_dir", bool(cfg.data.data_dir), "must name the image folder (--data)")
+    check("data.test_fraction", 0 <= cfg.data.test_fraction < 1, "must be in [0, 1)")
+    check("data.num_workers", cfg.data.num_workers >= 0, "must be 0 or more")
+    check("data.cache_workers", cfg.data.cache_workers >= 0, "must be 0 (every core) or more")
+    for key in (
+        "reconstruction_weight",
+        "perceptual_weight",
+        "kl_weight",
+        "kl_warmup_epochs",
+        "disc_weight",
+        "disc_lr",
+    ):
+        check(f"loss.{key}", getattr(cfg.loss, key) >= 0, "must be 0 (off) or positive")
+    check("loss.disc_start", cfg.loss.disc_start >= 0, "must be 0 or more")
+    check("loss.seed_scale", cfg.loss.seed_scale > 0, "must be positive")
+    model = cfg.model
+    check("model.channel_multipliers", len(model.channel_multipliers) >= 1 and min(model.channel_multipliers) >= 1,
+          "must be one or more positive integers")  # fmt: skip
+    for key in ("base_channels", "layers_per_block", "latent_channels", "norm_num_groups", "in_channels"):
+        check(f"model.{key}", getattr(model, key) >= 1, "must be at least 1")
+    if not problems and model.channel_multipliers:
+        widths = [model.base_channels * m for m in model.channel_multipliers]
+        check("model.norm_num_groups", all(w % model.norm_num_groups == 0 for w in widths),
+              f"must divide every width {widths}")  # fmt: skip
+    check("model.scaling_factor", model.scaling_factor > 0, "must be positive")
+    if problems:
+        raise ValueError(problems[0])

@@ -18,6 +18,7 @@ from vaehelpers.images import (
     MAX_PIXELS,
     MIN_SIZE,
     BadImageError,
+    NoImagesError,
     Resize,
     ScanReport,
     Split,
@@ -84,6 +85,21 @@ def _file_stat(path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Dataset
+
+
+def check_data_dir(data: DataConfig) -> None:
+    """Raise before a run starts (FileNotFoundError, NoImagesError: one line naming the folder) unless data.data_dir
+    is a folder whose train split holds at least one image file (their contents are checked when the run reads them).
+    """
+    root = Path(data.data_dir).expanduser()
+    all_files = list_images(root)
+    train_files = select_split(all_files, root, "train", data.test_fraction)
+    if all_files and not train_files:
+        raise NoImagesError(
+            f"the train split of {root} is empty: its {len(all_files)} image file(s) all hash into the test split; "
+            "training needs more images (about 90% of a folder's files go to train)"
+        )
+    ScanReport(root=root, split="train", good=train_files).raise_if_empty(len(all_files))
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

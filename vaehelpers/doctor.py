@@ -208,6 +208,7 @@ def run(
     """
     from vaehelpers.runtime import choose_precision, resolve_device
 
+    check_arguments(image_size, batch_size, steps)
     started = time.monotonic()
     report = DoctorReport()
     log("vaehelpers doctor")
@@ -266,6 +267,19 @@ def run(
             )
         )
     return finish()
+
+
+def check_arguments(image_size: int | None, batch_size: int | None, steps: int) -> None:
+    """ValueError naming the flag before any work: the live check needs a step to resume from and a size the
+    model can take (a positive multiple of 8)."""
+    if steps < 1:
+        raise ValueError(
+            f"--steps {steps}: the live check needs at least 1 step (it checkpoints, then resumes one more)"
+        )
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: must be at least 1")
+    if image_size is not None and (image_size < 8 or image_size % 8):
+        raise ValueError(f"--image-size {image_size}: must be a positive multiple of 8")
 
 
 def live_check(

@@ -261,7 +261,7 @@ class ScanReport:
         if n_files:
             raise NoImagesError(
                 f"split {self.split!r} of {self.root} is empty: its {n_files} image files all hash "
-                f"into the other split (use split='all' for a small folder)"
+                f"into the other split (use --split all, or split='all' in Python, for a small folder)"
             )
         raise NoImagesError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {self.root}")
 

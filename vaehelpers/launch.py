@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch.multiprocessing.spawn import ProcessException
 
-from vaehelpers.config import TrainConfig
+from vaehelpers.config import TrainConfig, validate
+from vaehelpers.dataset import check_data_dir
 from vaehelpers.rundir import resume_config
 from vaehelpers.runlock import LOCKED_BY_PARENT_ENV, RunLock
 from vaehelpers.train import TrainResult, check_pretrained, train
@@ -54,6 +55,8 @@ def launch(
         if not resume:
             raise ValueError(f"launch({str(cfg)!r}): a run directory is resumed; pass resume=True (or a TrainConfig)")
         cfg = resume_config(cfg)
+    validate(cfg)  # bad settings, an unusable data folder or a missing file stop here, before the run dir is locked
+    check_data_dir(cfg.data)
     check_pretrained(cfg, train_kwargs.get("perceptual_backbone"))  # a missing file stops here, not in N processes
     nproc = nproc or max(1, torch.cuda.device_count())
     if nproc == 1:

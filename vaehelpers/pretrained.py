@@ -13,13 +13,21 @@ the file, the folders searched and the three ways out.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Iterable
+import pickle
+import socket
+import time
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vaehelpers.config import NETWORK_TIMEOUT_S
 
 WEIGHTS_ENV = "VAEHELPERS_WEIGHTS"  # a folder of pretrained files, when --weights-dir is not given
 
@@ -189,14 +197,39 @@ def load_state_dict(name: str, weights_dir: str | Path | None = None, *, instead
     return _load(entry(name), path)
 
 
-def _load(item: Pretrained, path: Path) -> dict[str, Any]:
+def check(name: str, weights_dir: str | Path | None = None) -> Path:
+    """The path of `name`'s file once it is found and loads (memory-mapped: seconds, even for VGG16's 528 MB).
+
+    Raises MissingWeightsError or BadWeightsError (one line naming the file and the fix): what train checks
+    before the run directory is created.
+    """
+    path = require(name, weights_dir)
+    _load(entry(name), path, mmap=True)
+    return path
+
+
+def sha256_matches(item: Pretrained, path: Path) -> bool:
+    """Whether the file's SHA-256 starts with the registered prefix (the check torch applies when downloading)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest().startswith(item.sha256_prefix)
+
+
+def _load(item: Pretrained, path: Path, *, mmap: bool = False) -> dict[str, Any]:
     advice = "delete it and run `vaehelpers weights download`, or put a good copy in --weights-dir"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap reads only what is touched; torch offers it for its zip format only (not the LPIPS layers' legacy file)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # truncated, not a checkpoint, or a pickle that would run code: all unusable
-        raise BadWeightsError(
-            f"{path} does not load ({type(error).__name__}: {str(error).splitlines()[0]}): {advice}"
-        ) from error
+        # torch's own message for these advises weights_only=False: wrong for a file that is corrupt or not ours
+        reason = (
+            "not a checkpoint of tensors: corrupt, truncated, or a pickle that would run code"
+            if isinstance(error, pickle.UnpicklingError)
+            else f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+        )
+        raise BadWeightsError(f"{path} does not load ({reason}): {advice}") from error
     if not isinstance(state, dict):
         raise BadWeightsError(f"{path} holds a {type(state).__name__}, not a state dict: {advice}")
     expected = _expected(item)
@@ -219,7 +252,9 @@ def status(weights_dir: str | Path | None = None, names: Iterable[str] | None = 
     """One row per pretrained file: name, purpose, file, looked_in [places], path (or None), found, loads, problem.
 
     loads is True when the file reads with torch.load(weights_only=True) and has the expected keys and shapes,
-    False (with `problem`) when it does not, None when it was not found.
+    False (with `problem`) when it does not, None when it was not found. A file in the torch hub cache (where
+    `download` puts them) is also checked against its registered SHA-256 prefix: one that differs (truncated,
+    corrupt) is a problem that `vaehelpers weights download` fixes by replacing it.
     """
     rows = []
     for name in names or REGISTRY:
@@ -227,10 +262,15 @@ def status(weights_dir: str | Path | None = None, names: Iterable[str] | None = 
         loads, problem = None, ""
         if path is not None:
             try:
-                _load(item, path)
+                _load(item, path, mmap=True)
                 loads = True
             except BadWeightsError as error:
                 loads, problem = False, str(error)
+            if path.parent == hub_checkpoints() and not sha256_matches(item, path):  # the more precise problem
+                problem = (
+                    f"{path} does not match its SHA-256 (expected {item.sha256_prefix}...): a corrupt or partial "
+                    "copy; `vaehelpers weights download` replaces it"
+                )
         rows.append(
             {
                 "name": name,
@@ -274,33 +314,68 @@ def format_status(rows: list[dict[str, Any]]) -> str:
 
 
 def download(
-    dest: str | Path | None = None, names: Iterable[str] | None = None, *, progress: bool = True, say: Any = print
+    dest: str | Path | None = None,
+    names: Iterable[str] | None = None,
+    *,
+    progress: bool = True,
+    say: Any = print,
+    timeout_s: float | None = None,
 ) -> list[Path]:
     """Fetch pretrained files with torch.hub.download_url_to_file, checking each one's SHA-256 prefix.
 
-    dest: the folder to fill (default: the torch hub cache, where the files are looked for). A file already
-    there (or, with no dest, found anywhere) is kept. A download whose hash does not match is refused and leaves
-    no file (torch writes to a .partial file and moves it only when the hash matches). Returns the paths.
-    Raises RuntimeError (one line, naming the URL) on the first failure.
+    dest: the folder to fill (default: the torch hub cache, where the files are looked for). A good file already
+    there (or, with no dest, found anywhere) is kept; one in dest whose SHA-256 differs (corrupt, truncated) is
+    downloaded again and replaced. A download whose hash does not match is refused and leaves no file (torch
+    writes to a .partial file and moves it only when the hash matches); the .partial files of downloads that
+    were killed are removed. timeout_s (default NETWORK_TIMEOUT_S): the most seconds to wait for the connection
+    and for each read. Returns the paths. Raises RuntimeError (one line, naming the URL) on the first failure.
     """
+    timeout_s = timeout_s or NETWORK_TIMEOUT_S
     target = Path(dest).expanduser() if dest else hub_checkpoints()
     target.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names or REGISTRY:
         item = entry(name)
-        present = target / item.file if (target / item.file).is_file() else (None if dest else find(name))
+        _remove_stale_partials(target, item, timeout_s)
+        path = target / item.file
+        present = path if path.is_file() else (None if dest else find(name))
+        if present == path and not sha256_matches(item, path):
+            say(f"{name}: {path} does not match its SHA-256 (corrupt or partial): downloading it again")
+            present = None
         if present is not None:
             say(f"{name}: already there: {present}")
             paths.append(present)
             continue
-        path = target / item.file
         say(f"{name}: downloading {item.url} -> {path}")
         try:
-            torch.hub.download_url_to_file(item.url, str(path), hash_prefix=item.sha256_prefix, progress=progress)
-        except Exception as error:  # URLError offline, HTTPError, the hash check's RuntimeError
+            with _socket_timeout(timeout_s):
+                torch.hub.download_url_to_file(item.url, str(path), hash_prefix=item.sha256_prefix, progress=progress)
+        except Exception as error:  # URLError offline, HTTPError, a timeout, the hash check's RuntimeError
+            if isinstance(error, (TimeoutError, socket.timeout)) or "timed out" in str(error):
+                error = TimeoutError(f"no answer within {timeout_s:g} s")
+            kept = "the previous file is kept" if path.is_file() else f"nothing was written to {target}"
             raise RuntimeError(
-                f"could not download {item.file} from {item.url} "
-                f"({type(error).__name__}: {error}); nothing was written to {target}"
+                f"could not download {item.file} from {item.url} ({type(error).__name__}: {error}); {kept}"
             ) from error
         paths.append(path)
     return paths
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Give the sockets opened meanwhile a connect and read timeout: torch.hub's downloader sets none of its own."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _remove_stale_partials(folder: Path, item: Pretrained, timeout_s: float) -> None:
+    """Delete torch's <file>.<uuid>.partial files of killed downloads of `item` in folder. A live download writes
+    at least once per timeout_s (else it times out), so one untouched for twice that long is dead."""
+    for partial in folder.glob(f"{item.file}.*.partial"):
+        with contextlib.suppress(OSError):
+            if time.time() - partial.stat().st_mtime > 2 * timeout_s:
+                partial.unlink()

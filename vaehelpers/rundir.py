@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from vaehelpers.config import (
     saved_train_config,
     to_dict,
 )
+from vaehelpers.runlock import try_lock
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -131,20 +133,67 @@ class RunDir:
         """Final weights or a checkpoint (a run that was started)."""
         return self.checkpoint.is_file() or self.weights.is_file()
 
+    def run_files(self) -> list[str]:
+        """The run files present (names relative to the root, e.g. "model.safetensors", "checkpoints/"), sorted."""
+        present = [
+            path for path in (self.config, self.weights, self.log, self.evaluation, self.scale) if path.is_file()
+        ]
+        folders = [path for path in (self.checkpoint.parent, self.tensorboard) if path.is_dir() and any(path.iterdir())]
+        return sorted([path.name for path in present] + [f"{path.name}/" for path in folders])
+
+
+def refuse_to_overwrite(dest: str | Path) -> None:
+    """FileExistsError unless `dest` (a folder to fill, or a file to write) is new or an empty folder."""
+    dest = Path(dest)
+    if dest.is_file():
+        raise FileExistsError(f"{dest} already exists: choose a new destination, or delete it first")
+    present = RunDir(dest).run_files() if dest.is_dir() else []
+    if present:
+        raise FileExistsError(
+            f"{dest} already holds {', '.join(present)}: choose a new destination folder, or delete it first"
+        )
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names the file."""
 
 
+# Temp files of atomic_write: ".<target name>.<random>.tmp" beside the target. Each writer holds an OS lock on its
+# temp file while writing, so a temp file whose lock can be taken was left by a writer that died (kill -9, a crash).
+TEMP_PATTERN = ".*.????????.tmp"  # mkstemp: 8 random characters
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the temp files of killed atomic_write calls in `folder` (live writers' are kept); returns them."""
+    removed = []
+    for temp in Path(folder).glob(TEMP_PATTERN):
+        try:
+            fd = os.open(temp, os.O_RDWR)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            if try_lock(fd):  # nobody writes it any more
+                temp.unlink(missing_ok=True)
+                removed.append(temp)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Write `path` by calling write(temp_path) on a temp file beside it, fsync, then rename over it.
 
-    A reader (or a run killed mid-write) sees either the old file or the new one, never a partial one.
+    A reader (or a run killed mid-write) sees either the old file or the new one, never a partial one; the temp
+    files of writers killed earlier in this folder are removed first. A failed write (a full or read-only disk:
+    OSError, torch's RuntimeError, safetensors' SafetensorError) raises CheckpointError naming the file.
     """
+    from safetensors import SafetensorError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try_lock(fd)  # held until fd closes: marks the temp file as being written (remove_stale_temps)
     tmp = Path(tmp_name)
     try:
         write(tmp)
@@ -153,11 +202,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
+        if isinstance(error, (OSError, RuntimeError, SafetensorError)) and not isinstance(error, CheckpointError):
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            with contextlib.suppress(OSError):  # torch says "unexpected pos 974336 vs 974224" on a full disk
+                free = shutil.disk_usage(path.parent).free
+                if free < 1 << 20 and "No space left" not in reason:
+                    reason = f"no space left on device ({free:,} bytes free; {reason})"
             raise CheckpointError(
-                f"could not write {path}: {error}; the previous file (if any) is untouched"
+                f"could not write {path}: {reason}; the previous file (if any) is untouched"
             ) from error
         raise
+    finally:
+        os.close(fd)
     # fsync the directory so the rename itself survives a power cut
     with contextlib.suppress(OSError):  # some filesystems refuse a directory fsync
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -166,6 +222,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """safetensors.torch.save_file, atomically (our temp name, so a killed writer's temp file is recognised)."""
+    from safetensors.torch import save
+
+    return atomic_write(path, lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -251,19 +316,34 @@ def is_training_run(run_dir: str | Path) -> bool:
 
 
 def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
-    """Create the run directory, check it is writable, and check a resumed run's settings match.
+    """Check the run directory may be written, create it, and check a resumed run's settings match.
 
-    Returns the config to train with: on resume, a latent scale and per-channel statistics measured into
-    config.json are kept.
+    Without resume a directory holding any run file is refused (nothing is overwritten); with resume, one holding
+    final weights but no checkpoint too (a new run would overwrite them). config.json is written here for a new
+    run; a resumed one's changes only once its checkpoint has loaded (train calls write_config then), so a resume
+    that fails leaves it as it was. Returns the config to train with: on resume, a latent scale and per-channel
+    statistics measured into config.json are kept (with a note).
     """
     run = RunDir(cfg.run_dir)
-    if run.checkpoint.exists() and not resume:
+    present = run.run_files()
+    if present and not resume:
         raise FileExistsError(
-            f"{run.root} already holds a checkpoint: pass --resume to continue it, or choose a new --run"
+            f"{run.root} already holds a run ({', '.join(present)}): pass --resume to continue it, "
+            "or choose a new --run directory"
         )
-    if resume and run.checkpoint.exists() and run.config.exists():
-        # a setting added to vaehelpers after the run was saved counts as its default; see saved_train_config
-        saved = _flatten(to_dict(saved_train_config(read_config(run.root))))
+    if resume and not run.checkpoint.exists() and run.weights.exists():
+        raise FileExistsError(
+            f"{run.root} holds final weights ({WEIGHTS_NAME}) but no checkpoints/last.pt: there is nothing to "
+            f"resume, and a new run would overwrite them. Choose a new --run (with --init {run.root} to fine-tune "
+            "from these weights)"
+        )
+    if resume and run.checkpoint.exists():
+        # the settings it was saved with: config.json, else those its checkpoint carries (checked before anything
+        # is written, so that a resume with other settings cannot replace them); a setting added to vaehelpers
+        # after the run was saved counts as its default (saved_train_config)
+        source = run.config.name if run.config.exists() else f"checkpoint {run.checkpoint}"
+        settings = read_config(run.root) if run.config.exists() else _checkpoint_settings(run.checkpoint)
+        saved = _flatten(to_dict(saved_train_config(settings)))  # earlier versions' config.json too
         current = _flatten(to_dict(cfg))
         differing = sorted(
             k
@@ -272,16 +352,25 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
         )
         if differing:
             detail = ", ".join(f"{_named(k)}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
-            raise ValueError(f"cannot resume {run.root}: settings differ from its config.json ({detail})")
+            raise ValueError(f"cannot resume {run.root}: settings differ from its {source} ({detail})")
         measured = {name: saved[f"model.{name}"] for name in MEASURED_MODEL_SETTINGS}
+        if is_main and _norm(measured["scaling_factor"]) != _norm(cfg.model.scaling_factor):
+            print(
+                f"note: keeping scaling_factor {measured['scaling_factor']} that `vaehelpers scale` measured on an "
+                "earlier state of this run; run it again when training ends"
+            )
         cfg = dataclasses.replace(cfg, model=from_dict(ModelConfig, {**to_dict(cfg.model), **measured}))
     if is_main:
-        for stale in run.checkpoint.parent.glob(".*.tmp"):  # left by a process killed while writing
-            stale.unlink(missing_ok=True)
         try:
             run.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             run.figures.mkdir(exist_ok=True)
-            write_config(run.root, cfg)
+            for folder in (run.root, run.checkpoint.parent):  # temp files of a writer killed mid-write
+                remove_stale_temps(folder)
+            if resume and run.checkpoint.exists():
+                if not os.access(run.root, os.W_OK):
+                    raise PermissionError(f"no permission to write in {run.root}")
+            else:
+                write_config(run.root, cfg)
         except (OSError, CheckpointError) as error:
             raise PermissionError(f"run directory {run.root} is not writable: {error}") from error
     return cfg
@@ -290,6 +379,18 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
 def _named(key: str) -> str:
     """A setting as the user gives it: its `train` flag ("--kl-weight"), else its dotted key (for --set)."""
     return flag_of(key) or key
+
+
+def _checkpoint_settings(path: Path) -> dict[str, Any]:
+    """The settings a checkpoint was saved with (train.TrainState.state_dict's "config"), memory-mapped: seconds."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {(str(error).splitlines() or [''])[0]}") from error
+    settings = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"checkpoint {path} holds no settings and its run no config.json: it cannot be resumed")
+    return settings
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -13,6 +13,7 @@ knows not to lock again (LOCKED_BY_PARENT_ENV).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,10 +32,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class RunDirInUse(RuntimeError):
-    """Another process holds the run directory's lock: a training is running there."""
+    """Another process holds the run directory's lock: a training (or scale, convert, evaluate) writes there."""
 
 
-def _try_lock(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     """Take the exclusive lock on an open file without waiting; False when another process holds it."""
     if sys.platform == "win32":  # pragma: no cover - no Windows here
         import msvcrt
@@ -57,8 +58,9 @@ def _try_lock(fd: int) -> bool:
 class RunLock:
     """The exclusive lock on run_dir/.lock; `with RunLock(run_dir):` holds it, or raises RunDirInUse."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, holder: str = "another training") -> None:
         self.run_dir = Path(run_dir)
+        self.holder = holder  # who takes it, as a second process is told: "in use by <holder> (pid ...)"
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
 
@@ -69,19 +71,23 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's details stay readable
         except OSError as error:  # the same words as train's own check of the run directory
             raise PermissionError(f"run directory {self.run_dir} is not writable: {error}") from error
-        if not _try_lock(fd):
+        if not try_lock(fd):
             holder = holder_of(self.path)
             os.close(fd)
             raise RunDirInUse(
-                f"{self.run_dir} is in use by another training ({holder}): wait for it to end, stop "
-                "it, or choose another run directory"
+                f"{self.run_dir} is in use by {holder}: wait for it to end, stop it, or choose another run directory"
             )
         os.ftruncate(fd, 0)  # the lock is ours: replace a dead holder's details with ours
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(
             fd,
             json.dumps(
-                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                {
+                    "by": self.holder,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                }
             ).encode(),
         )
         os.fsync(fd)
@@ -102,14 +108,34 @@ class RunLock:
 
 
 def holder_of(path: str | Path) -> str:
-    """Who holds a lock file, as 'pid N on host H since T' (from the details its holder wrote)."""
+    """Who holds a lock file, as 'another training (pid N on host H since T)' (from the details its holder wrote)."""
     try:
         details = json.loads(Path(path).read_text() or "{}")
     except (OSError, ValueError):
         details = {}
     if not details:
-        return "a process that has not written its details yet"
-    return f"pid {details.get('pid')} on host {details.get('host')} since {details.get('since')}"
+        return "another process (that has not written its details yet)"
+    by = details.get("by", "another training")
+    return f"{by} (pid {details.get('pid')} on host {details.get('host')} since {details.get('since')})"
+
+
+def is_run_dir(folder: str | Path) -> bool:
+    """A folder a training uses or used: it holds config.json or the lock file."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() or (folder / LOCK_NAME).is_file()
+
+
+def lock_run_of(path: str | Path, holder: str) -> contextlib.AbstractContextManager[Any]:
+    """The run lock of the run directory that `path` (a file or folder to be written) lies in, else a no-op.
+
+    For the commands that write into a run directory (scale, convert, evaluate --json): a training there refuses
+    them, and they refuse a training, instead of overwriting each other's files.
+    """
+    path = Path(path)
+    for folder in (path, path.parent):
+        if is_run_dir(folder):
+            return RunLock(folder, holder)
+    return contextlib.nullcontext()
 
 
 def locked_by_parent() -> bool:

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from vaehelpers import rundir
 from vaehelpers.config import TrainConfig, to_dict
-from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.config import validate as validate_settings
+from vaehelpers.dataset import ImageFolderDataset, check_data_dir
 from vaehelpers.distributed import Distributed, init_distributed
 from vaehelpers.imagecache import once_per_machine
 from vaehelpers.latents import reconstruct
@@ -555,15 +556,17 @@ def check_pretrained(cfg: TrainConfig, perceptual_backbone: nn.Module | None = N
                 pretrained.download(names=[name])
             except RuntimeError as error:
                 pretrained.require(name, cfg.weights_dir or None, instead=f"train with --recipe pixel ({error})")
-        pretrained.require(name, cfg.weights_dir or None)
+        pretrained.check(name, cfg.weights_dir or None)  # found and loads: a corrupt file is named here
 
 
 def checks_pretrained(function: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    """Decorate train(cfg, ...): check_pretrained first, within seconds, before the run directory is even locked
-    (and so created), the data read or a model built."""
+    """Decorate train(cfg, ...): the settings and the data folder validated, then check_pretrained, within seconds,
+    before the run directory is even locked (and so created), the data read or a model built."""
 
     @functools.wraps(function)
     def wrapper(cfg: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        validate_settings(cfg)
+        check_data_dir(cfg.data)
         check_pretrained(cfg, kwargs.get("perceptual_backbone"))
         return function(cfg, *args, **kwargs)
 
@@ -620,6 +623,8 @@ def train(
     state = build_state(cfg, model, loss_fn, ddp, precision)
     if resume and run.checkpoint.exists():
         state.load_state_dict(load_checkpoint(run.checkpoint, map_location=device), ddp.rank)
+        if ddp.is_main:  # only now that the checkpoint has loaded (rundir.prepare): a failed resume leaves it as it was
+            rundir.write_config(run.root, cfg)
         say(f"resumed {run.root} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     elif resume:
         say(f"no checkpoint in {run.root}: starting a new run")

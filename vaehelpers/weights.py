@@ -15,24 +15,28 @@ torch.load(weights_only=True): a file that would run code while loading is refus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 
-from vaehelpers.config import ModelConfig, config_diff, from_dict, to_dict
+from vaehelpers.config import NETWORK_TIMEOUT_S, ModelConfig, config_diff, from_dict, to_dict
 from vaehelpers.rundir import (
     CHECKPOINT,
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     RunDir,
+    atomic_write,
     load_checkpoint,
     save_checkpoint,
+    save_safetensors,
     write_config,
 )
 
@@ -543,8 +547,12 @@ def is_hub_id(src: str) -> bool:
     return HUB_ID.fullmatch(src) is not None and not src.endswith((".safetensors", *PICKLE_SUFFIXES))
 
 
-def download_from_hub(repo_id: str) -> Path:
-    """Download a diffusers AutoencoderKL (or a pipeline's vae/) with huggingface_hub; returns the local folder."""
+def download_from_hub(repo_id: str, *, timeout_s: float | None = None) -> Path:
+    """Download a diffusers AutoencoderKL (or a pipeline's vae/) with huggingface_hub; returns the local folder.
+
+    timeout_s (default NETWORK_TIMEOUT_S): the most seconds each request waits to connect and for each read; a
+    stalled connection raises HubDownloadError instead of hanging.
+    """
     advice = (
         f"Without network access (e.g. Kaggle with the internet off), download it where you have network, "
         f"e.g. `hf download {repo_id} --local-dir DIR` (add --include 'vae/*' for a pipeline), or attach it "
@@ -559,7 +567,8 @@ def download_from_hub(repo_id: str) -> Path:
         ) from error
     try:
         for patterns in _HUB_PATTERNS.values():  # safetensors first; the .bin only where there is none
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            with _hub_timeouts(timeout_s or NETWORK_TIMEOUT_S):
+                folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
             if any((folder / sub / name).exists() for sub in ("", "vae") for name in DIFFUSERS_WEIGHTS):
                 return folder
     except Exception as error:  # offline, unknown or gated repo, ...: whatever huggingface_hub raises, say what to do
@@ -571,6 +580,33 @@ def download_from_hub(repo_id: str) -> Path:
         f"{repo_id!r} on the Hub has no diffusers AutoencoderKL weights (config.json + "
         f"{DIFFUSERS_WEIGHTS_NAME}, at the top or in vae/)"
     )
+
+
+@contextlib.contextmanager
+def _hub_timeouts(seconds: float) -> Iterator[None]:
+    """Give every huggingface_hub request made meanwhile a connect and read timeout of `seconds`.
+
+    huggingface_hub's shared httpx client has none, and its repo_info call (the first of snapshot_download) passes
+    timeout=None, which would override a client default: so a request hook sets each request's own timeout.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import _http
+
+    previous = _http._GLOBAL_CLIENT_FACTORY  # the user's own factory where one was set; restored below
+
+    def limit(request: Any) -> None:
+        request.extensions["timeout"] = {"connect": seconds, "read": seconds, "write": seconds, "pool": seconds}
+
+    def factory() -> Any:
+        client = previous()
+        client.event_hooks["request"] = [*client.event_hooks["request"], limit]
+        return client
+
+    huggingface_hub.set_client_factory(factory)
+    try:
+        yield
+    finally:
+        huggingface_hub.set_client_factory(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,13 +656,12 @@ def _write_diffusers(model: Model, dest: Path, sample_size: int | None) -> Path:
     """A folder that diffusers.AutoencoderKL.from_pretrained(dest) loads: config.json (with the model's
     scaling_factor, and latents_mean/latents_std where measured) + diffusion_pytorch_model.safetensors.
     sample_size: the image size it was trained at (default 128; diffusers uses it as the tile size when tiling is on)."""
-    from safetensors.torch import save_file
-
     settings = diffusers_config(model.config, sample_size or 128)  # raises before anything is written
     dest.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu_tensors(model.state_dict()), str(dest / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(_cpu_tensors(model.state_dict()), dest / DIFFUSERS_WEIGHTS_NAME, metadata={"format": "pt"})
     # diffusers' own config.json (not a vaehelpers run's): diffusers writes it with sorted keys
-    (dest / CONFIG_NAME).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+    atomic_write(dest / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return dest
 
 
@@ -643,9 +678,7 @@ def _write_ldm(model: Model, dest: Path, prefix: str = "") -> Path:
     tensors = {prefix + key: value for key, value in rename_keys(_cpu_tensors(model.state_dict()), "ldm").items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(dest), metadata={"format": "pt", METADATA_CONFIG: json.dumps(to_dict(model.config))})
+        save_safetensors(tensors, dest, metadata={"format": "pt", METADATA_CONFIG: json.dumps(to_dict(model.config))})
     else:
         save_checkpoint({"state_dict": tensors}, dest)
     return dest
@@ -658,8 +691,6 @@ def _write_run_dir(model: Model, dest: Path) -> None:
     must equal this model's, else a ValueError is raised before anything is written (a later load would
     otherwise build the wrong model). An existing bare ModelConfig dict is rewritten in the {"model": ...} form.
     """
-    from safetensors.torch import save_file
-
     run = RunDir(dest)
     existing = json.loads(run.config.read_text()) if run.config.exists() else None
     keep_config = isinstance(existing, dict) and "model" in existing
@@ -673,7 +704,7 @@ def _write_run_dir(model: Model, dest: Path) -> None:
     elif existing is not None:
         from_dict(ModelConfig, existing)  # raises unless it is a bare model config
     run.root.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu_tensors(model.state_dict()), str(run.weights), metadata={"format": "pt"})
+    save_safetensors(_cpu_tensors(model.state_dict()), run.weights, metadata={"format": "pt"})
     if not keep_config:
         write_config(run.root, {"model": to_dict(model.config)})
 
