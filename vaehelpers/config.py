@@ -116,6 +116,14 @@ class TrainConfig:
     log_every: int = 1  # steps between log.csv rows
     image_every: int = 0  # steps between TensorBoard image grids; 0: at checkpoints only
     max_bad_steps: int = 20  # non-finite losses in a row before the run stops
+    # fp16 headroom (headroom.py): optimiser steps between measurements of each block's peak |activation| (0: never;
+    # an fp16 forward that overflows is caught, its block moved to fp32 and the step redone either way)
+    headroom_every: int = 100
+    # the fraction of fp16's 65504 at which a block moves to fp32: 0.25 = within 4x of overflow
+    headroom_threshold: float = 0.25
+    # measure headroom in bf16 and fp32 runs too (e.g. a bf16-trained model bound for a T4); blocks move to fp32
+    # in fp16 runs only
+    headroom_any_precision: bool = False
     seed: int = 0
     init_from: str = ""  # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see weights.py
     freeze_encoder: bool = False  # train only the decoder (as SD's ft-MSE VAE did)

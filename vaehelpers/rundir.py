@@ -39,6 +39,9 @@ RESUMABLE_CHANGES = {
     "image_every",
     "run_dir",
     "max_bad_steps",
+    "headroom_every",  # when headroom is measured, not what the run is (like log_every)
+    "headroom_threshold",
+    "headroom_any_precision",
     "data.data_dir",
     "data.num_workers",
     "data.cache",
