@@ -300,6 +300,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ops=args.ops,
         with_diffusers=not args.no_diffusers,
         ablate=args.ablate,
+        headroom=args.headroom,
         peak_tflops=args.peak_tflops,
         data_path=args.data_path or "auto",
         data_workers=args.workers,
@@ -624,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-diffusers", action="store_true", help="time ours only")
     bench.add_argument(
         "--ablate", action="store_true", help="also time ours in fp32 and ours without the fused upsampler"
+    )
+    bench.add_argument(
+        "--headroom",
+        action="store_true",
+        help="also time ours with fp16 headroom tracking on (every train step a measurement step)",
     )
     bench.add_argument(
         "--data-path",

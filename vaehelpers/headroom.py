@@ -11,6 +11,7 @@ float32): diffusers' force_upcast, per block. Which blocks run in float32 is tra
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,11 @@ class Probe:
 
     def input_peaks(self) -> torch.Tensor:
         return self._stack(self.inputs)
+
+
+def _severity(peak: float) -> float:
+    """A peak for comparisons: NaN (an overflow's usual result) counts as inf."""
+    return float("inf") if math.isnan(peak) else peak
 
 
 @dataclass
@@ -188,15 +194,14 @@ class HeadroomGuard:
         """Keep a measurement (host floats, one per block) as the latest and in the worst seen; returns its rows."""
         self.last = [BlockHeadroom(name, peak, name in self.fp32) for (name, _), peak in zip(self.blocks, peaks)]
         for row in self.last:
-            seen = self.worst_seen.get(row.name, 0.0)
-            self.worst_seen[row.name] = row.peak if not row.peak <= seen else seen  # NaN/inf stick
+            self.worst_seen[row.name] = max(self.worst_seen.get(row.name, 0.0), row.peak, key=_severity)
         return self.last
 
     def worst(self) -> BlockHeadroom | None:
         """The latest measurement's block with the largest peak (an overflow first)."""
         if not self.last:
             return None
-        return max(self.last, key=lambda row: row.peak if row.peak == row.peak else float("inf"))
+        return max(self.last, key=lambda row: _severity(row.peak))
 
     def to_upcast(self, peaks: list[float], input_peaks: list[float]) -> list[str]:
         """The blocks to move to float32 after a measurement: every block at or over the threshold and, when a

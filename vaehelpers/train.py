@@ -859,15 +859,9 @@ def train(
                         if state.scaler.is_enabled()
                         else {}
                     )
-                    headroom = (
-                        {
-                            "fp32_blocks": len(guard.fp32),
-                            "headroom_block": guard.worst().name,
-                            "headroom/worst": guard.worst().fraction,
-                        }
-                        if measured
-                        else {}
-                    )
+                    headroom = {"fp32_blocks": len(guard.fp32)} if guard is not None and guard.fallback else {}
+                    if measured:
+                        headroom.update(headroom_block=guard.worst().name, **{"headroom/worst": guard.worst().fraction})
                     skipped_at_row = state.scaler_skipped
                     log.row(
                         {
