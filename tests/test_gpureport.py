@@ -49,7 +49,7 @@ def test_gpu_report_on_cpu_writes_every_section(tmp_path):
         assert f"ours {precision} headroom" in page and f"diffusers {precision}" in page
         assert re.search(rf"- {precision}: a measured train step [\d.]+ ms vs [\d.]+ ms \([+-][\d.]+%\)", page)
     # the headroom table per precision: 14 blocks each, fractions far below 0.25 for a fresh model
-    tables = re.findall(r"^  (encoder|decoder)\.\S+\s+(autocast|fp32)\s+\S+\s+([\d.]+)", page, re.MULTILINE)
+    tables = re.findall(r"^  (encoder|decoder)\.\S+\s+(fp32|bf16|fp16)\s+\S+\s+(\S+)$", page, re.MULTILINE)
     assert len(tables) >= 3 * 14 and all(float(fraction) < 0.01 for *_, fraction in tables)
     assert re.search(r"tiny preset, 32 px, \w+: \d+ recommended from memory", page)
     assert "not run: 0 GPU(s) visible (needs 2)" in page and "## GPU-only tests\n\nnot run: no GPU" in page

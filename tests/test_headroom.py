@@ -73,7 +73,7 @@ def test_measure_finds_the_block_that_overflows_and_fp32_there_cures_it():
     cured = {row.name: row for row in measure(model, images, "fp16", guard)}
     assert all(math.isfinite(row.peak) for row in cured.values())
     assert cured[HOT_BLOCK].fp32 and cured[HOT_BLOCK].peak > FP16_MAX  # ~1e6, fine in fp32
-    assert "above fp16's range" in format_table(list(cured.values()))
+    assert "above fp16's range" in format_table(list(cured.values()), "fp16")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         assert torch.isfinite(model(images)[0]).all()
     # non-finite images are not a block's fault: nothing to move, the step is skipped as before

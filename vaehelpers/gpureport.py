@@ -168,7 +168,7 @@ def section_headroom(device: torch.device, scale: Scale, facts: dict[str, Any]) 
     for precision in precisions_on(device):
         rows = measure(model, images, precision)
         facts.setdefault("headroom", {})[precision] = list(iter_rows_as_facts(rows))
-        parts.append(f"### {precision}\n\n" + _code(format_table(rows)))
+        parts.append(f"### {precision}\n\n" + _code(format_table(rows, precision)))
     return "\n".join(parts)
 
 

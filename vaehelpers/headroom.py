@@ -116,10 +116,11 @@ class BlockHeadroom:
         return self.peak / FP16_MAX
 
 
-def format_table(rows: list[BlockHeadroom], threshold: float = DEFAULT_THRESHOLD) -> str:
-    """A per-block table: block, runs in, peak |activation|, fraction of 65504, and a mark at the threshold."""
+def format_table(rows: list[BlockHeadroom], precision: str, threshold: float = DEFAULT_THRESHOLD) -> str:
+    """A per-block table: block, what it runs in (`precision`, or fp32 for a block moved there), peak |activation|,
+    that as a fraction of 65504, and a mark at the threshold."""
     width = max((len(row.name) for row in rows), default=5)
-    lines = [f"  {'block':<{width}}  runs in  {'peak |act|':>11}  of 65504"]
+    lines = [f"  {'block':<{width}}  runs in  {'peak |act|':>11}  {'of 65504':>9}"]
     for row in rows:
         if not row.peak < float("inf"):
             mark = " OVERFLOW"
@@ -128,7 +129,7 @@ def format_table(rows: list[BlockHeadroom], threshold: float = DEFAULT_THRESHOLD
         else:
             mark = " near" if row.fraction >= threshold else ""
         lines.append(
-            f"  {row.name:<{width}}  {'fp32' if row.fp32 else 'autocast':<7}  {row.peak:>11.4g}  {row.fraction:>8.4f}{mark}"
+            f"  {row.name:<{width}}  {'fp32' if row.fp32 else precision:<7}  {row.peak:>11.4g}  {row.fraction:>9.2e}{mark}"
         )
     return "\n".join(lines)
 

@@ -922,7 +922,7 @@ def train(
             say(
                 f"headroom at {precision} (peak |activation| per block on {len(fixed_images)} held-out images, "
                 f"step {state.step}; fp32 blocks: {', '.join(state.guard.fp32) or 'none'}):\n"
-                + format_table(rows, state.guard.threshold)
+                + format_table(rows, precision, state.guard.threshold)
             )
     ddp.close()
     return TrainResult(
