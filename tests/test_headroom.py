@@ -148,3 +148,21 @@ def test_a_healthy_model_never_switches_and_the_log_gets_its_worst_block(images,
     assert "now runs in fp32" not in printed and "overflowed" not in printed
     assert "headroom at fp16" in printed and "fp32 blocks: none" in printed
     assert load_checkpoint(run / "checkpoints" / "last.pt")["guard"]["fp32"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_ranks_redo_the_overflowed_step_together(images, tmp_path, monkeypatch):
+    from vaehelpers.launch import launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("VAEHELPERS_DIST_TIMEOUT", "60")  # a rank left waiting in a collective fails, not hangs
+    init = tmp_path / "init"
+    hot_model().save(init)
+    run = tmp_path / "run"
+    cfg = fp16(images, run, max_steps=3, init_from=str(init), headroom_every=0, sample_posterior=False)
+    result = launch(cfg, nproc=2, progress=False)
+    # the checkpoint is written after every rank's weights were checked bit-identical (Distributed.check_in_sync)
+    assert result.step == 3 and result.bad_steps == 0 and result.fp32_blocks == (HOT_BLOCK,)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["guard"]["fp32"] == [HOT_BLOCK]
+    assert len(losses(run)) == 3 and all(math.isfinite(x) for x in losses(run))
