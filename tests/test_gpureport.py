@@ -53,7 +53,7 @@ def test_gpu_report_on_cpu_writes_every_section(tmp_path):
     assert len(tables) >= 3 * 14 and all(float(fraction) < 0.01 for *_, fraction in tables)
     assert re.search(r"tiny preset, 32 px, \w+: \d+ recommended from memory", page)
     assert "not run: 0 GPU(s) visible (needs 2)" in page and "## GPU-only tests\n\nnot run: no GPU" in page
-    training = re.search(r"\*\*([\d.]+) images/s\*\* over the session.*?takes \*\*([\d.]+) hours\*\*", page, re.S)
+    training = re.search(r"\*\*([\d.e+-]+) images/s\*\* over the session.*?takes \*\*([\d.]+) hours\*\*", page, re.S)
     images_per_s, hours = float(training.group(1)), float(training.group(2))
     assert images_per_s > 0 and hours == pytest.approx(600 * 8091 * 0.9 / images_per_s / 3600, rel=0.02)
     assert "FAILED" not in page

@@ -282,7 +282,7 @@ def section_training(device: torch.device, scale: Scale, facts: dict[str, Any]) 
         f"## Reference-run training, {scale.train_minutes:g} minutes on synthetic images\n\n"
         f"`{scale.preset}` preset, {scale.image_size} px, batch {scale.batch_size}, recipe {recipe}, precision "
         f"{facts['training']['precision']}, {scale.synthetic_images} synthetic images: {result.step} steps ({result.stopped}), "
-        f"**{result.images_per_s:.1f} images/s** over the session, skipped steps {result.bad_steps}, GradScaler "
+        f"**{result.images_per_s:.3g} images/s** over the session, skipped steps {result.bad_steps}, GradScaler "
         f"skips {result.scaler_skipped}, fp32 blocks: {', '.join(result.fp32_blocks) or 'none'}.\n\n"
         f"At that rate the reference run (600 epochs of flickr8k's ~{train_images:.0f} training images) takes "
         f"**{hours:.1f} hours**.\n\nThe trainer's last words:\n\n" + _code(_from_ending(printed))
