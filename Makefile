@@ -8,8 +8,9 @@ PIP := $(VENV)/bin/pip
 PIP_CERT := $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^global.cert='\(.*\)'/\1/p" | head -n1)
 TORCH_PAIR := torch==2.13.0 torchvision==0.28.0
 DEMO_DIR ?= runs/demo
+OUT ?= results/gpu.md
 
-.PHONY: setup dev demo lint test test-fast clean
+.PHONY: setup dev demo lint test test-fast gpu-report clean
 
 $(VENV)/.torch:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,12 @@ test: lint
 # everything but the tests marked slow (training runs, subprocess spawns, notebooks, the browser)
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# Where a GPU is at hand, the first thing to run: doctor, bench in every precision, fp16 headroom, largest batch,
+# two processes (2 GPUs), the GPU-only tests and 5 minutes of the reference run, as one page (under 12 minutes).
+# On a CPU: the same sections at toy scale. dev: the GPU-only tests need pytest.
+gpu-report: dev
+	$(PY) -m vaehelpers.gpureport --out $(OUT)
 
 clean:
 	rm -rf $(DEMO_DIR)

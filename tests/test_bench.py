@@ -9,6 +9,7 @@ import torch
 
 from vaehelpers import bench
 from vaehelpers.cli import main
+from vaehelpers.config import model_config
 from vaehelpers.sources import make_synthetic
 
 
@@ -162,3 +163,23 @@ def test_peak_flops_table(monkeypatch):
     for name, (precision, expected) in names.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert bench.peak_flops_for(torch.device("cuda"), precision) == expected, name
+
+
+def test_headroom_contender_times_a_measured_train_step_and_leaves_no_hooks(tmp_path):
+    path = tmp_path / "bench.json"
+    arguments = ["bench", "--preset", "tiny", "--image-size", "16", "--batch-size", "2", "--repeats", "1"]
+    arguments += ["--warmup", "0", "--device", "cpu", "--precision", "fp16", "--no-diffusers", "--ops", "train_step"]
+    assert main([*arguments, "--headroom", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert "--headroom" in report["command"]
+    rows = {row["model"]: row for row in report["model"]}
+    assert list(rows) == ["ours fp16", "ours fp16 headroom"]
+    assert all(row["median_ms"] > 0 for row in rows.values())
+    # the same network and step: the measurement adds reductions only, no FLOPs the counter sees
+    assert rows["ours fp16 headroom"]["gflop"] == pytest.approx(rows["ours fp16"]["gflop"], rel=1e-6)
+    contender = bench.build_contenders(
+        model_config("tiny"), torch.device("cpu"), "fp16", with_diffusers=False, headroom=True
+    )[1]
+    images, latents = torch.rand(1, 3, 16, 16) * 2 - 1, torch.randn(1, 4, 2, 2)
+    bench.make_calls(contender, images, latents, torch.device("cpu"))["train_step"]()
+    assert contender.headroom and not any(m._forward_hooks or m._forward_pre_hooks for m in contender.model.modules())

@@ -62,6 +62,10 @@ def test_doctor_on_this_cpu_exits_0_and_prints_the_table(tmp_path):
     assert facts["ok"] and facts["preset"] == "tiny" and facts["image_size"] == 64 and facts["batch_size"] == 8
     assert len(facts["losses"]) == 4 and all(loss > 0 for loss in facts["losses"])
     assert facts["speed"]["train_step"]["images_per_s"] > 0 and facts["recommended_batch"] >= 1
+    # headroom per block of the live check's model at its precision: the tiny model's 14 blocks, far below 65504
+    assert "  headroom " in out and "    decoder.up_blocks.1 " in out
+    assert [row["block"] for row in facts["headroom"]][:2] == ["encoder.conv_in", "encoder.down_blocks.0"]
+    assert len(facts["headroom"]) == 14 and all(0 < row["fraction"] < 0.01 for row in facts["headroom"])
 
 
 def test_unsupported_gpu_stops_before_any_work_naming_the_gpu_and_the_fix(monkeypatch):

@@ -137,3 +137,24 @@ def test_a_run_of_scaler_skips_stops_like_non_finite_losses(images, tmp_path):
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 3 and state["scaler"]["scale"] == 65536.0
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the sync debug mode watches CUDA syncs")
+def test_fp16_steps_between_log_and_checkpoint_steps_never_sync_the_host(images, tmp_path):
+    # torch raises on any synchronizing call (.item(), get_scale(), a blocking copy) while the mode is "error": on
+    # for every step after which no row is written, no checkpoint saved and no headroom measured (step 0 measures)
+    log_every = 4
+
+    def watch(step: int, batch: torch.Tensor) -> torch.Tensor:
+        quiet = step > 0 and (step + 1) % log_every != 0
+        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+        return batch
+
+    cfg = fp16(images, tmp_path / "run", device="cuda", max_steps=12, log_every=log_every, headroom_every=1000)
+    try:
+        result = train(cfg, on_batch=watch, progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.step == 12 and result.bad_steps == 0
+    assert [row["step"] for row in log_rows(tmp_path / "run")] == ["1", "4", "8", "12"]

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from vaehelpers.config import LossConfig, ModelConfig, model_config
+from vaehelpers.headroom import HeadroomGuard
 from vaehelpers.losses import VAELoss
 from vaehelpers.model import AutoencoderKL, Upsample2D
 from vaehelpers.runtime import autocast, resolve_device, resolve_precision
@@ -248,6 +249,7 @@ class Contender:
     decode: Callable[[torch.Tensor], torch.Tensor]
     channels_last: bool = False
     optimizer: torch.optim.Optimizer | None = None
+    headroom: bool = False  # its train step measures every block's peak |activation| (headroom.py), read on the host
 
 
 BASELINE = "diffusers fp32"  # diffusers' AutoencoderKL as shipped: fp32, eager, default memory layout
@@ -260,6 +262,7 @@ def build_contenders(
     *,
     with_diffusers: bool = True,
     ablate: bool = False,
+    headroom: bool = False,
     seed: int = 0,
 ) -> list[Contender]:
     """Every model under test, all holding the same weights.
@@ -268,7 +271,8 @@ def build_contenders(
     "diffusers fp32" is the baseline: diffusers as shipped (fp32, NCHW). "diffusers {precision}" (when
     precision is not fp32) runs diffusers under our autocast and layout, which separates what precision
     buys from what the code buys. `ablate` adds "ours fp32" (when precision is not fp32) and ours with the
-    upsampler never fused ("unfused-up": diffusers' two ops; see model.Upsample2D).
+    upsampler never fused ("unfused-up": diffusers' two ops; see model.Upsample2D). `headroom` adds
+    "ours {precision} headroom", whose train step is a headroom measurement step of train.py (the cost of tracking).
     """
     torch.manual_seed(seed)
     ours = AutoencoderKL(config).enable_fast_paths()  # as train.py runs it
@@ -282,6 +286,8 @@ def build_contenders(
             if isinstance(module, Upsample2D):
                 module.fused = "never"
         models.append((f"ours {precision} unfused-up", unfused, precision, cuda))
+    if headroom:
+        models.append((f"ours {precision} headroom", copy.deepcopy(ours), precision, cuda))
     if with_diffusers:
         theirs = diffusers_twin(config)
         theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -304,6 +310,7 @@ def build_contenders(
             )
         else:
             contender = Contender(name, model, model_precision, model.encode, model.decode, channels_last)
+            contender.headroom = name.endswith(" headroom")
         # train.py's optimiser: AdamW, fused kernels on CUDA
         contender.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if cuda else None)
         contenders.append(contender)
@@ -327,10 +334,13 @@ def make_calls(
     def train_step() -> None:
         model.train()
         generator.manual_seed(seed)  # the same noise for every contender and every repeat
-        with autocast(device, precision):
+        probe = HeadroomGuard(model, every=0).probe() if contender.headroom else contextlib.nullcontext()
+        with autocast(device, precision), probe:
             posterior = contender.encode(images)
             reconstructions = contender.decode(posterior.sample(generator=generator))
             loss, _ = loss_fn(images, reconstructions, posterior, step=0, epoch=0.0)
+        if contender.headroom:  # read on the host, as train.py does on a measurement step
+            torch.stack([probe.peaks(), probe.input_peaks()]).tolist()
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -365,6 +375,7 @@ def bench_model(
     ops: Sequence[str] = OPS,
     with_diffusers: bool = True,
     ablate: bool = False,
+    headroom: bool = False,
     peak_flops: float | None = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda line: None,
@@ -383,7 +394,9 @@ def bench_model(
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         raise ValueError(f"unknown ops {unknown}: choose from {list(OPS)}")
-    contenders = build_contenders(config, device, precision, with_diffusers=with_diffusers, ablate=ablate, seed=seed)
+    contenders = build_contenders(
+        config, device, precision, with_diffusers=with_diffusers, ablate=ablate, headroom=headroom, seed=seed
+    )
     generator = torch.Generator().manual_seed(seed + 1)
     images = (torch.rand(batch_size, config.in_channels, image_size, image_size, generator=generator) * 2 - 1).to(
         device
@@ -667,6 +680,7 @@ def run_bench(
     ops: Sequence[str] = OPS,
     with_diffusers: bool = True,
     ablate: bool = False,
+    headroom: bool = False,
     peak_tflops: float | None = None,
     part: str = "model",
     data_path: str | Path | None = "auto",
@@ -705,6 +719,7 @@ def run_bench(
             ops=ops,
             with_diffusers=with_diffusers,
             ablate=ablate,
+            headroom=headroom,
             peak_tflops=peak_tflops,
             data_path=data_path,
             data_workers=data_workers,
@@ -749,6 +764,7 @@ def run_bench(
                         ops=ops,
                         with_diffusers=with_diffusers,
                         ablate=ablate,
+                        headroom=headroom,
                         peak_flops=peak_override,
                         seed=seed,
                         log=log,
@@ -800,6 +816,7 @@ def canonical_command(
     ops: Sequence[str],
     with_diffusers: bool,
     ablate: bool,
+    headroom: bool,
     peak_tflops: float | None,
     data_path: str | Path | None,
     data_workers: Sequence[int],
@@ -831,6 +848,8 @@ def canonical_command(
             words.append("--no-diffusers")
         if ablate:
             words.append("--ablate")
+        if headroom:
+            words.append("--headroom")
         if peak_tflops:
             words += ["--peak-tflops", f"{peak_tflops:g}"]
     words += ["--seed", str(seed)]

@@ -658,6 +658,11 @@ def add_bench_parser(verbs: Any) -> None:
         "--ablate", action="store_true", help="also time ours in fp32 and ours without the fused upsampler"
     )
     bench.add_argument(
+        "--headroom",
+        action="store_true",
+        help="also time ours with fp16 headroom tracking on (every train step a measurement step)",
+    )
+    bench.add_argument(
         "--data-path",
         help="image folder for the data part; 'auto': ../shared/datasets/bsds500 "
         "when present, else synthetic; 'synthetic'",
@@ -676,6 +681,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         part=args.part or ("data" if args.data_path else "model"),
         with_diffusers=not args.no_diffusers,
         ablate=args.ablate,
+        headroom=args.headroom,
         json_path=args.json,
         **given(
             presets=args.preset,

@@ -169,6 +169,14 @@ class TrainConfig:
     checkpoint_every: int = setting(500, help="optimiser steps between checkpoints", flag=True, resumable=True)
     log_every: int = setting(1, resumable=True)  # steps between log.csv rows
     max_bad_steps: int = setting(20, resumable=True)  # non-finite losses in a row before the run stops
+    # fp16 headroom (headroom.py): optimiser steps between measurements of each block's peak |activation| (0: never;
+    # an fp16 forward that overflows is caught, its block moved to fp32 and the step redone either way)
+    headroom_every: int = setting(100, resumable=True)  # when headroom is measured, not what the run is
+    # the fraction of fp16's 65504 at which a block moves to fp32: 0.25 = within 4x of overflow
+    headroom_threshold: float = setting(0.25, resumable=True)
+    # measure headroom in bf16 and fp32 runs too (e.g. a bf16-trained model bound for a T4); blocks move to fp32
+    # in fp16 runs only
+    headroom_any_precision: bool = setting(False, resumable=True)
     seed: int = setting(0, help="seeds the weights, the data order and the posterior samples", flag=True)
     # start from these weights (run dir, diffusers folder, LDM/SD file, Hub id); see weights.py
     init_from: str = setting(

@@ -282,6 +282,40 @@ def check_arguments(image_size: int | None, batch_size: int | None, steps: int) 
         raise ValueError(f"--image-size {image_size}: must be a positive multiple of 8")
 
 
+def headroom_check(
+    report: DoctorReport,
+    add: Callable[[str, str], None],
+    run_dir: Path,
+    images: Path,
+    device: torch.device,
+    precision: str,
+    image_size: int,
+    batch_size: int,
+) -> None:
+    """One row per block: the live check's trained model's peak |activation| at the run's precision (its fp32 blocks
+    applied) as a fraction of fp16's 65504, on a batch of its images (headroom.py)."""
+    from vaehelpers.dataset import ImageFolderDataset
+    from vaehelpers.headroom import HeadroomGuard, iter_rows_as_facts, measure
+    from vaehelpers.model import AutoencoderKL
+    from vaehelpers.rundir import CHECKPOINT, RunDir, load_checkpoint
+
+    dataset = ImageFolderDataset(images, split="train", image_size=image_size, cache=False)
+    batch = torch.stack([dataset[i] for i in range(min(batch_size, len(dataset)))]).to(device)
+    model = AutoencoderKL.load(run_dir).to(device)
+    guard = HeadroomGuard(model, every=0)
+    guard.set_fp32((load_checkpoint(RunDir(run_dir).checkpoint).get(CHECKPOINT.guard) or {}).get("fp32", []))
+    rows = measure(model, batch, precision, guard)
+    report.facts["headroom"] = list(iter_rows_as_facts(rows))
+    worst = guard.worst()
+    add(
+        "headroom",
+        f"at {precision}, peak |activation| per block as a fraction of fp16's 65504 (batch of {len(batch)}); "
+        f"worst {worst.name} {worst.fraction:.4g}",
+    )
+    for row in rows:
+        add(f"  {row.name}", f"{row.fraction:.4g} (peak {row.peak:.4g}){', fp32' if row.fp32 else ''}")
+
+
 def live_check(
     report: DoctorReport,
     add: Callable[[str, str], None],
@@ -357,6 +391,7 @@ def live_check(
         )
         if not (same and resumed):
             fail(f"the checkpoint in {run_dir} did not read back to the trained weights or did not resume")
+        headroom_check(report, add, run_dir, images, device, precision, image_size, batch_size)
 
     timings = bench_model(
         preset, image_size, batch_size, device=device, precision=precision, repeats=3, warmup=1, with_diffusers=False

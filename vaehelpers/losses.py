@@ -341,6 +341,7 @@ class VAELoss(nn.Module):
         last_layer: Tensor | None = None,
         split: str = "train",
         batch_size_for_scaling: int | None = None,
+        device_logs: bool = False,
     ) -> tuple[Tensor, dict[str, float]]:
         """The autoencoder's (generator's) loss and its logs.
 
@@ -350,6 +351,8 @@ class VAELoss(nn.Module):
         with float logs under f"{split}/...". Without gradients (validation) the GAN weight is 0, as in LDM.
         batch_size_for_scaling: the B of the seed's "BCE / B" (default images.shape[0]); with several processes
         pass the GLOBAL batch size, so that N ranks with B/N images each train as one process with B.
+        device_logs: the loss terms' logs as 0-dim float32 tensors on the device, not read on the host (train.py's
+        step reads them at log steps only, so other steps need no host sync).
         """
         cfg = self.cfg
         rec_loss = reconstruction_loss(images, reconstructions, cfg.reconstruction)
@@ -379,7 +382,8 @@ class VAELoss(nn.Module):
 
         values = [total_loss, rec_loss, perceptual_loss, nll_loss, kl, g_loss, d_weight]
         names = ["total_loss", "rec_loss", "perceptual_loss", "nll_loss", "kl_loss", "g_loss", "d_weight"]
-        logs = dict(zip(names, torch.stack([v.detach().float() for v in values]).tolist()))  # one device sync
+        stacked = torch.stack([v.detach().float() for v in values])
+        logs = dict(zip(names, stacked.unbind() if device_logs else stacked.tolist()))  # tolist: one device sync
         logs.update(kl_weight=kl_weight, disc_factor=disc_factor)
         return total_loss, {f"{split}/{name}": value for name, value in logs.items()}
 

@@ -56,6 +56,7 @@ class CheckpointKeys:
     scaler: str = "scaler"  # the GradScaler (fp16); disabled otherwise
     disc_scaler: str = "disc_scaler"
     ema: str = "ema"  # None without EMA
+    guard: str = "guard"  # headroom.HeadroomGuard: the blocks that run in fp32 (fp16 runs)
     step: str = "step"  # optimiser steps taken
     epoch: str = "epoch"
     batch_in_epoch: str = "batch_in_epoch"
@@ -77,6 +78,7 @@ class CheckpointKeys:
             self.scaler,
             self.disc_scaler,
             self.ema,
+            self.guard,
         )
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -23,6 +24,7 @@ from vaehelpers.config import TrainConfig, to_dict
 from vaehelpers.config import validate as validate_settings
 from vaehelpers.dataset import ImageFolderDataset, check_data_dir
 from vaehelpers.distributed import Distributed, init_distributed
+from vaehelpers.headroom import HeadroomGuard, agree_peaks, format_table, measure
 from vaehelpers.imagecache import once_per_machine
 from vaehelpers.latents import reconstruct
 from vaehelpers.losses import VAELoss, pretrained_files
@@ -51,6 +53,7 @@ class TrainResult:
     images_per_s: float
     skipped_files: int = 0  # bad images left out of the train and test splits
     scaler_skipped: int = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients at the current scale)
+    fp32_blocks: tuple[str, ...] = ()  # blocks the fp16 headroom guard moved to fp32 (headroom.py)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -67,13 +70,26 @@ class EMA:
         self.decay = decay
         self.updates = 0
         self.shadow = [p.detach().clone().float() for p in model.parameters()]
+        self.device_updates: torch.Tensor | None = None  # fp16: updates counted on the device, not yet in `updates`
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, model: nn.Module, taken: torch.Tensor | None = None) -> None:
+        """One update; taken (fp16): a 0-dim bool on the device, False when the GradScaler skipped the step, which
+        then leaves the shadow and the count as they were without the flag being read on the host."""
         params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
-        self.updates += 1
+        if taken is None:
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
+            self.updates += 1
+            return
+        if self.device_updates is None:
+            self.device_updates = torch.zeros((), device=taken.device)
+        count = self.device_updates + self.updates
+        weight = (1.0 - torch.clamp((1 + count) / (10 + count), max=self.decay)) * taken
+        steps = torch._foreach_sub(params, self.shadow)
+        torch._foreach_mul_(steps, weight)
+        torch._foreach_add_(self.shadow, steps)
+        self.device_updates += taken
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -81,10 +97,13 @@ class EMA:
             p.copy_(shadow)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.device_updates is not None:  # fp16's device count, read at checkpoints only
+            self.updates += int(self.device_updates)
+            self.device_updates = None
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.updates = state["decay"], state["updates"]
+        self.decay, self.updates, self.device_updates = state["decay"], state["updates"], None
         for shadow, saved in zip(self.shadow, state["shadow"]):
             shadow.copy_(saved)
 
@@ -236,6 +255,7 @@ class TrainState:
     disc_optimizer: torch.optim.Optimizer | None = None
     disc_scaler: torch.amp.GradScaler | None = None
     ema: EMA | None = None
+    guard: HeadroomGuard | None = None  # fp16 (or headroom_any_precision): headroom and fp32 blocks (headroom.py)
     step: int = 0  # optimiser steps taken
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already taken
@@ -308,6 +328,8 @@ def build_state(
         sample_generator=torch.Generator(device).manual_seed(cfg.seed * 7919 + ddp.rank),
         ema=EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
     )
+    if fp16 or cfg.headroom_any_precision:  # blocks move to fp32 in fp16 only: bf16 and fp32 cannot overflow there
+        state.guard = HeadroomGuard(model, every=cfg.headroom_every, threshold=cfg.headroom_threshold, fallback=fp16)
     if loss_fn.discriminator is not None:
         state.discriminator = loss_fn.discriminator
         state.disc_optimizer = make_optimizer(
@@ -345,32 +367,56 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-def count_bad_step(
-    state: TrainState,
-    skipped: bool,
-    scaler_skipped: bool,
-    consecutive_bad: int,
-    cfg: TrainConfig,
-    say: Callable[[str], Any],
-) -> int:
-    """Count a skipped step (and say so); returns the skipped steps in a row, raising at cfg.max_bad_steps.
+class ScalerSkips:
+    """fp16: the steps the GradScaler skipped, counted on the device from optimizer_step's flags and read on the
+    host at log and checkpoint steps only (so the steps between need no sync)."""
 
-    skipped: a non-finite loss or gradient (bad_steps). scaler_skipped: fp16's GradScaler found inf/NaN gradients
-    and lowered its scale; normal while the scale calibrates, so not a bad step, but max_bad_steps of them in a row
-    (the scale divided by 2**20) are real NaNs.
-    """
-    if not (skipped or scaler_skipped):
-        return 0
-    consecutive_bad += 1
-    if scaler_skipped:
-        state.scaler_skipped += 1
-        if consecutive_bad >= cfg.max_bad_steps:
+    def __init__(self) -> None:
+        self.since_read: torch.Tensor | None = None
+        self.in_a_row: torch.Tensor | None = None
+
+    def add(self, skipped: torch.Tensor) -> None:
+        if self.since_read is None:
+            self.since_read, self.in_a_row = (
+                torch.zeros((), device=skipped.device),
+                torch.zeros((), device=skipped.device),
+            )
+        self.since_read += skipped
+        self.in_a_row = (self.in_a_row + 1) * skipped
+
+    def settle(self, state: TrainState, cfg: TrainConfig) -> int:
+        """The skips in a row, read on the host (those since the last call are added to state.scaler_skipped); raises
+        NonFiniteLossError at cfg.max_bad_steps in a row: normal while the scale calibrates, so not bad steps, but
+        max_bad_steps of them in a row (the scale divided by 2**20) are real NaNs."""
+        if self.since_read is None:
+            return 0
+        since_read, in_a_row = (int(n) for n in torch.stack([self.since_read, self.in_a_row]).tolist())
+        self.since_read.zero_()
+        state.scaler_skipped += since_read
+        if in_a_row >= cfg.max_bad_steps:
             raise NonFiniteLossError(
-                f"{consecutive_bad} fp16 steps in a row skipped by the GradScaler at step {state.step} (scale now "
+                f"{in_a_row} fp16 steps in a row skipped by the GradScaler at step {state.step} (scale now "
                 f"{state.scaler.get_scale():g}): the gradients are not finite at any scale. The last good checkpoint "
                 f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr, check the data, or use --precision fp32."
             )
-        return consecutive_bad
+        return in_a_row
+
+
+def _host_logs(logs: dict[str, Any]) -> dict[str, float]:
+    """Log values as floats, the device tensors among them read in one transfer."""
+    tensors = {key: value for key, value in logs.items() if isinstance(value, torch.Tensor)}
+    values = torch.stack(list(tensors.values())).tolist() if tensors else []
+    return {key: float(value) for key, value in {**logs, **dict(zip(tensors, values))}.items()}
+
+
+def count_bad_step(
+    state: TrainState, skipped: bool, consecutive_bad: int, cfg: TrainConfig, say: Callable[[str], Any]
+) -> int:
+    """Count a skipped step, a non-finite loss or gradient (bad_steps), and say so; returns the skipped steps in a
+    row, raising at cfg.max_bad_steps (fp16's GradScaler skips are counted by ScalerSkips)."""
+    if not skipped:
+        return 0
+    consecutive_bad += 1
     state.bad_steps += 1
     say(f"step {state.step}: non-finite loss or gradient, step skipped ({state.bad_steps} so far)")
     if consecutive_bad >= cfg.max_bad_steps:
@@ -379,6 +425,38 @@ def count_bad_step(
             f"{RunDir(cfg.run_dir).checkpoint} is intact; lower --lr or check the data."
         )
     return consecutive_bad
+
+
+def _flag_reader(flag: torch.Tensor) -> Callable[[], bool]:
+    """Start copying a 0-dim device flag to the host; the returned call waits for that copy only (an event, not a
+    stream sync), so the work queued in between (the backward pass) keeps the GPU busy meanwhile."""
+    if flag.device.type != "cuda":
+        return lambda: bool(flag)
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> bool:
+        copied.synchronize()
+        return bool(host)
+
+    return read
+
+
+def _blame_overflow(
+    state: TrainState, model_call: Callable[[], Any], noise: torch.Tensor, ddp: Distributed, precision: str
+) -> list[str]:
+    """After an fp16 forward overflowed: the same forward again without gradients, each block measured (all ranks
+    agree on the peaks), and the blocks to move to fp32 (headroom.HeadroomGuard.to_upcast; empty: none can help)."""
+    guard = state.guard
+    state.sample_generator.set_state(noise)  # the same posterior noise as the forward that overflowed
+    with torch.no_grad(), autocast(ddp.device, precision), guard.probe() as probe:
+        model_call()
+    state.sample_generator.set_state(noise)  # and again for the redone step
+    peaks, input_peaks = agree_peaks(torch.stack([probe.peaks(), probe.input_peaks()])).tolist()
+    guard.record(peaks)
+    return guard.to_upcast(peaks, input_peaks)
 
 
 def optimizer_step(
@@ -392,45 +470,98 @@ def optimizer_step(
     precision: str,
     epoch: float,
     global_batch: int,
-) -> tuple[dict[str, Any], bool, bool, torch.Tensor]:
+) -> tuple[dict[str, Any], bool, bool | torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, clip and step of the autoencoder; returns (logs, skipped, scaler_skipped,
-    reconstructions).
+    reconstructions), logs as device tensors (read them at log steps).
 
     A non-finite loss or gradient skips the step on every rank together (DDP's all-reduce in backward would
-    otherwise wait forever). In fp16 the GradScaler skips steps with inf/NaN gradients itself (scaler_skipped).
+    otherwise wait forever). In fp16 the GradScaler skips steps with inf/NaN gradients itself; scaler_skipped is
+    then a 0-dim bool on the device (read at log steps: no host sync for it, nor for the scale), and the loss's
+    finiteness is read once, after the backward pass is queued. A forward that overflowed fp16 moves the block
+    where it started to fp32 (state.guard) and the step is redone, on every rank together; the step is skipped as
+    before only when no block can be moved. With state.guard, headroom is measured at guard.due(step) steps.
     The EMA follows only the steps taken.
     """
-    with autocast(ddp.device, precision):
-        reconstructions, posterior = train_model(
-            images, sample_posterior=cfg.sample_posterior, generator=state.sample_generator
-        )
-        loss, logs = loss_fn(
-            images,
-            reconstructions,
-            posterior,
-            step=state.step,
-            epoch=epoch,
-            last_layer=state.model.last_layer,
-            batch_size_for_scaling=global_batch,
-        )
+    guard, fp16 = state.guard, state.scaler.is_enabled()
+    fallback = fp16 and guard is not None and guard.fallback
+    noise = state.sample_generator.get_state() if fallback else None  # a redone step draws the same noise
+    measuring = guard is not None and guard.due(state.step)
+    if guard is not None:
+        guard.measured_now = False
+
+    def forward() -> tuple[torch.Tensor, Any]:
+        return train_model(images, sample_posterior=cfg.sample_posterior, generator=state.sample_generator)
+
+    while True:
+        moved: list[str] = []
+        with autocast(ddp.device, precision), guard.probe() if measuring else contextlib.nullcontext() as probe:
+            reconstructions, posterior = forward()
+            loss, logs = loss_fn(
+                images,
+                reconstructions,
+                posterior,
+                step=state.step,
+                epoch=epoch,
+                last_layer=state.model.last_layer,
+                batch_size_for_scaling=global_batch,
+                device_logs=True,
+            )
+        if measuring:  # one host read every headroom_every steps
+            peaks, input_peaks = agree_peaks(torch.stack([probe.peaks(), probe.input_peaks()])).tolist()
+            guard.record(peaks)
+            guard.measured_now = True
+            moved = guard.set_fp32(guard.to_upcast(peaks, input_peaks))
+            for name in moved:
+                guard.news.append(
+                    f"step {state.step}: {name} now runs in fp32 (peak |activation| {guard.worst_seen[name]:.4g}, "
+                    f"over {guard.threshold:g} of 65504)"
+                )
+            measuring = False  # a redone step is not measured twice
+        if not fp16:
+            break
+        finite = torch.isfinite(loss.detach()).float()
+        if ddp.enabled:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        forward_ok = _flag_reader(finite.bool())
+        # every rank runs backward (a rank that skipped it would leave DDP's all-reduce waiting); a non-finite loss
+        # gives non-finite gradients, which are thrown away below
+        state.scaler.scale(loss).backward()
+        if forward_ok():
+            break
+        state.optimizer.zero_grad(set_to_none=True)
+        if moved:  # this step's measurement already moved the block(s) where it overflowed
+            state.sample_generator.set_state(noise)
+        else:
+            moved = guard.set_fp32(_blame_overflow(state, forward, noise, ddp, precision)) if fallback else []
+        if not moved:  # fp32 blocks cannot help: skip the step, as in fp32
+            return logs, True, False, reconstructions
+        guard.news.append(f"step {state.step}: the fp16 forward overflowed; now in fp32: {', '.join(moved)}; redone")
+
+    if fp16:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
+        # the GradScaler keeps its scale on the device (get_scale() would read it on the host): update() lowers it
+        # exactly when step() found inf/NaN gradients and left the weights alone
+        scale_before = state.scaler._scale.clone()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        scaler_skipped = state.scaler._scale < scale_before
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update(state.model, taken=~scaler_skipped)
+        return logs, False, scaler_skipped, reconstructions
+
     skipped = not ddp.agree(bool(torch.isfinite(loss.detach())), "min")
-    scaler_skipped = False
     if not skipped:
         state.scaler.scale(loss).backward()
-        state.scaler.unscale_(state.optimizer)
         grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip or math.inf)
-        # fp16: the scaler skips steps with inf grads itself (and lowers the scale)
-        skipped = not torch.isfinite(grad_norm) and precision != "fp16"
-        scale_before = state.scaler.get_scale()
+        skipped = not torch.isfinite(grad_norm)
         if not skipped:
-            state.scaler.step(state.optimizer)
-        state.scaler.update()
-        # update() lowers the scale exactly when step() found inf/NaN gradients and left the weights alone
-        scaler_skipped = state.scaler.get_scale() < scale_before
+            state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    if not (skipped or scaler_skipped) and state.ema is not None:
+    if not skipped and state.ema is not None:
         state.ema.update(state.model)
-    return logs, skipped, scaler_skipped, reconstructions
+    return logs, skipped, False, reconstructions
 
 
 def discriminator_step(
@@ -525,6 +656,8 @@ def _finish(
     run = RunDir(cfg.run_dir)
     final = AutoencoderKL(cfg.model).enable_fast_paths()
     final.load_state_dict(state.model.state_dict())
+    if state.guard is not None:  # validated at the run's precision: the blocks it moved to fp32 stay there
+        HeadroomGuard(final, every=0).set_fp32(state.guard.fp32)
     if state.ema is not None:
         state.ema.copy_to(final)
     final.save(run.root)
@@ -640,8 +773,11 @@ def train(
     start = time.monotonic()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
 
+    scaler_skips = ScalerSkips()
+
     def checkpoint() -> None:
         """Every rank's generator gathered and the weights checked in sync; rank 0 writes the checkpoint."""
+        scaler_skips.settle(state, cfg)
         generator_states = ddp.gather(state.sample_generator.get_state())
         ddp.check_in_sync(
             model=model.state_dict(),
@@ -653,6 +789,7 @@ def train(
 
     # ---- the loop
     slowest_step, checkpoint_seconds, consecutive_bad, stopped = 0.0, 0.0, 0, "finished"
+    last_row_at, steps_since_row, scaler_in_a_row, skipped_at_row = time.monotonic(), 0, 0, state.scaler_skipped
     model.train()
     with StopRequest() as stop_request:
         while state.epoch < cfg.epochs and stopped == "finished":
@@ -686,27 +823,48 @@ def train(
                     epoch=epoch_float,
                     global_batch=global_batch,
                 )
-                consecutive_bad = count_bad_step(state, skipped, scaler_skipped, consecutive_bad, cfg, say)
+                if isinstance(scaler_skipped, torch.Tensor):  # fp16: counted on the device, read at log steps
+                    scaler_skips.add(scaler_skipped)
+                consecutive_bad = count_bad_step(state, skipped, consecutive_bad, cfg, say)
                 if state.disc_optimizer is not None and loss_fn.uses_discriminator(state.step):
                     logs.update(discriminator_step(state, loss_fn, images, reconstructions, ddp, precision))
-                logs = ddp.mean(logs)  # the global batch's values
+                guard = state.guard
+                for news in guard.news if guard is not None else ():
+                    say(news)
+                if guard is not None:
+                    guard.news.clear()
                 state.step += 1
                 state.batch_in_epoch += 1
+                steps_since_row += 1
                 step_seconds = time.monotonic() - step_start
                 slowest_step = max(slowest_step, step_seconds)
-                images_per_s = global_batch / max(step_seconds, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=state.epoch)
-                if state.step % cfg.log_every == 0 or skipped or scaler_skipped:
+                measured = guard is not None and guard.measured_now
+                # only log and checkpoint steps read device values on the host (the steps between need no sync)
+                row_due = state.step % cfg.log_every == 0 or skipped or measured
+                if row_due or state.step % cfg.checkpoint_every == 0:
+                    scaler_in_a_row = scaler_skips.settle(state, cfg)
+                if row_due:
+                    logs = ddp.mean(_host_logs(logs))  # the global batch's values
+                    # over the steps since the last row: with asynchronous steps, one step's own time says little
+                    images_per_s = global_batch * steps_since_row / max(time.monotonic() - last_row_at, 1e-9)
+                    last_row_at, steps_since_row = time.monotonic(), 0
+                    bar.set_postfix(
+                        loss=f"{logs['train/total_loss']:.4g}", img_s=f"{images_per_s:.1f}", epoch=state.epoch
+                    )
                     fp16 = (
                         {
-                            "scaler_skipped": int(scaler_skipped),
+                            "scaler_skipped": state.scaler_skipped - skipped_at_row,
                             "scaler_skipped_total": state.scaler_skipped,
                             "scale": state.scaler.get_scale(),
                         }
                         if state.scaler.is_enabled()
                         else {}
                     )
+                    headroom = {"fp32_blocks": len(guard.fp32)} if guard is not None and guard.fallback else {}
+                    if measured:
+                        headroom.update(headroom_block=guard.worst().name, **{"headroom/worst": guard.worst().fraction})
+                    skipped_at_row = state.scaler_skipped
                     log.row(
                         {
                             "step": state.step,
@@ -716,9 +874,12 @@ def train(
                             "skipped": int(skipped),
                             "bad_steps": state.bad_steps,
                             **fp16,
-                            **{k: float(v) for k, v in logs.items()},
+                            **headroom,
+                            **logs,
                         }
                     )
+                    if measured:
+                        log.scalars({f"headroom/{row.name}": row.fraction for row in guard.last}, state.step)
                 if state.batch_in_epoch == len(batches):
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 stopped = stop_reason(
@@ -731,7 +892,9 @@ def train(
                     ddp=ddp,
                 )
                 # during a run of non-finite steps only a stop saves: the last scheduled checkpoint stays the last good step
-                if stopped != "finished" or (state.step % cfg.checkpoint_every == 0 and not consecutive_bad):
+                if stopped != "finished" or (
+                    state.step % cfg.checkpoint_every == 0 and not (consecutive_bad or scaler_in_a_row)
+                ):
                     saved_at = time.monotonic()
                     checkpoint()
                     checkpoint_seconds = time.monotonic() - saved_at
@@ -756,9 +919,24 @@ def train(
     if ddp.is_main:
         results = _finish(cfg, state, loss_fn, log, val_loader, fixed_images, device, precision)
         say(_ending(cfg, state, stopped, stop_request.signal_name, results, run, skipped_files))
+        if state.guard is not None:  # the trained weights at the run's precision, its fp32 blocks applied
+            rows = measure(state.model, fixed_images, precision, state.guard)
+            say(
+                f"headroom at {precision} (peak |activation| per block on {len(fixed_images)} held-out images, "
+                f"step {state.step}; fp32 blocks: {', '.join(state.guard.fp32) or 'none'}):\n"
+                + format_table(rows, precision, state.guard.threshold)
+            )
     ddp.close()
     return TrainResult(
-        run.root, state.step, state.epoch, stopped, state.bad_steps, images_per_s, skipped_files, state.scaler_skipped
+        run.root,
+        state.step,
+        state.epoch,
+        stopped,
+        state.bad_steps,
+        images_per_s,
+        skipped_files,
+        state.scaler_skipped,
+        tuple(state.guard.fp32) if state.guard is not None else (),
     )
 
 
