@@ -185,11 +185,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from vaehelpers.reconstruct import format_rows, reconstruct_files
+    from vaehelpers.reconstruct import format_rows, reconstruct_files, write_rows_json
 
+    tile = "off" if args.no_tile else args.tile or "auto"
     model, device = _load_model(args.run, args.device)
-    rows = reconstruct_files(model, args.images, args.out, mode=args.mode, image_size=args.image_size, device=device)
+    rows = reconstruct_files(
+        model, args.images, args.out, mode=args.mode, image_size=args.image_size, device=device, tile=tile
+    )
     print(format_rows(rows))
+    if args.json:
+        print(f"wrote {write_rows_json(rows, args.json)}")
     return _exit_status(sum(1 for row in rows if row["error"]))
 
 
@@ -502,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconstruct.add_argument("--image-size", type=int)
     reconstruct.add_argument("--device", default="auto")
+    tile_choice = reconstruct.add_mutually_exclusive_group()
+    tile_choice.add_argument("--tile", type=int, help="tile size in pixels (default: tile only what would not fit)")
+    tile_choice.add_argument("--no-tile", action="store_true", help="never tile, even where memory looks short")
+    reconstruct.add_argument("--json", type=Path, help="per image: PSNR, SSIM, seconds, peak memory, tile size")
     reconstruct.set_defaults(func=cmd_reconstruct)
 
     convert = verbs.add_parser(
