@@ -187,3 +187,50 @@ def test_cli_reconstruct_tile_flags_and_json(tmp_path, capsys):
     assert rows[0]["tile"] == 64 and rows[0]["width"] == 120 and rows[0]["psnr"] > 0
     with pytest.raises(SystemExit):
         main([*args, "--no-tile"])  # one or the other
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Three images of different sizes, and one too small to use."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for name, (width, height) in {"a.png": (120, 80), "b.png": (72, 100), "c.png": (130, 66), "d.png": (4, 4)}.items():
+        _save(folder / name, width, height)
+    return folder
+
+
+def test_evaluate_full_size_measures_whole_images_like_reconstruct(mixed_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    AutoencoderKL.from_preset("tiny").save(run)
+    report = tmp_path / "eval.json"
+    args = ["evaluate", "--model", str(run), "--data", str(mixed_folder), "--split", "all", "--full-size"]
+    assert main([*args, "--tile", "64", "--no-lpips", "--no-fid", "--no-progress", "--json", str(report)]) == 3
+    summary = json.loads(report.read_text())
+    assert summary["image_size"] == "full" and summary["n_images"] == 3 and summary["n_skipped"] == 1
+    assert summary["skipped"][0]["reason"] == "too small (4x4 < 8x8)"
+    rows = reconstruct_files(
+        AutoencoderKL.load(run), sorted(mixed_folder.glob("[abc].png")), tmp_path / "out", tile=64, report=print
+    )
+    by_path = {row["path"]: row["psnr"] for row in summary["per_image"]}
+    for row in rows:
+        assert by_path[row["path"]] == pytest.approx(row["psnr"], abs=1e-4)
+
+
+def test_compare_full_size_measures_whole_images(mixed_folder, tmp_path):
+    from vaehelpers.compare import compare
+
+    run = tmp_path / "run"
+    AutoencoderKL.from_preset("tiny").save(run)
+    result = compare(
+        [str(run)],
+        mixed_folder,
+        tmp_path / "out",
+        split="all",
+        image_size=64,
+        lpips=False,
+        fid_on=False,
+        progress=False,
+        full_size=True,
+        tile=64,
+    )
+    assert result["image_size"] == "full" and result["n_images"] == 4
+    assert result["models"][0]["n_images"] == 3 and result["models"][0]["n_skipped"] == 1

@@ -139,7 +139,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for note in source.notes:
         print(f"note: {note}")
     image_size = args.image_size or source.sample_size or DEFAULT_IMAGE_SIZE  # else the model's own size
-    dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
+    if args.full_size:
+        from vaehelpers.reconstruct import FullSizeImages
+
+        dataset = FullSizeImages(args.data, split=args.split)
+    else:
+        dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
     summary = metrics.evaluate(
         model,
         dataset,
@@ -149,6 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lpips=False if args.no_lpips else "auto",
         fid=_fid_setting(args.fid),
         weights_dir=args.weights_dir,
+        full_size=args.full_size,
+        tile=args.tile or "auto",
     )
     summary.update(model=str(args.model), model_kind=source.kind)
     print(f"model: {source.source} ({source.kind})")
@@ -177,6 +184,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         fid_on=_fid_setting(args.fid),
         weights_dir=args.weights_dir,
         progress=not args.no_progress,
+        full_size=args.full_size,
+        tile=args.tile or "auto",
     )
     print(format_report(result))
     for path in result["files"].values():
@@ -225,7 +234,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     model, device = _load_model(args.run, args.device)
     image_size = _run_image_size(args.run, args.image_size)
-    dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
+    if args.full_size:
+        from vaehelpers.reconstruct import FullSizeImages
+
+        dataset = FullSizeImages(args.data, split=args.split)
+    else:
+        dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
     stats = latent_statistics(
         model,
         dataset,
@@ -473,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--csv", type=Path, help="per-image rows")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    evaluate.add_argument("--full-size", action="store_true", help="whole images, no crop (tiled where needed)")
+    evaluate.add_argument("--tile", type=int, help="with --full-size: tile size in pixels (default: only if needed)")
     _add_fid_flags(evaluate)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -491,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-size", type=int, default=16)
     compare.add_argument("--device", default="auto")
     compare.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    compare.add_argument("--full-size", action="store_true", help="metrics on whole images, no crop (tiled if needed)")
+    compare.add_argument("--tile", type=int, help="with --full-size: tile size in pixels (default: only if needed)")
     _add_fid_flags(compare)
     compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(func=cmd_compare)

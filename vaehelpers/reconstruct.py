@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.transforms import functional as TF
 
 from vaehelpers import tiling
-from vaehelpers.images import BadImageError, load_image, preprocess
+from vaehelpers.images import BadImageError, list_images, load_image, preprocess, select_split
 from vaehelpers.metrics import per_image_metrics
 from vaehelpers.rundir import atomic_write
 
@@ -71,6 +71,27 @@ def reconstruct_image(
     latents = model.encode(images).mode()  # (1, L, H'/f, W'/f)
     reconstructions = model.decode(latents)[..., :height, :width]  # crop the padding away
     return reconstructions[0].float().cpu(), latents[0].float().cpu()
+
+
+class FullSizeImages:
+    """The images of a folder (recursively) at their own size: items (3, H, W) in [-1, 1], H and W as in the file.
+
+    The split is the dataset's (images.select_split: a stable hash of each path); a bad file raises BadImageError
+    when read (evaluate skips it and says why). For `evaluate --full-size` and `compare --full-size`.
+    """
+
+    def __init__(self, root: str | Path, split: Literal["train", "test", "all"] = "test", test_fraction: float = 0.1):
+        self.root = Path(root).expanduser()
+        self.paths = select_split(list_images(self.root), self.root, split, test_fraction)
+        if not self.paths:
+            raise ValueError(f"{self.root}: no images in split {split!r}")
+        self.bad_files: list[tuple[Path, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return pil_to_tensor(load_image(self.paths[index]))
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
