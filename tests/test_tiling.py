@@ -234,3 +234,16 @@ def test_compare_full_size_measures_whole_images(mixed_folder, tmp_path):
     )
     assert result["image_size"] == "full" and result["n_images"] == 4
     assert result["models"][0]["n_images"] == 3 and result["models"][0]["n_skipped"] == 1
+
+
+def test_ssim_in_strips_matches_one_piece():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from vaehelpers import metrics
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 700, 120, generator=generator)
+    reconstructions = (images + 0.1 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    whole = structural_similarity_index_measure(reconstructions, images, data_range=1.0, reduction="none")
+    assert 700 > metrics.SSIM_STRIP_ROWS
+    assert (metrics._ssim(reconstructions, images) - whole.reshape(-1)).abs().max() < 1e-6

@@ -57,6 +57,37 @@ def _ssim_kernel_size(height: int, width: int) -> int:
     return side if side % 2 == 1 else side - 1
 
 
+SSIM_STRIP_ROWS = 256  # above this many rows SSIM goes strip by strip: at 12 MP in one piece it took 10 GB of RAM
+
+
+def _ssim(reconstructions01: Tensor, images01: Tensor) -> Tensor:
+    """torchmetrics' SSIM per image, (B,); on tall images computed in strips of rows, each with 16 rows of context
+    (the Gaussian window reaches 5), from the SSIM maps' rows that each strip computes as the whole image would."""
+    height, width = images01.shape[-2:]
+    kernel = _ssim_kernel_size(height, width)
+
+    def ssim_map(first: int, last: int) -> Tensor:
+        return structural_similarity_index_measure(
+            reconstructions01[..., first:last, :],
+            images01[..., first:last, :],
+            data_range=1.0,
+            kernel_size=kernel,
+            reduction="none",
+            return_full_image=True,
+        )[1]  # (B, C, last - first, W)
+
+    context = 16
+    if height <= SSIM_STRIP_ROWS + 2 * context:
+        return ssim_map(0, height).flatten(1).mean(1)
+    total = torch.zeros(images01.shape[0], dtype=torch.float64, device=images01.device)
+    for first in range(0, height, SSIM_STRIP_ROWS):
+        last = min(first + SSIM_STRIP_ROWS, height)
+        start = max(first - context, 0)
+        strip = ssim_map(start, min(last + context, height))[..., first - start : last - start, :]
+        total += strip.double().flatten(1).sum(1)
+    return (total / (images01[0].numel())).to(images01.dtype)
+
+
 def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tensor]:
     """Reconstruction metrics, one value per image.
 
@@ -74,10 +105,7 @@ def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tens
     error = reconstructions01 - images01
     mae = error.abs().flatten(1).mean(1)
     mse = error.square().flatten(1).mean(1)
-    kernel = _ssim_kernel_size(*images.shape[-2:])
-    ssim = structural_similarity_index_measure(
-        reconstructions01, images01, data_range=1.0, kernel_size=kernel, reduction="none"
-    )
+    ssim = _ssim(reconstructions01, images01)
     return {
         "mae": mae,
         "mse": mse,
