@@ -247,3 +247,20 @@ def test_ssim_in_strips_matches_one_piece():
     whole = structural_similarity_index_measure(reconstructions, images, data_range=1.0, reduction="none")
     assert 700 > metrics.SSIM_STRIP_ROWS
     assert (metrics._ssim(reconstructions, images) - whole.reshape(-1)).abs().max() < 1e-6
+
+
+def test_tile_threads_keep_the_callers_autocast(small_model, images):
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        with small_model.tiled(tile=160, overlap=96):
+            latents = small_model.encode(images).mode()
+    assert latents.dtype == torch.bfloat16
+
+
+def test_evaluate_tile_needs_full_size(mixed_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    AutoencoderKL.from_preset("tiny").save(run)
+    assert main(["evaluate", "--model", str(run), "--data", str(mixed_folder), "--tile", "64"]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == "vaehelpers evaluate: error: --tile needs --full-size (cropped images are never tiled)"
+    )

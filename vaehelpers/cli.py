@@ -134,6 +134,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.runtime import resolve_device
 
+    if args.tile and not args.full_size:
+        raise ValueError("--tile needs --full-size (cropped images are never tiled)")
     device = resolve_device(args.device)
     model, source = open_model(args.model, device)
     for note in source.notes:

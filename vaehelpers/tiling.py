@@ -292,7 +292,10 @@ def _run_together(
     """Run fn on every input in its own thread, meeting at each GroupNorm (and attention); outputs in order."""
     barriers = _Barriers(len(inputs))
     outputs: list[Tensor | None] = [None] * len(inputs)
-    grad = torch.is_grad_enabled()
+    # grad mode and autocast are per thread: the tile threads take the caller's
+    grad, device_type = torch.is_grad_enabled(), inputs[0].device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    autocast_dtype = torch.get_autocast_dtype(device_type) if autocast else None
 
     def work(index: int) -> None:
         tile = tiles[index]
@@ -301,7 +304,7 @@ def _run_together(
         with barriers.cv:
             try:
                 patched.local.state = _TileState(core, size, index, barriers)
-                with torch.set_grad_enabled(grad):
+                with torch.set_grad_enabled(grad), torch.autocast(device_type, autocast_dtype, enabled=autocast):
                     outputs[index] = fn(inputs[index])
             except _Aborted:
                 pass
