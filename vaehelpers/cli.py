@@ -236,12 +236,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     model, device = _load_model(args.run, args.device)
     image_size = _run_image_size(args.run, args.image_size)
-    if args.full_size:
-        from vaehelpers.reconstruct import FullSizeImages
-
-        dataset = FullSizeImages(args.data, split=args.split)
-    else:
-        dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
+    dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
     stats = latent_statistics(
         model,
         dataset,
