@@ -390,7 +390,7 @@ def evaluate(
             if full_size:  # each image at its own size, alone (reconstruct_image pads, tiles and crops)
                 for image, path in zip(images, paths, strict=True):
                     reconstruction = _reconstruct_full_size(model, image, tile, device)
-                    evaluator.update(image[None].float(), reconstruction[None].float(), [path])
+                    evaluator.update(image[None].to(device).float(), reconstruction[None].to(device).float(), [path])
                 continue
             images = torch.stack(images).to(device)  # (B, 3, S, S) in [-1, 1]
             with torch.no_grad(), autocast(device, precision):
