@@ -132,10 +132,14 @@ fig
 # ## Step 4: Your own image
 #
 # Any file, at its own size: it is padded to a multiple of 8 for the model and the reconstruction cropped back.
-# Set `image_path` to try one of yours.
+# Set `image_path` to try one of yours. A phone photo (12 MP) does not fit through the `sd` model at once, so
+# `tile="auto"` splits it into overlapping tiles where the free memory is short (the first line says what it
+# chose), with each GroupNorm's statistics taken over the whole image: no seams, no tone shift between tiles
+# (results/tiling.md). `tile=512` forces tiles of 512 pixels, `tile="off"` never tiles.
 
 # %%
-rows = reconstruct_files(model, [image_path or test_set.get_path(0)], settings.figures_dir / "custom", device=device)
+where = settings.figures_dir / "custom"
+rows = reconstruct_files(model, [image_path or test_set.get_path(0)], where, device=device, tile="auto")
 print(format_rows(rows))
 Image(filename=rows[0]["reconstruction_png"])
 

@@ -262,6 +262,8 @@ def add_evaluate_parser(verbs: Any) -> None:
     evaluate.add_argument("--csv", type=Path, help="per-image rows")
     evaluate.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    evaluate.add_argument("--full-size", action="store_true", help="whole images, no crop (tiled where needed)")
+    evaluate.add_argument("--tile", type=int, help="with --full-size: tile size in pixels (default: only if needed)")
     _add_fid_flags(evaluate)
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -278,12 +280,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.runtime import resolve_device
 
+    if args.tile and not args.full_size:
+        raise ValueError("--tile needs --full-size (cropped images are never tiled)")
     device = resolve_device(**given(name=args.device))
     model, source = open_model(args.model, device)
     for note in source.notes:
         print(f"note: {note}")
     image_size = args.image_size or source.sample_size or DEFAULT_IMAGE_SIZE  # else the model's own size
-    dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
+    if args.full_size:
+        from vaehelpers.reconstruct import FullSizeImages
+
+        dataset = FullSizeImages(args.data, split=args.split)
+    else:
+        dataset = ImageFolderDataset(args.data, split=args.split, image_size=image_size, resize="crop", augment=False)
     summary = metrics.evaluate(
         model,
         dataset,
@@ -292,6 +301,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         lpips=False if args.no_lpips else "auto",
         fid=_fid_setting(args.fid),
         weights_dir=args.weights_dir,
+        full_size=args.full_size,
+        tile=args.tile or "auto",
         **given(batch_size=args.batch_size),
     )
     summary.update(model=str(args.model), model_kind=source.kind)
@@ -324,6 +335,8 @@ def add_compare_parser(verbs: Any) -> None:
     compare.add_argument("--batch-size", type=int)
     compare.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     compare.add_argument("--no-lpips", action="store_true", help="skip LPIPS (it needs torchvision's VGG16 weights)")
+    compare.add_argument("--full-size", action="store_true", help="metrics on whole images, no crop (tiled if needed)")
+    compare.add_argument("--tile", type=int, help="with --full-size: tile size in pixels (default: only if needed)")
     _add_fid_flags(compare)
     compare.add_argument("--no-progress", action="store_true")
     compare.set_defaults(func=cmd_compare)
@@ -341,6 +354,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         fid_on=_fid_setting(args.fid),
         weights_dir=args.weights_dir,
         progress=not args.no_progress,
+        full_size=args.full_size,
+        tile=args.tile or "auto",
         **given(split=args.split, batch_size=args.batch_size, device=args.device),
     )
     print(format_report(result))
@@ -364,17 +379,24 @@ def add_reconstruct_parser(verbs: Any) -> None:
     )
     reconstruct.add_argument("--image-size", type=int)
     reconstruct.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    tile_choice = reconstruct.add_mutually_exclusive_group()
+    tile_choice.add_argument("--tile", type=int, help="tile size in pixels (default: tile only what would not fit)")
+    tile_choice.add_argument("--no-tile", action="store_true", help="never tile, even where memory looks short")
+    reconstruct.add_argument("--json", type=Path, help="per image: PSNR, SSIM, seconds, peak memory, tile size")
     reconstruct.set_defaults(func=cmd_reconstruct)
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from vaehelpers.reconstruct import format_rows, reconstruct_files
+    from vaehelpers.reconstruct import format_rows, reconstruct_files, write_rows_json
 
+    tile = "off" if args.no_tile else args.tile or "auto"
     model, device = _load_model(args.run, args.device)
     rows = reconstruct_files(
-        model, args.images, args.out, image_size=args.image_size, device=device, **given(mode=args.mode)
+        model, args.images, args.out, image_size=args.image_size, device=device, tile=tile, **given(mode=args.mode)
     )
     print(format_rows(rows))
+    if args.json:
+        print(f"wrote {write_rows_json(rows, args.json)}")
     return _exit_status(sum(1 for row in rows if row["error"]))
 
 

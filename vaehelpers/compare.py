@@ -133,6 +133,8 @@ def compare(
     latent_images: int = 1000,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    full_size: bool = False,
+    tile: int | str = "auto",
 ) -> dict[str, Any]:
     """Evaluate every source on the same images of `data` and write out/compare.md, compare.json, reconstructions.png.
 
@@ -140,11 +142,14 @@ def compare(
     else 128. lpips, fid_on: "auto" (where the weights load, else n/a with a note), True (required) or False.
     latent_images: images (at most) for the per-channel latent statistics (posterior samples, seed 0, as
     `vaehelpers scale` measures them). cache_dir: where the images' uint8 cache goes (default: dataset.py's choice).
+    full_size: the metrics on whole images of any size (metrics.evaluate's full_size, tiled where needed, `tile`);
+    the latent statistics, the speed and the figure stay on the SxS crops.
     Returns the compare.json dictionary: n_images, image_size, data, split,
     models [rows], failed [{name, source, reason}], notes, rfid_warning, files.
     """
     from vaehelpers.dataset import ImageFolderDataset
     from vaehelpers.latents import latent_statistics
+    from vaehelpers.reconstruct import FullSizeImages
     from vaehelpers.runtime import resolve_device
 
     out = Path(out)
@@ -163,6 +168,7 @@ def compare(
         raise NothingMeasuredError(f"no model could be measured: {_failures(failed)}")
     size = image_size or next((int(w.sample_size) for _, _, w in opened if w.sample_size), None) or DEFAULT_IMAGE_SIZE
     dataset = ImageFolderDataset(data, split=split, image_size=size, resize="crop", augment=False, cache_dir=cache_dir)
+    measured = FullSizeImages(data, split) if full_size else dataset
     lpips_fn, inception, rfid_reason = _shared_backbones(lpips, fid_on, weights_dir, device, notes)
 
     shown = torch.stack([dataset[i] for i in range(min(figure_images, len(dataset)))])  # (k, 3, S, S) in [-1, 1]
@@ -177,7 +183,15 @@ def compare(
             name = f"{name} ({index + 1})"
         try:
             summary = metrics.evaluate(
-                model, dataset, batch_size=batch_size, device=device, lpips=lpips_fn, fid=inception, progress=progress
+                model,
+                measured,
+                batch_size=batch_size,
+                device=device,
+                lpips=lpips_fn,
+                fid=inception,
+                progress=progress,
+                full_size=full_size,
+                tile=tile,
             )
             stats = latent_statistics(model, dataset, max_images=latent_images, batch_size=batch_size)
             speed = encode_decode_speed(model, shown if len(shown) else dataset[0][None])
@@ -229,8 +243,8 @@ def compare(
         viz.save_figure(reconstructions_figure(shown, figure_columns), out / "reconstructions.png")
         files["figure"] = str(out / "reconstructions.png")
     result = {
-        "n_images": len(dataset),
-        "image_size": size,
+        "n_images": len(measured),
+        "image_size": "full" if full_size else size,
         "pixel_range": "[0,1]",
         "data": str(data),
         "split": split,

@@ -57,6 +57,37 @@ def _ssim_kernel_size(height: int, width: int) -> int:
     return side if side % 2 == 1 else side - 1
 
 
+SSIM_STRIP_ROWS = 256  # above this many rows SSIM goes strip by strip: at 12 MP in one piece it took 10 GB of RAM
+
+
+def _ssim(reconstructions01: Tensor, images01: Tensor) -> Tensor:
+    """torchmetrics' SSIM per image, (B,); on tall images computed in strips of rows, each with 16 rows of context
+    (the Gaussian window reaches 5), from the SSIM maps' rows that each strip computes as the whole image would."""
+    height, width = images01.shape[-2:]
+    kernel = _ssim_kernel_size(height, width)
+
+    def ssim_map(first: int, last: int) -> Tensor:
+        return structural_similarity_index_measure(
+            reconstructions01[..., first:last, :],
+            images01[..., first:last, :],
+            data_range=1.0,
+            kernel_size=kernel,
+            reduction="none",
+            return_full_image=True,
+        )[1]  # (B, C, last - first, W)
+
+    context = 16
+    if height <= SSIM_STRIP_ROWS + 2 * context:
+        return ssim_map(0, height).flatten(1).mean(1)
+    total = torch.zeros(images01.shape[0], dtype=torch.float64, device=images01.device)
+    for first in range(0, height, SSIM_STRIP_ROWS):
+        last = min(first + SSIM_STRIP_ROWS, height)
+        start = max(first - context, 0)
+        strip = ssim_map(start, min(last + context, height))[..., first - start : last - start, :]
+        total += strip.double().flatten(1).sum(1)
+    return (total / (images01[0].numel())).to(images01.dtype)
+
+
 def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tensor]:
     """Reconstruction metrics, one value per image.
 
@@ -74,10 +105,7 @@ def per_image_metrics(images: Tensor, reconstructions: Tensor) -> dict[str, Tens
     error = reconstructions01 - images01
     mae = error.abs().flatten(1).mean(1)
     mse = error.square().flatten(1).mean(1)
-    kernel = _ssim_kernel_size(*images.shape[-2:])
-    ssim = structural_similarity_index_measure(
-        reconstructions01, images01, data_range=1.0, kernel_size=kernel, reduction="none"
-    )
+    ssim = _ssim(reconstructions01, images01)
     return {
         "mae": mae,
         "mse": mse,
@@ -258,6 +286,17 @@ def _optional(what: str, build: Callable[[], Any], required: bool, notes: list[s
         return None, str(error)
 
 
+def _reconstruct_full_size(model: nn.Module, image: Tensor, tile: int | str, device: torch.device) -> Tensor:
+    """One whole image (3, H, W) in [-1, 1] -> its reconstruction (3, H, W) on the CPU, tiled where needed."""
+    from vaehelpers import tiling
+    from vaehelpers.reconstruct import reconstruct_image
+
+    factor = model.config.downsample_factor
+    height, width = (-(-side // factor) * factor for side in image.shape[-2:])
+    chosen, _ = tiling.decide(model.config.base_channels, height, width, tile, device)
+    return reconstruct_image(model, image, tiled=chosen)[0]
+
+
 def _item_image(item: Any) -> Tensor:
     """A dataset item is an image tensor, or a tuple/list/dict whose first (or "image") entry is one."""
     if isinstance(item, Tensor):
@@ -288,6 +327,8 @@ def evaluate(
     weights_dir: str | Path | None = None,
     precision: str = "fp32",
     progress: bool = True,
+    full_size: bool = False,
+    tile: int | str = "auto",
 ) -> dict[str, Any]:
     """Reconstruct every image of `dataset` with `model` and measure how close the reconstructions are.
 
@@ -305,6 +346,9 @@ def evaluate(
     weights_dir: a folder holding the pretrained files (else $VAEHELPERS_WEIGHTS, then the torch hub cache).
     precision: "fp32" (default; the VAE is sensitive to fp16), "bf16", "fp16" or "auto" (runtime.resolve_precision):
         autocast for the model only; metrics are always computed in float32.
+    full_size: items are whole images of any size (reconstruct.FullSizeImages): each runs alone, padded to a
+        multiple of the downsample factor and cropped back, tiled where it would not fit (`tile`: "auto", a tile
+        size in pixels, or "off"; see tiling.decide); image_size is then "full". Posterior mode, fp32.
 
     Returns a dict: n_images, image_size, pixel_range "[0,1]", mae, mse, psnr (mean over images, each capped
     at psnr_cap_db), psnr_from_mean_mse, psnr_cap_db, ssim, lpips, lpips_net, rfid, rfid_n_images, rfid_min_images,
@@ -343,6 +387,11 @@ def evaluate(
                     evaluator.skip(_item_path(dataset, index), error.reason)
             if not images:
                 continue
+            if full_size:  # each image at its own size, alone (reconstruct_image pads, tiles and crops)
+                for image, path in zip(images, paths, strict=True):
+                    reconstruction = _reconstruct_full_size(model, image, tile, device)
+                    evaluator.update(image[None].to(device).float(), reconstruction[None].to(device).float(), [path])
+                continue
             images = torch.stack(images).to(device)  # (B, 3, S, S) in [-1, 1]
             with torch.no_grad(), autocast(device, precision):
                 posterior = model.encode(images)
@@ -353,6 +402,8 @@ def evaluate(
         model.train(was_training)
 
     summary = evaluator.summary()
+    if full_size:
+        summary["image_size"] = "full"
     summary.update(
         sample_posterior=sample_posterior,
         precision=precision,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vaehelpers import weights
+from vaehelpers import tiling, weights
 from vaehelpers.config import MODEL_PRESETS, ModelConfig, apply_overrides, config_diff, model_config
 from vaehelpers.rundir import RunDir
 from vaehelpers.weights import infer_config
@@ -375,6 +377,7 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1)
         self.post_quant_conv = nn.Conv2d(latent, latent, 1)
+        self._tiling: tiling.Tiling | None = None  # set by tiled(): encode and decode then work tile by tile
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> AutoencoderKL:
@@ -416,6 +419,32 @@ class AutoencoderKL(nn.Module):
     def disable_fast_paths(self) -> AutoencoderKL:
         return self.enable_fast_paths(False)
 
+    @contextmanager
+    def tiled(
+        self,
+        tile: int = 512,
+        overlap: int = 64,
+        stats_tiles: int | None = None,
+        attention: Literal["auto", "global", "tile"] = "auto",
+    ) -> Iterator[AutoencoderKL]:
+        """Within this context, encode and decode images larger than `tile` pixels tile by tile, with GroupNorm
+        statistics over the whole image (see tiling.py and tiling.Tiling for the settings):
+
+            with model.tiled(tile=512, overlap=64):
+                reconstructions = model.decode(model.encode(images).mode())
+        """
+        chosen = tiling.Tiling(tile=tile, overlap=overlap, stats_tiles=stats_tiles, attention=attention)
+        chosen.check(self.config.downsample_factor)
+        previous, self._tiling = self._tiling, chosen
+        try:
+            yield self
+        finally:
+            self._tiling = previous
+
+    def _tiles(self, height: int, width: int) -> bool:
+        """Whether an image of height x width pixels goes through tiles now."""
+        return self._tiling is not None and max(height, width) > self._tiling.tile
+
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (B, C_in, H, W) in [-1, 1], H and W multiples of f -> posterior over (B, L, H/f, W/f)."""
         f, c = self.config.downsample_factor, self.config.in_channels
@@ -427,7 +456,12 @@ class AutoencoderKL(nn.Module):
                 f"encode expects H and W to be multiples of the downsample factor {f}, got {height}x{width}; "
                 f"resize or crop to e.g. {height // f * f or f}x{width // f * f or f}"
             )
-        moments = self.quant_conv(self.encoder(images))  # (B, 2L, H/f, W/f)
+        if self._tiles(height, width):
+            moments = tiling.run_tiled(
+                lambda part: self.quant_conv(self.encoder(part)), self, images, self._tiling, factor_in=f, factor_out=1
+            )
+        else:
+            moments = self.quant_conv(self.encoder(images))  # (B, 2L, H/f, W/f)
         return DiagonalGaussian(moments)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -435,6 +469,16 @@ class AutoencoderKL(nn.Module):
         latent = self.config.latent_channels
         if latents.ndim != 4 or latents.shape[1] != latent:
             raise ValueError(f"decode expects latents of shape (B, {latent}, h, w), got {tuple(latents.shape)}")
+        f = self.config.downsample_factor
+        if self._tiles(latents.shape[-2] * f, latents.shape[-1] * f):
+            return tiling.run_tiled(
+                lambda part: self.decoder(self.post_quant_conv(part)),
+                self,
+                latents,
+                self._tiling,
+                factor_in=1,
+                factor_out=f,
+            )
         return self.decoder(self.post_quant_conv(latents))
 
     def forward(
