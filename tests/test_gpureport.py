@@ -39,9 +39,12 @@ def test_gpu_report_on_cpu_writes_every_section(tmp_path):
         "Largest batch",
         "Two processes (NCCL)",
         "GPU-only tests",
-        "Reference-run training, 0.3 minutes on synthetic images",
+        "Reference-run training, 0.5 minutes on synthetic images",
     ]
-    assert page.startswith("# GPU report\n\nCommand: `") and "on CPU (toy scale" in page
+    assert (
+        page.startswith(f"# GPU report\n\nCommand: `python -m vaehelpers.gpureport --out {out}`")
+        and "on CPU (toy scale" in page
+    )
     assert "`nvidia-smi -L`" in page and "OK: ready to train" in page
     # the benchmark in fp32, bf16 and fp16, ours against diffusers, with the headroom-tracking contender
     for precision in ("fp32", "bf16", "fp16"):
@@ -53,7 +56,11 @@ def test_gpu_report_on_cpu_writes_every_section(tmp_path):
     assert len(tables) >= 3 * 14 and all(float(fraction) < 0.01 for *_, fraction in tables)
     assert re.search(r"tiny preset, 32 px, \w+: \d+ recommended from memory", page)
     assert "not run: 0 GPU(s) visible (needs 2)" in page and "## GPU-only tests\n\nnot run: no GPU" in page
-    training = re.search(r"\*\*([\d.e+-]+) images/s\*\* over the session.*?takes \*\*([\d.]+) hours\*\*", page, re.S)
+    training = re.search(
+        r"\*\*([\d.e+-]+) images/s\*\* \(the mean of log.csv's \d+ rows after the first\).*?takes \*\*([\d.]+) hours\*\*",
+        page,
+        re.S,
+    )
     images_per_s, hours = float(training.group(1)), float(training.group(2))
     assert images_per_s > 0 and hours == pytest.approx(600 * 8091 * 0.9 / images_per_s / 3600, rel=0.02)
     assert "FAILED" not in page
