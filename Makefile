@@ -49,7 +49,7 @@ test-fast: lint
 # two processes (2 GPUs), the GPU-only tests and 5 minutes of the reference run, as one page (under 12 minutes).
 # On a CPU: the same sections at toy scale. dev: the GPU-only tests need pytest.
 gpu-report: dev
-	$(PY) -m vaehelpers.gpureport --out $(OUT)
+	$(PY) -m vaehelpers.gpureport --out $(OUT) --called-as "make gpu-report OUT=$(OUT)"
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -16,8 +16,9 @@ from torch import nn
 
 from vaehelpers import metrics
 from vaehelpers.dataset import ImageFolderDataset
+from vaehelpers.latents import pad_to_multiple, reconstruct_image
 from vaehelpers.model import AutoencoderKL
-from vaehelpers.reconstruct import format_rows, pad_to_multiple, reconstruct_files, reconstruct_image
+from vaehelpers.reconstruct import format_rows, reconstruct_files
 
 DESIGN_KEYS = {"n_images", "image_size", "pixel_range", "mae", "mse", "psnr", "ssim", "lpips", "per_image"}
 SUMMARY_KEYS = DESIGN_KEYS | {

@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import io
 import math
-import os
 import shlex
 import shutil
 import subprocess
@@ -306,9 +305,15 @@ def _from_ending(printed: str) -> str:
 SECTIONS = ("machine", "doctor", "bench", "headroom", "largest_batch", "two_processes", "gpu_tests", "training")
 
 
-def run(out: str | Path = DEFAULT_OUT, device: str = "auto", log: Callable[[str], None] = print) -> list[str]:
+def run(
+    out: str | Path = DEFAULT_OUT,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+    called_as: str | None = None,
+) -> list[str]:
     """Every section in turn (a section that fails says why on the page and the rest still run); writes `out`
-    atomically and returns the names of the sections that failed."""
+    atomically and returns the names of the sections that failed. called_as: the command the page names (default:
+    the `python -m vaehelpers.gpureport` line with these arguments)."""
     from vaehelpers.rundir import atomic_write
     from vaehelpers.runtime import resolve_device
 
@@ -337,11 +342,8 @@ def run(out: str | Path = DEFAULT_OUT, device: str = "auto", log: Callable[[str]
             log(f"gpu-report: {name} FAILED: {type(error).__name__}: {error}")
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
-    command = (
-        f"make gpu-report OUT={out}"
-        if os.environ.get("MAKELEVEL")
-        else shlex.join(["python", "-m", "vaehelpers.gpureport", *sys.argv[1:]])
-    )
+    arguments = ["--out", str(out), *(["--device", device] if device != "auto" else [])]
+    command = called_as or shlex.join(["python", "-m", "vaehelpers.gpureport", *arguments])
     where = "GPU" if torch_device.type == "cuda" else "CPU (toy scale: tiny preset, 32 px, seconds of training)"
     head = (
         f"# GPU report\n\nCommand: `{command}`\n\nWritten {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC "
@@ -360,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vaehelpers.gpureport", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"the markdown page to write (default {DEFAULT_OUT})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (CPU: toy scale)")
+    parser.add_argument("--called-as", help="the command to print on the page (the Makefile passes its own)")
     args = parser.parse_args(argv)
-    failed = run(args.out, args.device)
+    failed = run(args.out, args.device, called_as=args.called_as)
     if failed:
         print(f"gpu-report: error: section(s) failed: {', '.join(failed)} (see {args.out})", file=sys.stderr)
     return 1 if failed else 0

@@ -20,13 +20,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from vaehelpers.config import ModelConfig, from_dict
 from vaehelpers.rundir import RunDir, atomic_write, read_config, write_config
+
+if TYPE_CHECKING:
+    from vaehelpers import tiling
 
 # ----------------------------------------------------------------------------- encode, decode, walk, sample
 
@@ -56,6 +60,49 @@ def reconstruct(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return decode(model, encode(model, images))
     finally:
         model.train(was_training)
+
+
+def pad_to_multiple(images: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int]]:
+    """Pad (B, C, H, W) on the bottom and right up to multiples of `multiple`; returns it and the original (H, W).
+
+    Reflection padding keeps the border statistics natural (zeros would add a dark frame the model must
+    reproduce); an image smaller than the pad cannot be reflected and is edge-replicated instead.
+    """
+    height, width = images.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        images = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)  # (left, right, top, bottom)
+    return images, (height, width)
+
+
+@torch.no_grad()
+def reconstruct_image(
+    model: nn.Module,
+    image: Tensor,
+    *,
+    mode: Literal["pad", "resize"] = "pad",
+    tiled: tiling.Tiling | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One image (3, H, W) in [-1, 1] -> (reconstruction (3, H, W), latents (L, h, w)), posterior mode.
+
+    mode="pad" pads H and W up to multiples of the model's downsample factor and crops the reconstruction
+    back to H x W; mode="resize" expects H and W to be multiples already (see data.preprocess).
+    tiled: encode and decode tile by tile with these settings (model.tiled), else in one piece.
+    """
+    if tiled is not None:
+        with model.tiled(tiled.tile, tiled.overlap, tiled.stats_tiles, tiled.attention):
+            return reconstruct_image(model, image, mode=mode)
+    device = next(model.parameters(), torch.empty(0)).device
+    images = image[None].to(device)  # (1, 3, H, W)
+    factor = model.config.downsample_factor
+    if mode == "pad":
+        images, (height, width) = pad_to_multiple(images, factor)
+    else:
+        height, width = images.shape[-2:]
+    latents = model.encode(images).mode()  # (1, L, H'/f, W'/f)
+    reconstructions = model.decode(latents)[..., :height, :width]  # crop the padding away
+    return reconstructions[0].float().cpu(), latents[0].float().cpu()
 
 
 def interpolate(model: nn.Module, image_a: torch.Tensor, image_b: torch.Tensor, steps: int = 7) -> torch.Tensor:

@@ -289,7 +289,7 @@ def _optional(what: str, build: Callable[[], Any], required: bool, notes: list[s
 def _reconstruct_full_size(model: nn.Module, image: Tensor, tile: int | str, device: torch.device) -> Tensor:
     """One whole image (3, H, W) in [-1, 1] -> its reconstruction (3, H, W) on the CPU, tiled where needed."""
     from vaehelpers import tiling
-    from vaehelpers.reconstruct import reconstruct_image
+    from vaehelpers.latents import reconstruct_image
 
     factor = model.config.downsample_factor
     height, width = (-(-side // factor) * factor for side in image.shape[-2:])

@@ -327,7 +327,8 @@ def prepare(cfg: TrainConfig, resume: bool, is_main: bool) -> TrainConfig:
     statistics measured into config.json are kept (with a note).
     """
     run = RunDir(cfg.run_dir)
-    present = run.run_files()
+    # the main process judges a new run's directory: the other ranks may look after it has written config.json
+    present = run.run_files() if is_main else []
     if present and not resume:
         raise FileExistsError(
             f"{run.root} already holds a run ({', '.join(present)}): pass --resume to continue it, "

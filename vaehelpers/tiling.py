@@ -200,16 +200,19 @@ class _TileState:
     barriers: _Barriers | None  # None: frozen statistics, per-tile attention
 
 
+def _is_attention(module: nn.Module) -> bool:
+    """model.Attention, known by its layers (model.py imports this module, so this one does not import it back)."""
+    return all(hasattr(module, name) for name in ("group_norm", "to_q", "to_k", "to_v", "to_out"))
+
+
 class _Patched:
     """GroupNorm and attention forwards replaced (instance attributes) for the duration of a tiled call."""
 
     def __init__(self, root: nn.Module, global_attention: bool) -> None:
-        from vaehelpers.model import Attention
-
         self.local = threading.local()
         self.stats: dict[int, Tensor] = {}  # id(norm) -> (B, G, 2) float64 mean and variance
         self.norms = [m for m in root.modules() if isinstance(m, nn.GroupNorm)]
-        self.attentions = [m for m in root.modules() if isinstance(m, Attention)] if global_attention else []
+        self.attentions = [m for m in root.modules() if _is_attention(m)] if global_attention else []
 
     @contextmanager
     def active(self) -> Iterator[_Patched]:
