@@ -2,7 +2,6 @@
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,19 +9,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_makefile_target_runs_the_module_with_out():
-    makefile = (ROOT / "Makefile").read_text()
-    recipe = re.search(r"^gpu-report:.*\n\t(.+)$", makefile, re.MULTILINE)
-    assert recipe and recipe.group(1) == "$(PY) -m vaehelpers.gpureport --out $(OUT)"
-    assert re.search(r"^OUT \?= results/gpu.md$", makefile, re.MULTILINE)
+def test_the_makefile_target_runs_the_module_with_out(tmp_path):
+    def planned(*arguments: str) -> str:  # the command make would run last (a dry run)
+        done = subprocess.run(["make", "-n", "gpu-report", *arguments], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    out = tmp_path / "x.md"
+    assert planned(f"OUT={out}") == (
+        f'.venv/bin/python -m vaehelpers.gpureport --out {out} --called-as "make gpu-report OUT={out}"'
+    )
+    assert planned().startswith(".venv/bin/python -m vaehelpers.gpureport --out results/gpu.md ")
 
 
 @pytest.mark.slow
 def test_gpu_report_on_cpu_writes_every_section(tmp_path):
     out = tmp_path / "x.md"
-    # what `make gpu-report OUT=tmp/x.md` runs (the target's recipe, checked above)
     done = subprocess.run(
-        [sys.executable, "-m", "vaehelpers.gpureport", "--out", str(out)],
+        ["make", "gpu-report", f"OUT={out}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -41,10 +45,7 @@ def test_gpu_report_on_cpu_writes_every_section(tmp_path):
         "GPU-only tests",
         "Reference-run training, 0.5 minutes on synthetic images",
     ]
-    assert (
-        page.startswith(f"# GPU report\n\nCommand: `python -m vaehelpers.gpureport --out {out}`")
-        and "on CPU (toy scale" in page
-    )
+    assert page.startswith(f"# GPU report\n\nCommand: `make gpu-report OUT={out}`") and "on CPU (toy scale" in page
     assert "`nvidia-smi -L`" in page and "OK: ready to train" in page
     # the benchmark in fp32, bf16 and fp16, ours against diffusers, with the headroom-tracking contender
     for precision in ("fp32", "bf16", "fp16"):
