@@ -1,5 +1,6 @@
 """`make gpu-report` at toy scale on this CPU: the page it writes has every section, each with its figures."""
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -9,9 +10,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# a make of its own, not a sub-make of `make test` (whose MAKEFLAGS would add "Entering directory" lines)
+OWN_MAKE = {name: value for name, value in os.environ.items() if name not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+
 def test_the_makefile_target_runs_the_module_with_out(tmp_path):
     def planned(*arguments: str) -> str:  # the command make would run last (a dry run)
-        done = subprocess.run(["make", "-n", "gpu-report", *arguments], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            ["make", "--no-print-directory", "-n", "gpu-report", *arguments],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=OWN_MAKE,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1]
 
@@ -26,11 +37,12 @@ def test_the_makefile_target_runs_the_module_with_out(tmp_path):
 def test_gpu_report_on_cpu_writes_every_section(tmp_path):
     out = tmp_path / "x.md"
     done = subprocess.run(
-        ["make", "gpu-report", f"OUT={out}"],
+        ["make", "--no-print-directory", "gpu-report", f"OUT={out}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1500,
+        env=OWN_MAKE,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     page = out.read_text()

@@ -2,7 +2,7 @@
 benchmark in every precision the GPU has, fp16 headroom per block, the largest batch, a two-process check, the
 GPU-only tests and minutes of the reference run's training, with the command and the machine.
 
-    python -m vaehelpers.gpureport --out results/gpu.md   # what `make gpu-report` runs (under 12 minutes on a GPU)
+    python -m vaehelpers.gpureport --out results/gpu.md   # what `make gpu-report` runs (it aims at under 12 minutes on a GPU)
 
 On a CPU it runs at toy scale (tiny preset, 32 px, seconds of training), so that its tests exercise every section.
 """
