@@ -1,4 +1,4 @@
-"""Shared test fixtures: the real photos in ../shared/datasets/bsds500 (skipped where absent), stand-in weights."""
+"""Shared test fixtures and helpers: the real photos in ../shared/datasets/bsds500 (skipped where absent), stand-in weights."""
 
 import io
 import os
@@ -7,9 +7,12 @@ import subprocess
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+
+from vaehelpers.config import TrainConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS_ENV = "VAEHELPERS_DATASETS"  # a folder holding bsds500/, where no shared/datasets is beside the checkout
@@ -113,3 +116,20 @@ def hub_snapshot(tmp_path, monkeypatch) -> SimpleNamespace:
 
     monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
     return fake
+
+
+def fp16_config(images: Path, run: Path, **overrides: Any) -> TrainConfig:
+    """A tiny pixel-recipe run in fp16 on the CPU (16 px, batch 4, no cache): test_fp16 and test_headroom use it."""
+    settings = {
+        "device": "cpu",
+        "precision": "fp16",
+        "batch_size": 4,
+        "lr": 1e-3,
+        "data.data_dir": str(images),
+        "data.image_size": 16,
+        "data.cache": False,
+        "run_dir": str(run),
+        "checkpoint_every": 1000,
+    }
+    settings.update(overrides)
+    return build_config("tiny", "pixel", **settings)

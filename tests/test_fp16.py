@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fp16_config
 
 from vaehelpers import metrics
-from vaehelpers.config import build_config
 from vaehelpers.dataset import ImageFolderDataset
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.rundir import load_checkpoint
@@ -21,22 +21,6 @@ def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("synthetic")
     make_synthetic(folder, count=48, size=32, seed=1)
     return folder
-
-
-def fp16(images: Path, run: Path, **overrides):
-    settings = {
-        "device": "cpu",
-        "precision": "fp16",
-        "batch_size": 4,
-        "lr": 1e-3,
-        "data.data_dir": str(images),
-        "data.image_size": 16,
-        "data.cache": False,
-        "run_dir": str(run),
-        "checkpoint_every": 1000,
-    }
-    settings.update(overrides)
-    return build_config("tiny", "pixel", **settings)
 
 
 def overflow_at(*steps: int):
@@ -56,7 +40,7 @@ def log_rows(run: Path) -> list[dict[str, str]]:
 def test_fp16_training_learns(images, tmp_path):
     # the fp32 learning test's settings (tests/test_train.py) in fp16 with the GradScaler, for 100 steps instead of
     # 200: fp16 convolutions on a CPU take torch's slow reference path (about 5x fp32's time here)
-    cfg = fp16(images, tmp_path / "run", max_steps=100, batch_size=8, **{"data.image_size": 32})
+    cfg = fp16_config(images, tmp_path / "run", max_steps=100, batch_size=8, **{"data.image_size": 32})
     torch.manual_seed(cfg.seed)
     test_set = ImageFolderDataset(images, split="test", image_size=32, cache=False)
     before = metrics.evaluate(
@@ -84,10 +68,10 @@ def test_fp16_training_learns(images, tmp_path):
 def test_fp16_resume_is_exact_including_the_scaler(images, tmp_path):
     # a scaler skip at step 3 (scale 65536 -> 32768) before the split at 7: the resumed run must carry the lowered scale
     extra = {"max_steps": 12, "warmup_steps": 3, "schedule": "cosine", "ema_decay": 0.9, "loss.reconstruction": "l2"}
-    straight = train(fp16(images, tmp_path / "a", **extra), on_batch=overflow_at(3), progress=False)
-    first = train(fp16(images, tmp_path / "b", **extra), on_batch=overflow_at(3), until_step=7, progress=False)
+    straight = train(fp16_config(images, tmp_path / "a", **extra), on_batch=overflow_at(3), progress=False)
+    first = train(fp16_config(images, tmp_path / "b", **extra), on_batch=overflow_at(3), until_step=7, progress=False)
     assert first.step == 7 and first.scaler_skipped == 1
-    second = train(fp16(images, tmp_path / "b", **extra), on_batch=overflow_at(3), resume=True, progress=False)
+    second = train(fp16_config(images, tmp_path / "b", **extra), on_batch=overflow_at(3), resume=True, progress=False)
     assert straight.step == second.step == 12 and straight.scaler_skipped == second.scaler_skipped == 1
     a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("a", "b"))
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] == 32768.0
@@ -103,10 +87,12 @@ def test_fp16_resume_is_exact_including_the_scaler(images, tmp_path):
 def test_scaler_skip_lowers_the_scale_is_counted_leaves_ema_and_weights_and_training_goes_on(images, tmp_path):
     run = tmp_path / "run"
     settings = {"max_steps": 6, "ema_decay": 0.9, "loss.reconstruction": "l2"}
-    train(fp16(images, run, **settings), until_step=2, progress=False)
+    train(fp16_config(images, run, **settings), until_step=2, progress=False)
     good = load_checkpoint(run / "checkpoints" / "last.pt")
     # on_batch sees the step count before the step: step index 2 is the third optimiser step
-    skipped = train(fp16(images, run, **settings), on_batch=overflow_at(2), until_step=3, resume=True, progress=False)
+    skipped = train(
+        fp16_config(images, run, **settings), on_batch=overflow_at(2), until_step=3, resume=True, progress=False
+    )
     after_skip = load_checkpoint(run / "checkpoints" / "last.pt")
     assert skipped.scaler_skipped == 1 and skipped.bad_steps == 0 and after_skip["scaler_skipped"] == 1
     assert good["scaler"]["scale"] == 65536.0 and after_skip["scaler"]["scale"] == 32768.0
@@ -115,7 +101,7 @@ def test_scaler_skip_lowers_the_scale_is_counted_leaves_ema_and_weights_and_trai
         assert torch.equal(x, y)
     for key, tensor in good["model"].items():  # the checkpoint after the skip holds the last good weights
         assert torch.equal(tensor, after_skip["model"][key]), key
-    final = train(fp16(images, run, **settings), resume=True, progress=False)
+    final = train(fp16_config(images, run, **settings), resume=True, progress=False)
     assert final.step == 6 and final.scaler_skipped == 1
     rows = log_rows(run)
     assert [r["scaler_skipped"] for r in rows] == ["0", "0", "1", "0", "0", "0"]
@@ -130,7 +116,9 @@ def test_a_run_of_scaler_skips_stops_like_non_finite_losses(images, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="GradScaler"):
         train(
-            fp16(images, run, max_steps=20, checkpoint_every=1, max_bad_steps=3, **{"loss.reconstruction": "l2"}),
+            fp16_config(
+                images, run, max_steps=20, checkpoint_every=1, max_bad_steps=3, **{"loss.reconstruction": "l2"}
+            ),
             on_batch=overflow_at(*range(3, 20)),
             progress=False,
         )
@@ -151,7 +139,7 @@ def test_fp16_steps_between_log_and_checkpoint_steps_never_sync_the_host(images,
         torch.cuda.set_sync_debug_mode("error" if quiet else "default")
         return batch
 
-    cfg = fp16(images, tmp_path / "run", device="cuda", max_steps=12, log_every=log_every, headroom_every=1000)
+    cfg = fp16_config(images, tmp_path / "run", device="cuda", max_steps=12, log_every=log_every, headroom_every=1000)
     try:
         result = train(cfg, on_batch=watch, progress=False)
     finally:

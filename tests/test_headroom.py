@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fp16_config
 
-from vaehelpers.config import build_config
 from vaehelpers.headroom import FP16_MAX, HeadroomGuard, format_table, measure, named_blocks
 from vaehelpers.model import AutoencoderKL
 from vaehelpers.rundir import load_checkpoint
@@ -23,22 +23,6 @@ def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("synthetic")
     make_synthetic(folder, count=24, size=16, seed=1)
     return folder
-
-
-def fp16(images: Path, run: Path, **overrides):
-    settings = {
-        "device": "cpu",
-        "precision": "fp16",
-        "batch_size": 4,
-        "lr": 1e-3,
-        "data.data_dir": str(images),
-        "data.image_size": 16,
-        "data.cache": False,
-        "run_dir": str(run),
-        "checkpoint_every": 1000,
-    }
-    settings.update(overrides)
-    return build_config("tiny", "pixel", **settings)
 
 
 def hot_model() -> AutoencoderKL:
@@ -86,17 +70,17 @@ def test_an_fp16_overflow_moves_its_block_to_fp32_redoes_the_step_and_resumes_ex
     hot_model().save(init)
     # headroom_every=0: no measurement, so the overflow itself (a non-finite loss) must be caught; split at step 3
     extra = {"max_steps": 6, "init_from": str(init), "headroom_every": 0, "ema_decay": 0.9}
-    straight = train(fp16(images, tmp_path / "a", **extra), progress=False)
+    straight = train(fp16_config(images, tmp_path / "a", **extra), progress=False)
     printed = capsys.readouterr().out
     assert "step 0: the fp16 forward overflowed; now in fp32: decoder.up_blocks.1; redone" in printed
     assert straight.fp32_blocks == (HOT_BLOCK,) and straight.bad_steps == 0 and straight.scaler_skipped == 0
     assert len(losses(tmp_path / "a")) == 6 and all(math.isfinite(x) for x in losses(tmp_path / "a"))
 
-    first = train(fp16(images, tmp_path / "b", **extra), until_step=3, progress=False)
+    first = train(fp16_config(images, tmp_path / "b", **extra), until_step=3, progress=False)
     saved = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
     assert first.step == 3 and saved["guard"]["fp32"] == [HOT_BLOCK]
     capsys.readouterr()
-    second = train(fp16(images, tmp_path / "b", **extra), resume=True, progress=False)
+    second = train(fp16_config(images, tmp_path / "b", **extra), resume=True, progress=False)
     assert "overflowed" not in capsys.readouterr().out  # restored from the checkpoint, not found again
     assert second.step == 6 and second.fp32_blocks == (HOT_BLOCK,) and second.bad_steps == 0
     a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("a", "b"))
@@ -116,14 +100,14 @@ def test_a_mid_run_overflow_is_redone_and_the_switch_survives_a_resume_bit_exact
         return batch * 1e6 if step == 2 else batch
 
     extra = {"max_steps": 6, "headroom_every": 4, "loss.reconstruction": "l2"}
-    straight = train(fp16(images, tmp_path / "a", **extra), on_batch=spike, progress=False)
+    straight = train(fp16_config(images, tmp_path / "a", **extra), on_batch=spike, progress=False)
     printed = capsys.readouterr().out
     assert "step 2: the fp16 forward overflowed; now in fp32: encoder.conv_in; redone" in printed
     assert straight.fp32_blocks[0] == "encoder.conv_in" and straight.bad_steps == 0
     assert all(name.startswith("encoder.") for name in straight.fp32_blocks)
-    first = train(fp16(images, tmp_path / "b", **extra), on_batch=spike, until_step=4, progress=False)
+    first = train(fp16_config(images, tmp_path / "b", **extra), on_batch=spike, until_step=4, progress=False)
     assert first.fp32_blocks == straight.fp32_blocks
-    second = train(fp16(images, tmp_path / "b", **extra), on_batch=spike, resume=True, progress=False)
+    second = train(fp16_config(images, tmp_path / "b", **extra), on_batch=spike, resume=True, progress=False)
     assert second.step == straight.step == 6 and second.fp32_blocks == straight.fp32_blocks
     a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("a", "b"))
     for key, tensor in a["model"].items():
@@ -135,7 +119,7 @@ def test_a_mid_run_overflow_is_redone_and_the_switch_survives_a_resume_bit_exact
 @pytest.mark.slow
 def test_a_healthy_model_never_switches_and_the_log_gets_its_worst_block(images, tmp_path, capsys):
     run = tmp_path / "run"
-    result = train(fp16(images, run, max_steps=6, headroom_every=2), progress=False)
+    result = train(fp16_config(images, run, max_steps=6, headroom_every=2), progress=False)
     assert result.fp32_blocks == () and result.bad_steps == 0
     lines = (run / "log.csv").read_text().splitlines()
     header, rows = lines[0].split(","), [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
@@ -160,7 +144,7 @@ def test_two_ranks_redo_the_overflowed_step_together(images, tmp_path, monkeypat
     init = tmp_path / "init"
     hot_model().save(init)
     run = tmp_path / "run"
-    cfg = fp16(images, run, max_steps=3, init_from=str(init), headroom_every=0, sample_posterior=False)
+    cfg = fp16_config(images, run, max_steps=3, init_from=str(init), headroom_every=0, sample_posterior=False)
     result = launch(cfg, nproc=2, progress=False)
     # the checkpoint is written after every rank's weights were checked bit-identical (Distributed.check_in_sync)
     assert result.step == 3 and result.bad_steps == 0 and result.fp32_blocks == (HOT_BLOCK,)
